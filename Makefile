@@ -1,0 +1,26 @@
+# make repro: install, then run the whole pipeline.  make test: install, then the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install repro test lint bench clean
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+repro: install
+	dvc repro
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/pipeline.py

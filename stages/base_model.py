@@ -1,0 +1,52 @@
+"""Stage `base_model`: train the tiny CLIP on the shards (model.pretrained = synthetic) or
+snapshot open_clip weights (a pretrained tag or a local .safetensors checkpoint), then measure
+zero-shot accuracy on the identity and object evaluation sets."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from unlearn.cli import run_stage, torch_device
+from unlearn.eval.base import base_metrics
+from unlearn.io import atomic_outputs, write_json
+from unlearn.models import openclip as oc
+from unlearn.models.train import TrainConfig, load_pairs, train_contrastive
+from unlearn.params import stage_params
+
+SHARDS, EVAL = "data/laion", "data/eval"
+MODEL, METRICS = "models/base", "metrics/base.json"
+log = logging.getLogger("base_model")
+
+
+def main() -> None:
+    p = stage_params("base_model")
+    torch.manual_seed(p("model.train.seed"))
+    device = torch_device(p("model.device"))
+    arch, pretrained, quick_gelu = p("model.arch"), str(p("model.pretrained")), bool(p("model.quick_gelu"))
+    record: dict = {"arch": arch, "pretrained": pretrained, "quick_gelu": quick_gelu, "device": device}
+    start = time.perf_counter()
+    if pretrained == "synthetic":
+        adapter = oc.create(arch, quick_gelu=quick_gelu, seed=p("model.train.seed"))
+        images, tokens = load_pairs(adapter, SHARDS)
+        adapter.model.to(device)
+        cfg = TrainConfig(**p("model.train"))
+        record["loss_per_epoch"] = train_contrastive(adapter, images.to(device), tokens.to(device), cfg)
+        record["train_samples"] = int(images.shape[0])
+    else:
+        adapter = oc.from_pretrained(arch, pretrained, quick_gelu, cache_dir=p("model.cache_dir"))
+        adapter.model.to(device)
+    record["build_time_s"] = round(time.perf_counter() - start, 1)
+    metrics = base_metrics(adapter, EVAL, batch_size=p("model.eval_batch_size"))
+    with atomic_outputs(MODEL, METRICS) as (model_dir, metrics_file):
+        adapter.model.cpu()
+        adapter.save(model_dir)
+        write_json(model_dir / "record.json", record)
+        write_json(metrics_file, metrics)
+    log.info("identity top-1 %.3f, object top-1 %.3f", metrics["identity_top1"], metrics["object_top1"])
+
+
+if __name__ == "__main__":
+    run_stage("base_model", main)

@@ -1,0 +1,23 @@
+"""The base model's report card: zero-shot accuracy on the identity and object sets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unlearn.data.evalsets import read_celeba, read_imagenet
+from unlearn.eval.zeroshot import IDENTITY_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, class_embeddings, image_embeddings, topk_accuracy
+from unlearn.models.openclip import ClipAdapter
+
+
+def base_metrics(adapter: ClipAdapter, eval_dir: str | Path, batch_size: int = 256) -> dict:
+    eval_dir = Path(eval_dir)
+    out: dict = {}
+    for prefix, reader, templates, sub in (
+        ("identity", read_celeba, IDENTITY_TEMPLATES, "celeba"),
+        ("object", read_imagenet, SIMPLE_IMAGENET_TEMPLATES, "imagenet"),
+    ):
+        data = reader(eval_dir / sub)
+        img = image_embeddings(adapter, data.paths, batch_size, progress=f"{prefix} images")
+        acc = topk_accuracy(img, class_embeddings(adapter, data.classnames, templates), data.labels)
+        out |= {f"{prefix}_top1": round(acc[1], 6), f"{prefix}_top5": round(acc[5], 6), f"{prefix}_images": len(data)}
+    return out

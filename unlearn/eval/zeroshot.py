@@ -1,0 +1,61 @@
+"""Zero-shot classification: class embeddings from prompt templates, top-k accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from unlearn.errors import UnlearnError
+from unlearn.models.openclip import ClipAdapter
+
+IDENTITY_TEMPLATES = ("{}.",)
+# The 7 "simple" ImageNet templates (METHODS.md 1.1).
+SIMPLE_IMAGENET_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+@torch.no_grad()
+def class_embeddings(adapter: ClipAdapter, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+    """(C, D): per class, the mean of its normalised prompt embeddings, renormalised."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = adapter.encode_texts(prompts).reshape(len(classnames), len(templates), -1).mean(dim=1)
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def load_images(adapter: ClipAdapter, paths: Sequence[Path]) -> torch.Tensor:
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                out.append(adapter.preprocess(img.convert("RGB")))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UnlearnError(f"image {p} cannot be read ({type(e).__name__}); replace or remove it") from None
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def image_embeddings(adapter: ClipAdapter, paths: Sequence[Path], batch_size: int = 256, progress: str | None = None) -> torch.Tensor:
+    chunks = []
+    starts = range(0, len(paths), batch_size)
+    for s in tqdm(starts, desc=progress, disable=progress is None):
+        chunks.append(adapter.encode_images(load_images(adapter, paths[s : s + batch_size])).cpu())
+    return torch.cat(chunks)
+
+
+def topk_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[int, float]:
+    """Fraction of images whose label is among the k highest logits (100 * v . W)."""
+    logits = 100.0 * image_emb @ class_emb.T.to(image_emb)
+    y = torch.as_tensor(list(labels))
+    ranked = logits.topk(max(ks), dim=-1).indices
+    return {k: float((ranked[:, :k] == y[:, None]).any(dim=-1).float().mean()) for k in ks}

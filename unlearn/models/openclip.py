@@ -1,0 +1,148 @@
+"""The open_clip model adapter: the one place that knows how an open_clip CLIP is built,
+loaded, saved, and used (image and text encoders, tokenizer, preprocessing).
+
+A saved model is a folder in open_clip's own hub layout, `open_clip_config.json` (model and
+preprocess config) beside `open_clip_model.safetensors`, so `open_clip.create_model_and_transforms(
+"local-dir:models/base")` loads it too.  Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import safetensors.torch
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from torch import nn
+
+from unlearn.errors import UnlearnError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+TINY_ARCH = "unlearn-tiny-vit"
+CONFIG_FILE = "open_clip_config.json"
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+open_clip.add_model_config(CONFIG_DIR)  # registers the tiny architectures shipped with the project
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipAdapter:
+    model: nn.Module
+    tokenizer: Any
+    preprocess: Any
+    config: dict  # {"model_name", "model_cfg", "preprocess_cfg"} as in open_clip_config.json
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.model.encode_image(images.to(self.device), normalize=normalize)
+
+    def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        return self.model.encode_text(self.tokenize(texts), normalize=normalize)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        safetensors.torch.save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+
+
+def _preprocess_cfg(model: nn.Module) -> dict:
+    visual = model.visual
+    size = visual.image_size
+    return {
+        "size": list(size) if isinstance(size, tuple) else size,
+        "mean": list(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
+        "std": list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+
+
+def _arch_config(arch: str, quick_gelu: bool) -> dict:
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        known = open_clip.list_models()
+        close = difflib.get_close_matches(arch, known, n=3)
+        raise UnlearnError(f"unknown open_clip architecture {arch!r}; closest known: {', '.join(close) or 'none'} (see open_clip.list_models())")
+    cfg = json.loads(json.dumps(cfg))
+    if quick_gelu:
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def _wrap(model: nn.Module, model_name: str, model_cfg: dict) -> ClipAdapter:
+    model.eval()
+    pp_cfg = _preprocess_cfg(model)
+    preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
+    config = {"model_name": model_name, "model_cfg": model_cfg, "preprocess_cfg": pp_cfg}
+    return ClipAdapter(model=model, tokenizer=open_clip.get_tokenizer(model_name), preprocess=preprocess, config=config)
+
+
+def create(arch: str, quick_gelu: bool = False, seed: int = 0) -> ClipAdapter:
+    """A randomly initialised model of a registered architecture (seeded)."""
+    cfg = _arch_config(arch, quick_gelu)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, force_quick_gelu=quick_gelu)
+    return _wrap(model, arch, cfg)
+
+
+def from_pretrained(arch: str, pretrained: str, quick_gelu: bool, cache_dir: str | None = None) -> ClipAdapter:
+    """open_clip weights: a pretrained tag of `arch` (downloaded by open_clip) or a local
+    checkpoint file (.safetensors only)."""
+    cfg = _arch_config(arch, quick_gelu)
+    path = Path(pretrained)
+    if path.suffix or "/" in pretrained:
+        if not path.is_file():
+            raise UnlearnError(f"checkpoint {path} not found: give an existing .safetensors file or an open_clip tag of {arch}")
+        if path.suffix != ".safetensors":
+            raise UnlearnError(f"checkpoint {path} is not .safetensors: convert it (safetensors.torch.save_file) before loading; pickles are not loaded")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if pretrained not in tags:
+            raise UnlearnError(f"unknown pretrained tag {pretrained!r} for {arch}; known tags: {', '.join(tags) or 'none'}")
+    try:
+        model = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache_dir, require_pretrained=True)
+    except UnlearnError:
+        raise
+    except Exception as e:  # download or load failure from open_clip / huggingface_hub
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnlearnError(f"could not load {arch} weights {pretrained!r}: {first}; check the network or the cache dir") from None
+    return _wrap(model, arch, cfg)
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu") -> ClipAdapter:
+    """Load a model saved by `ClipAdapter.save` (open_clip's local-dir layout)."""
+    directory = Path(directory)
+    config_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_path.is_file() or not weights.is_file():
+        raise UnlearnError(f"{directory} is not a saved model ({CONFIG_FILE} + {WEIGHTS_FILE} expected): run the base_model stage")
+    config = json.loads(config_path.read_text())
+    name = config["model_name"]
+    if open_clip.get_model_config(name) is None:
+        open_clip.factory._MODEL_CONFIGS[name] = config["model_cfg"]
+    model = open_clip.create_model(name, **({"force_quick_gelu": True} if config["model_cfg"].get("quick_gelu") else {}))
+    state = safetensors.torch.load_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UnlearnError(f"weights in {weights} do not match {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    adapter = _wrap(model.to(device), name, config["model_cfg"])
+    adapter.config = config
+    return adapter

@@ -1,0 +1,88 @@
+"""Params as a stage sees them: only the keys that dvc.yaml declares for that stage.
+
+A stage never opens params.yaml directly.  `stage_params("download")` reads the stage's
+`params:` list from dvc.yaml and returns a view that holds those keys and nothing else, so code
+that reads an undeclared key fails loudly instead of silently escaping DVC's dependency
+tracking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unlearn.errors import UnlearnError
+
+_MISSING = object()
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise UnlearnError(f"{p} not found: run from the project root (where dvc.yaml and params.yaml live)")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def lookup(tree: dict, dotted: str, default: Any = _MISSING) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            if default is _MISSING:
+                raise KeyError(dotted)
+            return default
+        node = node[part]
+    return node
+
+
+def declared_params(dvc_yaml: dict, stage: str) -> list[str]:
+    """The params.yaml keys a stage declares (dvc.yaml's `params:` entries for the default file)."""
+    stages = dvc_yaml.get("stages", {})
+    if stage not in stages:
+        raise UnlearnError(f"stage {stage!r} is not in dvc.yaml; known stages: {', '.join(stages)}")
+    keys: list[str] = []
+    for entry in stages[stage].get("params", []) or []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):
+            for file, names in entry.items():
+                if file == "params.yaml":
+                    keys.extend(names)
+    return keys
+
+
+class StageParams:
+    """Read-only access to the declared subset of params.yaml."""
+
+    def __init__(self, stage: str, values: dict, declared: list[str]):
+        self.stage = stage
+        self._values = values
+        self._declared = declared
+
+    def __call__(self, key: str, default: Any = _MISSING) -> Any:
+        if not any(key == d or key.startswith(d + ".") for d in self._declared):
+            raise UnlearnError(
+                f"stage {self.stage!r} reads param {key!r} that dvc.yaml does not declare for it; "
+                f"add it to the stage's params in dvc.yaml"
+            )
+        try:
+            return lookup(self._values, key) if default is _MISSING else lookup(self._values, key, default)
+        except KeyError:
+            raise UnlearnError(f"params.yaml has no {key!r} (needed by stage {self.stage!r}); add it") from None
+
+    def declared(self) -> dict[str, Any]:
+        return {k: lookup(self._values, k, None) for k in self._declared}
+
+
+def stage_params(stage: str, root: str | Path = ".") -> StageParams:
+    root = Path(root)
+    dvc_yaml = load_yaml(root / "dvc.yaml")
+    values = load_yaml(root / "params.yaml")
+    declared = declared_params(dvc_yaml, stage)
+    for key in declared:
+        try:
+            lookup(values, key)
+        except KeyError:
+            raise UnlearnError(f"dvc.yaml declares param {key!r} for stage {stage!r} but params.yaml lacks it") from None
+    return StageParams(stage, values, declared)
