@@ -14,7 +14,7 @@ from unlearn.eval.base import base_metrics
 from unlearn.io import atomic_outputs, write_json
 from unlearn.models import openclip as oc
 from unlearn.models.train import TrainConfig, load_pairs, train_contrastive
-from unlearn.params import stage_params
+from unlearn.params import as_config, stage_params
 
 SHARDS, EVAL = "data/laion", "data/eval"
 MODEL, METRICS = "models/base", "metrics/base.json"
@@ -32,7 +32,7 @@ def main() -> None:
         adapter = oc.create(arch, quick_gelu=quick_gelu, seed=p("model.train.seed"))
         images, tokens = load_pairs(adapter, SHARDS)
         adapter.model.to(device)
-        cfg = TrainConfig(**p("model.train"))
+        cfg = as_config(TrainConfig, p("model.train"), "model.train")
         record["loss_per_epoch"] = train_contrastive(adapter, images.to(device), tokens.to(device), cfg)
         record["train_samples"] = int(images.shape[0])
     else:

@@ -7,15 +7,14 @@ data.source = laion:     img2dataset over LAION parquet metadata; link real Cele
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 from unlearn.cli import run_stage
-from unlearn.data.shards import count_successes, iter_samples
+from unlearn.data.shards import count_successes, iter_samples, shard_contact_sheet
 from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs, write_json
-from unlearn.params import stage_params
+from unlearn.params import as_config, stage_params
 
-SHARDS, EVAL, RECORD = "data/laion", "data/eval", "data/download.json"
+SHARDS, EVAL, RECORD, SHEET = "data/laion", "data/eval", "data/download.json", "plots/world.png"
 SOURCES = ("synthetic", "laion")
 log = logging.getLogger("download")
 
@@ -25,24 +24,29 @@ def main() -> None:
     source = p("data.source")
     if source not in SOURCES:
         raise UnlearnError(f"unknown data.source {source!r}; use one of: {', '.join(SOURCES)}")
-    with atomic_outputs(SHARDS, EVAL, RECORD) as (shards, evald, record):
+    with atomic_outputs(SHARDS, EVAL, RECORD, SHEET) as (shards, evald, record, sheet):
         if source == "synthetic":
             from unlearn.data import synthetic as S
 
-            cfg = S.SyntheticConfig(**p("data.synthetic"))
+            cfg = as_config(S.SyntheticConfig, p("data.synthetic"), "data.synthetic")
             S.write_shards(cfg, shards)
+            S.contact_sheet(cfg, sheet)
             celeba = S.write_celeba(cfg, evald / "celeba")
             imagenet = S.write_imagenet(cfg, evald / "imagenet")
             info = {"world": S.describe_world(), "celeba_images": len(celeba), "imagenet_images": len(imagenet)}
         else:
             from unlearn.data import laion as L
 
-            cfg = L.LaionConfig(**{k: v for k, v in p("data.laion").items() if k not in ("celeba_dir", "imagenet_dir")})
+            laion = {k: v for k, v in p("data.laion").items() if k not in ("celeba_dir", "imagenet_dir")}
+            cfg = as_config(L.LaionConfig, laion, "data.laion")
             L.download_laion(cfg, shards)
             info = L.link_eval_sets(p("data.laion.celeba_dir"), p("data.laion.imagenet_dir"), evald)
+            shard_contact_sheet(shards, sheet)
         n = count_successes(shards)
-        words = Counter(len(s.caption.split()) for s in iter_samples(shards))
-        info |= {"source": source, "samples": n, "shards": len(list(shards.glob("*.tar"))), "caption_words_max": max(words, default=0)}
+        readable = sum(1 for _ in iter_samples(shards))  # reads every shard back: a bad tar fails here
+        if readable != n:
+            raise UnlearnError(f"the shards hold {readable} readable samples but their stats count {n}; re-run the download stage")
+        info |= {"source": source, "samples": n, "shards": len(list(shards.glob("*.tar")))}
         write_json(record, info | {"params": p.declared()})
     log.info("wrote %d samples to %s and evaluation sets to %s", n, SHARDS, EVAL)
 

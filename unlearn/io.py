@@ -17,7 +17,8 @@ from typing import Any
 
 
 def _tmp_sibling(path: Path, tag: str) -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    # keep the suffix last so that writers which infer the format from it (PIL) still work
+    return path.with_name(f".{path.stem}.{tag}-{os.getpid()}{path.suffix}")
 
 
 def _remove(path: Path) -> None:
@@ -43,13 +44,13 @@ def atomic_outputs(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
             tmp.mkdir(parents=True)
     try:
         yield tuple(tmps)
+        for final, tmp in zip(finals, tmps):
+            if not tmp.exists():
+                raise FileNotFoundError(f"output {final} was not written")
     except BaseException:
         for tmp in tmps:
             _remove(tmp)
         raise
-    for final, tmp in zip(finals, tmps):
-        if not tmp.exists():
-            raise FileNotFoundError(f"output {final} was not written")
     for final, tmp in zip(finals, tmps):
         old = _tmp_sibling(final, "old")
         if final.exists() or final.is_symlink():

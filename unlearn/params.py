@@ -86,3 +86,14 @@ def stage_params(stage: str, root: str | Path = ".") -> StageParams:
         except KeyError:
             raise UnlearnError(f"dvc.yaml declares param {key!r} for stage {stage!r} but params.yaml lacks it") from None
     return StageParams(stage, values, declared)
+
+
+def as_config(cls: type, values: dict, key: str) -> Any:
+    """Build a config dataclass from a params section; unknown keys are a one-line error."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UnlearnError(f"params.yaml {key} has unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    return cls(**values)

@@ -126,3 +126,17 @@ def count_successes(shard_dir: str | Path) -> int:
     for stats in sorted(Path(shard_dir).glob("*_stats.json")):
         total += int(json.loads(stats.read_text())["successes"])
     return total
+
+
+def shard_contact_sheet(shard_dir: str | Path, path: str | Path, n: int = 48, size: int = 96, cols: int = 12) -> None:
+    """A PNG grid of the first `n` images of the shards, to see what was downloaded."""
+    from itertools import islice
+
+    from PIL import Image
+
+    tiles = [Image.open(io.BytesIO(s.jpg)).convert("RGB").resize((size, size)) for s in islice(iter_samples(shard_dir), n)]
+    rows = max(1, (len(tiles) + cols - 1) // cols)
+    sheet = Image.new("RGB", (cols * (size + 2), rows * (size + 2)), "white")
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, ((k % cols) * (size + 2), (k // cols) * (size + 2)))
+    sheet.save(path)

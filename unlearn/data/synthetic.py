@@ -24,8 +24,23 @@ from unlearn.data import captions as C
 from unlearn.data import render as R
 from unlearn.data.evalsets import LabelledImages
 from unlearn.data.shards import write_shard
-from unlearn.data.world import IDENTITIES, LOOKALIKES, OBJECTS, STYLES, Face, check_world
-from unlearn.data.world import FACE_SHAPE, FACIAL_HAIR, EYE_COLOR, GLASSES, HAIR_COLOR, HAIR_STYLE, SHIRT, SKIN, ACCESSORY
+from unlearn.data.world import (
+    ACCESSORY,
+    EYE_COLOR,
+    FACE_SHAPE,
+    FACIAL_HAIR,
+    GLASSES,
+    HAIR_COLOR,
+    HAIR_STYLE,
+    IDENTITIES,
+    LOOKALIKES,
+    OBJECTS,
+    SHIRT,
+    SKIN,
+    STYLES,
+    Face,
+    check_world,
+)
 
 # Share of each sample kind in the training shards.
 MIX = {
@@ -169,3 +184,18 @@ def describe_world() -> dict:
         "mix": MIX,
         "unnamed_identity_rate": UNNAMED_IDENTITY_RATE,
     }
+
+
+def contact_sheet(cfg: SyntheticConfig, path: Path) -> None:
+    """A PNG grid of the world: every identity, every object, and every style (held-out seeds)."""
+    tiles = [R.portrait(i.face, np.random.default_rng([cfg.seed, 3, c])) for c, i in enumerate(IDENTITIES)]
+    tiles += [R.object_image(o, np.random.default_rng([cfg.seed, 4, c])) for c, o in enumerate(OBJECTS)]
+    for c, style in enumerate(STYLES):
+        rng = np.random.default_rng([cfg.seed, 5, c])
+        tiles.append(R.apply_style(R.object_image(OBJECTS[c % len(OBJECTS)], rng), style, rng))
+    size, cols = 96, 12
+    rows = (len(tiles) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (size + 2), rows * (size + 2)), "white")
+    for k, tile in enumerate(tiles):
+        sheet.paste(R.finish(tile, size), ((k % cols) * (size + 2), (k // cols) * (size + 2)))
+    sheet.save(path)

@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny synthetic world and a tiny model, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+torch.set_num_threads(2)
+
+from unlearn.data import synthetic as S  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = S.SyntheticConfig(seed=3, image_size=64, shards=2, samples_per_shard=60, eval_per_class=3, workers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    """`laion/` shards and `eval/{celeba,imagenet}` of a 120-sample world."""
+    root = tmp_path_factory.mktemp("world")
+    (root / "laion").mkdir()
+    S.write_shards(TINY, root / "laion")
+    S.write_celeba(TINY, root / "eval" / "celeba")
+    S.write_imagenet(TINY, root / "eval" / "imagenet")
+    return root

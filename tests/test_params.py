@@ -1,0 +1,45 @@
+"""Every param a stage reads is declared for that stage in dvc.yaml (checked twice: statically
+on the stage's source, and at run time by StageParams, which the pipeline test exercises)."""
+
+import re
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from unlearn.errors import UnlearnError
+from unlearn.params import declared_params, lookup, stage_params
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("stage", list(DVC["stages"]))
+def test_stage_reads_only_declared_params(stage):
+    spec = DVC["stages"][stage]
+    module = re.fullmatch(r"python -m stages\.(\w+)", spec["cmd"]).group(1)
+    source = (ROOT / "stages" / f"{module}.py").read_text()
+    assert f'stage_params("{stage}")' in source
+    declared = declared_params(DVC, stage)
+    for key in declared:
+        lookup(PARAMS, key)  # raises KeyError if params.yaml lacks a declared key
+    read = re.findall(r'\bp\("([\w.]+)"', source)
+    assert read, f"stage {stage} reads no params?"
+    for key in read:
+        assert any(key == d or key.startswith(d + ".") for d in declared), f"{stage} reads undeclared {key}"
+
+
+def test_undeclared_read_fails_loudly():
+    p = stage_params("base_model", ROOT)
+    assert p("model.arch")
+    with pytest.raises(UnlearnError, match="does not declare"):
+        p("data.source")
+
+
+def test_unknown_config_key_is_one_line():
+    from unlearn.data.synthetic import SyntheticConfig
+    from unlearn.params import as_config
+
+    assert as_config(SyntheticConfig, {"seed": 4}, "data.synthetic").seed == 4
+    with pytest.raises(UnlearnError, match="data.synthetic has unknown keys shardz"):
+        as_config(SyntheticConfig, {"shardz": 4}, "data.synthetic")
