@@ -94,3 +94,24 @@ def test_training_stops_on_nan(tiny_world):
     images[:] = float("nan")
     with pytest.raises(UnlearnError, match="lower model.train.lr"):
         train_contrastive(a, images, tokens, TrainConfig(epochs=1, batch_size=40))
+
+
+def test_pretrained_tag_through_the_hub_cache(adapter, tmp_path, monkeypatch):
+    """The open_clip tag path, offline: a tag resolved by huggingface_hub from a local cache."""
+    from open_clip import pretrained as P
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(P._PRETRAINED, oc.TINY_ARCH, {"unit_test": P._pcfg(hf_hub="unlearn-test/tiny-clip/", quick_gelu=False)})
+    snapshot = tmp_path / "models--unlearn-test--tiny-clip" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--unlearn-test--tiny-clip" / "refs").mkdir()
+    (tmp_path / "models--unlearn-test--tiny-clip" / "refs" / "main").write_text("0" * 40)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in adapter.model.state_dict().items()}, snapshot / oc.WEIGHTS_FILE)
+    loaded = oc.from_pretrained(oc.TINY_ARCH, "unit_test", quick_gelu=False, cache_dir=str(tmp_path))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(adapter.encode_images(images), loaded.encode_images(images))
+    # a tag whose files are not in the cache fails with one line, offline
+    monkeypatch.setitem(P._PRETRAINED, oc.TINY_ARCH, {"absent": P._pcfg(hf_hub="unlearn-test/absent/")})
+    with pytest.raises(UnlearnError, match="could not load unlearn-tiny-vit weights 'absent'"):
+        oc.from_pretrained(oc.TINY_ARCH, "absent", quick_gelu=False, cache_dir=str(tmp_path))

@@ -118,6 +118,10 @@ def from_pretrained(arch: str, pretrained: str, quick_gelu: bool, cache_dir: str
         tags = open_clip.list_pretrained_tags_by_model(arch)
         if pretrained not in tags:
             raise UnlearnError(f"unknown pretrained tag {pretrained!r} for {arch}; known tags: {', '.join(tags) or 'none'}")
+        trained_with = bool(open_clip.get_pretrained_cfg(arch, pretrained).get("quick_gelu", False))
+        if trained_with != quick_gelu:
+            log.warning("%s/%s was trained with quick_gelu=%s but model.quick_gelu=%s: accuracy will be lower (set it to %s to match)",
+                        arch, pretrained, trained_with, quick_gelu, trained_with)
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache_dir, require_pretrained=True)
     except UnlearnError:
