@@ -58,6 +58,7 @@ def test_repro_writes_every_output(repo):
     assert (repo / "data" / "eval" / "celeba" / "identity_names.txt").exists()
     assert (repo / "data" / "eval" / "imagenet" / "LOC_synset_mapping.txt").exists()
     assert (repo / "models" / "base" / "open_clip_model.safetensors").exists()
+    assert (repo / "plots" / "world.png").stat().st_size > 10_000
     metrics = json.loads((repo / "metrics" / "base.json").read_text())
     for key in ("identity_top1", "identity_top5", "object_top1", "object_top5"):
         assert 0.0 <= metrics[key] <= 1.0

@@ -128,15 +128,12 @@ def count_successes(shard_dir: str | Path) -> int:
     return total
 
 
-def shard_contact_sheet(shard_dir: str | Path, path: str | Path, n: int = 48, size: int = 96, cols: int = 12) -> None:
+def shard_contact_sheet(shard_dir: str | Path, path: str | Path, n: int = 48) -> None:
     """A PNG grid of the first `n` images of the shards, to see what was downloaded."""
     from itertools import islice
 
     from PIL import Image
 
-    tiles = [Image.open(io.BytesIO(s.jpg)).convert("RGB").resize((size, size)) for s in islice(iter_samples(shard_dir), n)]
-    rows = max(1, (len(tiles) + cols - 1) // cols)
-    sheet = Image.new("RGB", (cols * (size + 2), rows * (size + 2)), "white")
-    for k, tile in enumerate(tiles):
-        sheet.paste(tile, ((k % cols) * (size + 2), (k // cols) * (size + 2)))
-    sheet.save(path)
+    from unlearn.plots import image_grid
+
+    image_grid([Image.open(io.BytesIO(s.jpg)) for s in islice(iter_samples(shard_dir), n)], path)

@@ -41,6 +41,7 @@ from unlearn.data.world import (
     Face,
     check_world,
 )
+from unlearn.plots import image_grid
 
 # Share of each sample kind in the training shards.
 MIX = {
@@ -193,9 +194,4 @@ def contact_sheet(cfg: SyntheticConfig, path: Path) -> None:
     for c, style in enumerate(STYLES):
         rng = np.random.default_rng([cfg.seed, 5, c])
         tiles.append(R.apply_style(R.object_image(OBJECTS[c % len(OBJECTS)], rng), style, rng))
-    size, cols = 96, 12
-    rows = (len(tiles) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * (size + 2), rows * (size + 2)), "white")
-    for k, tile in enumerate(tiles):
-        sheet.paste(R.finish(tile, size), ((k % cols) * (size + 2), (k // cols) * (size + 2)))
-    sheet.save(path)
+    image_grid(tiles, path)
