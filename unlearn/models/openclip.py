@@ -124,8 +124,6 @@ def from_pretrained(arch: str, pretrained: str, quick_gelu: bool, cache_dir: str
                         arch, pretrained, trained_with, quick_gelu, trained_with)
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, force_quick_gelu=quick_gelu, cache_dir=cache_dir, require_pretrained=True)
-    except UnlearnError:
-        raise
     except Exception as e:  # download or load failure from open_clip / huggingface_hub
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnlearnError(f"could not load {arch} weights {pretrained!r}: {first}; check the network or the cache dir") from None
