@@ -1,6 +1,7 @@
 """Wall time and peak memory of pipeline stages, each reproduced from scratch with DVC.
 
-    python bench/pipeline.py                    # download and base_model (issue 2's targets)
+    python bench/pipeline.py                    # every stage
+    python bench/pipeline.py --stages curate gradients rank_layers search evaluate   # SLUG only
     python bench/pipeline.py --stages download  # one stage
 
 Each stage runs as `dvc repro -f -s STAGE` in a child process; its peak resident memory is read
@@ -37,7 +38,7 @@ def run_stage(stage: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", nargs="+", default=["download", "base_model"])
+    ap.add_argument("--stages", nargs="+", default=["download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate"])
     args = ap.parse_args()
     rows = [run_stage(s) for s in args.stages]
     total = round(sum(r["wall_s"] for r in rows), 1)
@@ -46,9 +47,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['stage']:<12} {r['wall_s']:>8} {r['peak_rss_mb']:>12}")
     print(f"{'total':<12} {total:>8}")
-    metrics = ROOT / "metrics" / "base.json"
-    if metrics.exists():
-        print("metrics/base.json:", json.dumps(json.loads(metrics.read_text())))
+    for name in ("base.json", "unlearn.json"):
+        metrics = ROOT / "metrics" / name
+        if metrics.exists():
+            print(f"metrics/{name}:", json.dumps(json.loads(metrics.read_text())))
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def repo(tmp_path_factory) -> Path:
     _set_params(
         repo,
         **{
-            "data.synthetic.shards": 2, "data.synthetic.samples_per_shard": 60, "data.synthetic.eval_per_class": 3,
-            "data.synthetic.workers": 1, "model.train.epochs": 1, "model.train.batch_size": 32,
+            "data.synthetic.shards": 2, "data.synthetic.samples_per_shard": 150, "data.synthetic.eval_per_class": 3,
+            "data.synthetic.workers": 1, "model.train.epochs": 2, "model.train.batch_size": 32,
+            "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
+            "eval.mia.folds": 2, "eval.mia.seeds": 2,
         },
     )
     _run(["git", "init", "-q"], repo)
@@ -65,7 +67,7 @@ def test_repro_writes_every_output(repo):
     record = json.loads((repo / "data" / "download.json").read_text())
     assert record["samples"] == 120 and record["source"] == "synthetic"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "base_model"}
+    assert set(lock["stages"]) == {"download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate"}
 
 
 def test_repro_is_up_to_date_and_metrics_show(repo):
@@ -103,3 +105,53 @@ def test_unknown_architecture_fails_cleanly(repo):
         assert (repo / "models" / "base" / "open_clip_model.safetensors").read_bytes() == before
     finally:
         (repo / "params.yaml").write_text(original)
+
+
+UNLEARN_KEYS = {"forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5", "mia", "layer", "rho",
+                "converged", "time_s", "peak_memory_mb", "stored_bytes", "base"}
+
+
+def test_slug_stages_write_their_outputs(repo):
+    forget = json.loads((repo / "data" / "forget" / "manifest.json").read_text())
+    assert forget["concept"] == "Elon Musk" and forget["count"] >= 2
+    assert all("musk" in row["caption"].lower() for row in forget["samples"])
+    sidecar = json.loads((repo / "models" / "grads" / "sidecar.json").read_text())
+    assert sidecar["n_forget"] == forget["count"] and sidecar["n_retain"] == 60 and "+grad L_f" in sidecar["sign_convention"]
+    for tower in ("image", "text"):
+        assert (repo / "plots" / f"pareto_{tower}.png").stat().st_size > 5_000
+        assert (repo / "plots" / f"pareto_{tower}.csv").read_text().startswith("layer,importance,alignment")
+    rows = (repo / "plots" / "search.csv").read_text().splitlines()
+    assert rows[0].startswith("layer,tower,eval,rho,forget_top1") and len(rows) >= 2
+    m = json.loads((repo / "metrics" / "unlearn.json").read_text())
+    assert UNLEARN_KEYS <= set(m)
+    for key in ("forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5"):
+        assert 0.0 <= m[key] <= 1.0 and 0.0 <= m["base"][key] <= 1.0
+    assert isinstance(m["converged"], bool) and m["rho"] > 0
+    assert set(m["time_s"]) >= {"curate", "gradients", "rank_layers", "search", "evaluate", "unlearn", "total"}
+    assert m["stored_bytes"] == (repo / "models" / "unlearned" / "patch.safetensors").stat().st_size
+    patch = json.loads((repo / "models" / "unlearned" / "patch.json").read_text())
+    assert patch["layer"] == m["layer"] and patch["converged"] == m["converged"]
+
+
+def test_unknown_concept_fails_cleanly(repo):
+    before = (repo / "data" / "forget" / "manifest.json").read_bytes()
+    original = (repo / "params.yaml").read_text()
+    try:
+        _set_params(repo, concept="Elon Mask")
+        proc = _run([sys.executable, "-m", "stages.curate"], repo, check=False)
+        assert proc.returncode == 1
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors == ["error: concept 'Elon Mask' is not in the concept table; closest known: 'Elon Musk'"]
+        assert (repo / "data" / "forget" / "manifest.json").read_bytes() == before
+        assert not list(repo.glob("data/.*tmp*"))
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def test_exp_run_forgets_another_concept(repo):
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
+    _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "concept=Mickey", "-n", "mickey"], repo)
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
+    text = json.dumps(shown)
+    assert '"concept": "Mickey"' in text and '"kind": "object"' in text

@@ -36,3 +36,14 @@ def torch_device(choice: str) -> str:
     if choice.startswith("cuda") and not torch.cuda.is_available():
         raise UnlearnError(f"device {choice!r} requested but CUDA is not available; set it to 'auto' or 'cpu'")
     return choice
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (and peak CUDA memory when a GPU was used), in MB."""
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    return round(rss + gpu, 1)

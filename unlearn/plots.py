@@ -15,3 +15,65 @@ def image_grid(tiles: Sequence[Image.Image], path: str | Path, size: int = 96, c
     for k, tile in enumerate(tiles):
         sheet.paste(tile.convert("RGB").resize((size, size), Image.LANCZOS), ((k % cols) * (size + 2), (k // cols) * (size + 2)))
     sheet.save(path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_plot(rows: Sequence[dict], path: str | Path, title: str) -> None:
+    """Log-log scatter of importance against alignment; the Pareto front joined and labelled."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    floor = 1e-12
+    others = [r for r in rows if not r["front"]]
+    front = sorted((r for r in rows if r["front"]), key=lambda r: r["alignment"])
+    ax.scatter([max(r["alignment"], floor) for r in others], [max(r["importance"], floor) for r in others], s=14, c="0.6", label="layer")
+    ax.plot([max(r["alignment"], floor) for r in front], [max(r["importance"], floor) for r in front], "o-", c="C3", ms=5, label="Pareto front")
+    for r in front:
+        ax.annotate(short_layer(r["layer"]), (max(r["alignment"], floor), max(r["importance"], floor)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gradient alignment |cos(g_f, g_r)|")
+    ax.set_ylabel("importance ||g_f|| / ||theta||")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str) -> None:
+    """Per searched layer: validation FA@1 and the two utility accuracies against rho."""
+    plt = _pyplot()
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)
+    for c, layer in enumerate(layers):
+        pts = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["rho"])
+        for ax, key in zip(axes, ("forget_top1", "retain_top1", "utility_top1")):
+            ax.plot([r["rho"] for r in pts], [r[key] for r in pts], "o-", ms=3, c=f"C{c % 10}", label=short_layer(layer))
+    for ax, key in zip(axes, ("forget top-1 (val)", "retain top-1 (val)", "other-kind top-1 (val)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("relative step rho")
+        ax.set_title(key)
+        ax.axvline(chosen["rho"], c="k", ls=":", lw=1)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def short_layer(name: str) -> str:
+    """`visual.transformer.resblocks.3.mlp.c_fc.weight` -> `v3.mlp.c_fc`."""
+    parts = name.replace(".weight", "").replace("_weight", "").split(".")
+    if parts[:3] == ["visual", "transformer", "resblocks"]:
+        return f"v{parts[3]}." + ".".join(parts[4:])
+    if parts[:2] == ["transformer", "resblocks"]:
+        return f"t{parts[2]}." + ".".join(parts[3:])
+    return ".".join(parts)

@@ -8,9 +8,12 @@ preprocess config) beside `open_clip_model.safetensors`, so `open_clip.create_mo
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,12 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 
 open_clip.add_model_config(CONFIG_DIR)  # registers the tiny architectures shipped with the project
 log = logging.getLogger(__name__)
+
+# Tensors that are never SLUG candidates: embeddings, positional embeddings, the patch embedding,
+# the temperature (METHODS.md 1.3).  Biases and other 1-d tensors are excluded by shape.
+_NOT_CANDIDATE = re.compile(r"(^|\.)(token_embedding|positional_embedding|class_embedding|conv1|logit_scale)(\.|$)")
+_VISUAL_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
+_VISUAL_TAIL = re.compile(r"^visual\.(ln_post|proj|attn_pool)")
 
 
 @dataclass
@@ -56,12 +65,97 @@ class ClipAdapter:
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
+    # ---- what SLUG and the baselines need to know about an open_clip CLIP ----
+
+    @staticmethod
+    def tower(name: str) -> str:
+        """`image` for the vision tower's tensors, `text` for everything else that encodes text."""
+        return "image" if name.startswith("visual.") else "text"
+
+    def candidate_layers(self, include_layernorm: bool = False) -> list[str]:
+        """Parameter names SLUG may edit: weight matrices of both towers (LayerNorm weights on
+        request); no biases, embeddings, positional embeddings, patch embedding or logit_scale."""
+        out = []
+        for name, p in self.model.named_parameters():
+            if _NOT_CANDIDATE.search(name) or name.endswith("bias"):
+                continue
+            is_norm = p.ndim == 1 and (".ln_" in name or name.startswith(("ln_", "visual.ln_")))
+            if p.ndim >= 2 or (include_layernorm and is_norm):
+                out.append(name)
+        return out
+
+    def image_block_of(self, name: str) -> int | None:
+        """The first vision block an edit of `name` changes (the block count for the pooling
+        head), or None when the edit changes the text side only or everything in the image tower."""
+        if (m := _VISUAL_BLOCK.match(name)) is not None:
+            return int(m.group(1))
+        if _VISUAL_TAIL.match(name):
+            return len(self.model.visual.transformer.resblocks)
+        return None
+
+    def forget_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean of (1 - cos(v_i, t_i)) over the batch, each image with its own caption."""
+        v = self.model.encode_image(images.to(self.device), normalize=True)
+        t = self.model.encode_text(tokens.to(self.device), normalize=True)
+        return (1.0 - (v * t).sum(dim=-1)).mean()
+
+    def retain_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The symmetric CLIP contrastive loss over the batch at scale exp(logit_scale)."""
+        v = self.model.encode_image(images.to(self.device), normalize=True)
+        t = self.model.encode_text(tokens.to(self.device), normalize=True)
+        logits = self.logit_scale * v @ t.T
+        labels = torch.arange(v.shape[0], device=v.device)
+        return 0.5 * (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels))
+
+    @torch.no_grad()
+    def image_hidden(self, images: torch.Tensor, block: int) -> torch.Tensor:
+        """The vision tower's hidden states entering `block` (batch first; the block count gives
+        the transformer's output), to resume from with `encode_images_from`."""
+        visual = self.model.visual
+        captured: list[torch.Tensor] = []
+        handle = visual.transformer.register_forward_hook(lambda _m, _a, out: captured.append(out))
+        try:
+            with self._only_blocks(range(block)):
+                visual(images.to(self.device))
+        finally:
+            handle.remove()
+        return captured[0]  # Transformer.forward returns batch-first (N, L, D)
+
+    @torch.no_grad()
+    def encode_images_from(self, hidden: torch.Tensor, block: int, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings from hidden states entering `block`: runs blocks block.. and the
+        pooling head through open_clip's own forward, skipping the patch embedding."""
+        visual = self.model.visual
+        with self._only_blocks(range(block, len(visual.transformer.resblocks))), _replace_attr(visual, "_embeds", lambda _x: hidden):
+            out = visual(hidden)
+        out = out[0] if isinstance(out, tuple) else out
+        return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    @contextlib.contextmanager
+    def _only_blocks(self, keep: range) -> Iterator[None]:
+        transformer = self.model.visual.transformer
+        full = transformer.resblocks
+        transformer.resblocks = nn.ModuleList([full[i] for i in keep])
+        try:
+            yield
+        finally:
+            transformer.resblocks = full
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
         safetensors.torch.save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
         (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _replace_attr(obj: Any, name: str, value: Any) -> Iterator[None]:
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        delattr(obj, name)
 
 
 def _preprocess_cfg(model: nn.Module) -> dict:

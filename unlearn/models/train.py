@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from dataclasses import dataclass
 
 import torch
 from open_clip import ClipLoss
-from PIL import Image
 from tqdm import tqdm
 
+from unlearn.data.pairs import decode
 from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
 from unlearn.models.openclip import ClipAdapter
@@ -33,11 +32,7 @@ def load_pairs(adapter: ClipAdapter, shard_dir: str) -> tuple[torch.Tensor, torc
     """All (preprocessed image, tokenized caption) pairs of the shards, in stored order."""
     images, captions = [], []
     for sample in tqdm(iter_samples(shard_dir), desc="decode shards"):
-        try:
-            with Image.open(io.BytesIO(sample.jpg)) as img:
-                images.append(adapter.preprocess(img.convert("RGB")))
-        except OSError as e:
-            raise UnlearnError(f"sample {sample.key} in {shard_dir} is not a readable image ({e}); re-run the download stage") from None
+        images.append(adapter.preprocess(decode(sample, shard_dir)))
         captions.append(sample.caption)
     if not images:
         raise UnlearnError(f"no samples in {shard_dir}")

@@ -1,0 +1,32 @@
+"""Stage `curate`: the forget set (captions that mention `concept`) and a seeded retain set."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from unlearn.cli import peak_memory_mb, run_stage
+from unlearn.data.curate import curate, resolve_concept
+from unlearn.io import atomic_outputs, write_json
+from unlearn.params import stage_params
+
+SHARDS = "data/laion"
+FORGET, RETAIN, RECORD = "data/forget", "data/retain", "data/curate.json"
+log = logging.getLogger("curate")
+
+
+def main() -> None:
+    start = time.perf_counter()
+    p = stage_params("curate")
+    concept = resolve_concept(str(p("concept")), p("concepts"))
+    with atomic_outputs(FORGET, RETAIN, RECORD) as (forget_dir, retain_dir, record):
+        f, r = curate(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.retain_size")), int(p("curate.seed")), forget_dir, retain_dir)
+        write_json(record, {
+            "concept": concept.name, "kind": concept.kind, "forget": f["count"], "matched": f["matched"], "retain": r["count"],
+            "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(), "params": p.declared(),
+        })
+    log.info("%s (%s): %d forget pairs, %d retain pairs", concept.name, concept.kind, f["count"], r["count"])
+
+
+if __name__ == "__main__":
+    run_stage("curate", main)

@@ -1,0 +1,84 @@
+"""Stage `evaluate`: the unlearned model (base + the one-layer patch) and the base model on the
+target's test images, the other classes of its kind, and the other kind's set; membership
+inference; time, memory, storage.  Writes metrics/unlearn.json (one constant path)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unlearn.cli import peak_memory_mb, run_stage, torch_device
+from unlearn.data.curate import resolve_concept
+from unlearn.data.pairs import pair_batches
+from unlearn.eval.mia import mia_accuracy, pair_cosines
+from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
+from unlearn.eval.zeroshot import load_images
+from unlearn.io import atomic_outputs, read_json, write_json
+from unlearn.methods.slug import PATCH_WEIGHTS, apply_patch
+from unlearn.models import openclip as oc
+from unlearn.models.openclip import ClipAdapter
+from unlearn.params import stage_params
+
+MODEL, PATCH, EVAL, FORGET, METRICS = "models/base", "models/unlearned", "data/eval", "data/forget", "metrics/unlearn.json"
+RECORDS = {"curate": ("data/curate.json",), "gradients": ("models/grads/record.json",), "rank_layers": ("metrics/layers.json",), "search": ("models/unlearned/patch.json",)}
+log = logging.getLogger("evaluate")
+
+
+@torch.no_grad()
+def mia(adapter: ClipAdapter, forget_pairs: list[tuple[torch.Tensor, torch.Tensor]], heldout: torch.Tensor, captions: list[str], folds: int, seeds: int) -> dict:
+    members = np.concatenate([pair_cosines(adapter.encode_images(x), adapter.model.encode_text(t.to(adapter.device), normalize=True)) for x, t in forget_pairs])
+    nonmembers = pair_cosines(adapter.encode_images(heldout), adapter.encode_texts(captions))
+    return mia_accuracy(members, nonmembers, folds, seeds)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    p = stage_params("evaluate")
+    concept = resolve_concept(str(p("concept")), p("concepts"))
+    device = torch_device(p("model.device"))
+    split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
+    batch_size, folds, seeds = int(p("eval.batch_size")), int(p("eval.mia.folds")), int(p("eval.mia.seeds"))
+    adapter = oc.load(MODEL, device=device)
+    tasks = concept_tasks(EVAL, concept, "test", *split)
+    evaluator = Evaluator(adapter, tasks, batch_size)
+    # MIA data: forget pairs (members) and the target's held-out images with forget-set captions
+    forget_pairs = list(pair_batches(FORGET, adapter.preprocess, adapter.tokenizer, batch_size))
+    forget_captions = [c["caption"] for c in read_json(f"{FORGET}/manifest.json")["samples"]]
+    heldout_paths = tasks.forget.paths + concept_tasks(EVAL, concept, "val", *split).forget.paths
+    heldout = load_images(adapter, heldout_paths)
+    rng = np.random.default_rng(int(p("eval.split.seed")))
+    captions = [forget_captions[int(i)] for i in rng.integers(len(forget_captions), size=len(heldout_paths))]
+
+    base = evaluator.evaluate() | {"mia": mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
+    meta = apply_patch(adapter, PATCH, MODEL)
+    after = evaluator.evaluate() | {"mia": mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
+
+    times = {stage: read_json(files[0])["time_s"] for stage, files in RECORDS.items()}
+    peaks = [read_json(files[0])["peak_memory_mb"] for files in RECORDS.values()]
+    times["evaluate"] = round(time.perf_counter() - start, 2)
+    times["unlearn"] = round(times["gradients"] + times["rank_layers"] + times["search"], 2)
+    times["total"] = round(sum(times[s] for s in (*RECORDS, "evaluate")), 2)
+    metrics = {
+        "concept": concept.name, "kind": concept.kind, "method": "slug",
+        **{k: after[k] for k in ACCURACY_KEYS}, "mia": after["mia"],
+        "layer": meta["layer"], "rho": meta["rho"], "converged": bool(meta["converged"]),
+        "time_s": times, "peak_memory_mb": max(peaks + [peak_memory_mb()]),
+        "stored_bytes": Path(PATCH, PATCH_WEIGHTS).stat().st_size,
+        "images": {"forget": len(tasks.forget.paths), "retain": len(tasks.retain.paths), "utility": len(tasks.utility.paths)},
+        "base": base,
+    }
+    with atomic_outputs(METRICS) as (out,):
+        write_json(out, metrics)
+    if not metrics["converged"]:
+        log.warning("the step search did not converge: these figures are for the best step seen, not a passing one")
+    log.info("%s: FA@1 %.3f -> %.3f, FA@5 %.3f -> %.3f, retain@1 %.3f -> %.3f, other-kind@1 %.3f -> %.3f (test)", concept.name,
+             base["forget_top1"], after["forget_top1"], base["forget_top5"], after["forget_top5"], base["retain_top1"], after["retain_top1"],
+             base["utility_top1"], after["utility_top1"])
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)

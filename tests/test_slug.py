@@ -1,0 +1,240 @@
+"""SLUG's parts: the one-pass gradient, the edit direction, the Pareto front, the step search,
+the cached evaluator, gradient and patch files."""
+
+import json
+import random
+
+import pytest
+import safetensors.torch
+import torch
+
+from unlearn.data.curate import Concept
+from unlearn.errors import UnlearnError
+from unlearn.eval.suite import Evaluator, concept_tasks, split_part
+from unlearn.methods import slug
+from unlearn.models import openclip as oc
+
+CAPTIONS = ["Elon Musk at the gala", "a photo of a rocket", "Taylor Swift smiling", "a red car", "portrait of a man",
+            "Mickey", "a bad photo of the mug", "Elon Musk's rocket", "Bill Gates", "a fish", "a tree"]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return oc.create(oc.TINY_ARCH, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pairs(adapter):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(len(CAPTIONS), 3, 64, 64, generator=g), adapter.tokenizer(CAPTIONS)
+
+
+def _batches(images, tokens, size):
+    return [(images[s : s + size], tokens[s : s + size]) for s in range(0, images.shape[0], size)]
+
+
+def _direct(adapter, loss, images, tokens):
+    adapter.model.zero_grad(set_to_none=True)
+    loss(images, tokens).backward()
+    out = {n: p.grad.detach().clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
+    adapter.model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_one_pass_forget_gradient_equals_the_full_batch_gradient(adapter, pairs):
+    images, tokens = pairs
+    grads, n, _ = slug.mean_gradient(adapter, adapter.forget_loss, _batches(images, tokens, 3))  # batches of 3, 3, 3, 2
+    direct = _direct(adapter, adapter.forget_loss, images, tokens)
+    assert n == len(CAPTIONS)
+    for name, g in direct.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7)
+    assert float(grads["visual.proj"].norm()) > 0
+
+
+def test_one_pass_retain_gradient_equals_the_full_batch_gradient(adapter, pairs):
+    images, tokens = pairs
+    grads, _, loss = slug.mean_gradient(adapter, adapter.retain_loss, _batches(images, tokens, 64))
+    direct = _direct(adapter, adapter.retain_loss, images, tokens)
+    for name, g in direct.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7)
+    assert loss > 0
+
+
+def test_gradients_are_zeroed_between_batches(adapter, pairs):
+    """Running the same batch twice must give the same mean as once (no accumulation leak)."""
+    images, tokens = pairs
+    once, _, _ = slug.mean_gradient(adapter, adapter.forget_loss, _batches(images[:4], tokens[:4], 4))
+    twice, _, _ = slug.mean_gradient(adapter, adapter.forget_loss, _batches(images[:4], tokens[:4], 4) * 2)
+    for name in once:
+        torch.testing.assert_close(twice[name], once[name], rtol=1e-5, atol=1e-8)
+
+
+def test_a_small_step_along_the_stored_direction_raises_the_forget_loss(adapter, pairs):
+    images, tokens = pairs
+    grads, _, before = slug.mean_gradient(adapter, adapter.forget_loss, _batches(images, tokens, 4))
+    params = dict(adapter.model.named_parameters())
+    for layer in ("transformer.resblocks.1.mlp.c_fc.weight", "visual.transformer.resblocks.2.attn.in_proj_weight"):
+        p = params[layer]
+        original = p.detach().clone()
+        with torch.no_grad():
+            p.add_(slug.edit_delta(original, grads[layer], 1e-3))
+            after = float(adapter.forget_loss(images, tokens))
+            p.add_(-2 * slug.edit_delta(original, grads[layer], 1e-3))
+            opposite = float(adapter.forget_loss(images, tokens))
+            p.copy_(original)
+        assert after > before > opposite, layer
+
+
+def test_nan_loss_is_an_error(adapter, pairs):
+    images, tokens = pairs
+    with pytest.raises(UnlearnError, match="nan"):
+        slug.mean_gradient(adapter, lambda x, t: adapter.forget_loss(x, t) * float("nan"), _batches(images, tokens, 4))
+
+
+def _dominated(i, imp, al):
+    return any(al[j] < al[i] and imp[j] > imp[i] for j in range(len(imp)))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_front_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 40)
+    # coarse values so ties in both coordinates occur
+    imp = [rng.choice([0.1, 0.2, 0.3, 0.5, 1.0, 2.0]) * rng.choice([1, 1, 3]) for _ in range(n)]
+    al = [rng.choice([0.01, 0.05, 0.1, 0.2, 0.4]) for _ in range(n)]
+    front = slug.pareto_front(imp, al)
+    assert sorted(front) == [i for i in range(n) if not _dominated(i, imp, al)]
+    assert [imp[i] for i in front] == sorted((imp[i] for i in front), reverse=True)
+
+
+def test_search_finds_the_threshold_of_a_monotone_criterion():
+    threshold = 0.37
+    seen = []
+
+    def evaluate(rho):
+        seen.append(rho)
+        return {"fa": 1.0 if rho < threshold else 0.0}
+
+    steps = slug.search_step(evaluate, lambda r: r["fa"] == 0.0, rho_start=0.1, rho_max=12.8, max_evals=10)
+    assert [s.rho for s in steps] == seen and len(steps) == 10
+    assert [s.rho for s in steps[:3]] == [0.1, 0.2, 0.4]  # doubling until it first passes
+    passing = [s.rho for s in steps if s.forget_ok]
+    failing = [s.rho for s in steps if not s.forget_ok]
+    assert min(passing) >= threshold > max(failing)
+    assert min(passing) - threshold < 0.2 / 2**7  # 7 bisections of [0.2, 0.4]
+
+
+def test_search_that_never_passes_stops_at_rho_max():
+    steps = slug.search_step(lambda rho: {"fa": 1.0}, lambda r: False, rho_start=0.1, rho_max=0.8, max_evals=10)
+    assert [s.rho for s in steps] == [0.1, 0.2, 0.4, 0.8] and not any(s.forget_ok for s in steps)
+
+
+def test_search_layers_reports_non_convergence(adapter):
+    class Fake:
+        def prepare(self, edited):
+            pass
+
+        def evaluate(self, edited=None):
+            return {"forget_top1": 0.5, "forget_top5": 1.0, "retain_top1": 0.9, "retain_top5": 1.0, "utility_top1": 0.9, "utility_top5": 1.0}
+
+    grads = {n: torch.ones_like(p) for n, p in adapter.model.named_parameters()}
+    base = Fake().evaluate()
+    cfg = slug.SearchConfig(max_layers=1, rho_start=0.1, rho_max=0.4, evals_per_layer=5)
+    rows, choice = slug.search_layers(adapter, Fake(), grads, ["visual.proj"], cfg, base)
+    assert choice["converged"] is False and len(rows) == 3
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world):
+    """The tiny model after a few steps on the tiny world, so the classes differ."""
+    from unlearn.models.train import TrainConfig, load_pairs, train_contrastive
+
+    a = oc.create(oc.TINY_ARCH, seed=0)
+    images, tokens = load_pairs(a, tiny_world / "laion")
+    train_contrastive(a, images, tokens, TrainConfig(epochs=2, batch_size=40, lr=1e-3, warmup_steps=2))
+    return a
+
+
+def test_split_is_disjoint_and_seeded(tiny_world):
+    from unlearn.data.evalsets import read_celeba
+
+    data = read_celeba(tiny_world / "eval" / "celeba")
+    val, test = split_part(data, "val", 0.34, 0), split_part(data, "test", 0.34, 0)
+    assert not set(val) & set(test) and len(val) + len(test) == len(data)
+    assert split_part(data, "val", 0.34, 0) == val and split_part(data, "val", 0.34, 1) != val
+
+
+@pytest.mark.parametrize("layer", ["transformer.resblocks.2.mlp.c_proj.weight", "visual.transformer.resblocks.1.mlp.c_fc.weight", "visual.proj"])
+def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
+    tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "test", 0.34, 0)
+    ev = Evaluator(trained, tasks, batch_size=16)
+    ev.prepare(layer)
+    p = dict(trained.model.named_parameters())[layer]
+    original = p.detach().clone()
+    with torch.no_grad():
+        p.add_(0.5 * original.norm() * torch.randn_like(original) / original.numel() ** 0.5)
+    try:
+        cached, full = ev.evaluate(layer), ev.evaluate()
+        if trained.tower(layer) == "image":
+            moved = ev._encode_images(None)["retain"] - ev._image_emb["retain"]
+        else:
+            moved = ev._encode_classes()["retain"] - ev._class_emb["retain"]
+    finally:
+        with torch.no_grad():
+            p.copy_(original)
+    assert cached == full
+    assert float(moved.abs().max()) > 1e-3  # the edit did change what the cache recomputes
+
+
+def test_gradient_files_are_checked(adapter, tmp_path):
+    model_dir = tmp_path / "model"
+    adapter.save(model_dir)
+    from unlearn.io import sha256_file
+
+    grads = {n: torch.zeros_like(p) for n, p in adapter.model.state_dict().items() if n in dict(adapter.model.named_parameters())}
+    record = slug.GradientRecord(sha256_file(model_dir / oc.WEIGHTS_FILE), "a", "b", 3, 4, 2, 0, 0.5, 1.0)
+    out = tmp_path / "grads"
+    out.mkdir()
+    slug.save_gradients(out, grads, grads, record)
+    slug.load_gradients(out, adapter, model_dir)
+
+    bad = dict(grads)
+    bad["visual.proj"] = torch.full_like(grads["visual.proj"], float("nan"))
+    safetensors.torch.save_file(bad, out / "forget.safetensors")
+    with pytest.raises(UnlearnError, match="NaN or inf"):
+        slug.load_gradients(out, adapter, model_dir)
+    bad["visual.proj"] = torch.zeros(3, 3)
+    safetensors.torch.save_file(bad, out / "forget.safetensors")
+    with pytest.raises(UnlearnError, match="shape"):
+        slug.load_gradients(out, adapter, model_dir)
+    safetensors.torch.save_file(grads, out / "forget.safetensors")
+    sidecar = json.loads((out / "sidecar.json").read_text()) | {"model_sha256": "0" * 64}
+    (out / "sidecar.json").write_text(json.dumps(sidecar))
+    with pytest.raises(UnlearnError, match="another model"):
+        slug.load_gradients(out, adapter, model_dir)
+
+
+def test_patch_round_trip(adapter, tmp_path):
+    model_dir = tmp_path / "model"
+    adapter.save(model_dir)
+    from unlearn.io import sha256_file
+
+    layer = "transformer.resblocks.0.attn.out_proj.weight"
+    weight = dict(adapter.model.named_parameters())[layer].detach()
+    delta = slug.edit_delta(weight, torch.randn_like(weight), 0.3)
+    torch.testing.assert_close(delta.norm(), 0.3 * weight.norm())
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    slug.save_patch(patch, layer, delta, {"base_model_sha256": sha256_file(model_dir / oc.WEIGHTS_FILE), "rho": 0.3})
+    fresh = oc.load(model_dir)
+    meta = slug.apply_patch(fresh, patch, model_dir)
+    assert meta["layer"] == layer and meta["rho"] == 0.3
+    edited = dict(fresh.model.named_parameters())
+    torch.testing.assert_close(edited[layer].detach(), weight + delta)
+    untouched = [n for n in edited if n != layer]
+    assert all(torch.equal(edited[n], dict(adapter.model.named_parameters())[n]) for n in untouched)
+    other = oc.create(oc.TINY_ARCH, seed=9)
+    other_dir = tmp_path / "other"
+    other.save(other_dir)
+    with pytest.raises(UnlearnError, match="another base model"):
+        slug.apply_patch(other, patch, other_dir)

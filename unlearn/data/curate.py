@@ -1,0 +1,132 @@
+"""Forget and retain sets for one concept, cut from image-caption shards.
+
+The forget set holds the pairs whose caption mentions the concept: a case-insensitive match on
+word boundaries of its display name or an alias, where spaces, underscores and hyphens between
+the words are interchangeable ("Elon Musk", "elon_musk.jpg", "ELON MUSK's car"), but "Elon
+Muskrat" or "Elonmusk" are not the concept, and phrases listed under `exclude` ("Musk ox") are
+taken out of a caption before it is matched.  The retain set is a seeded sample of pairs whose
+captions do not mention it.  Both are written as webdataset tars with a manifest.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from unlearn.data.shards import Sample, iter_samples, list_shards
+from unlearn.errors import UnlearnError
+from unlearn.io import sha256_file, write_json
+
+KINDS = ("identity", "object")
+MANIFEST = "manifest.json"
+TAR = "00000.tar"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    kind: str
+    aliases: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def phrases(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def mentioned_in(self, caption: str) -> bool:
+        if self.exclude:
+            caption = _phrase_regex(self.exclude).sub(" ", caption)
+        return _phrase_regex(self.phrases).search(caption) is not None
+
+
+def _phrase_regex(phrases: tuple[str, ...]) -> re.Pattern:
+    """Any of `phrases`, case-insensitive, not inside a longer word; the words of a phrase may be
+    separated by spaces, underscores or hyphens."""
+    alternatives = ["[\\s_\\-]+".join(re.escape(w) for w in re.split(r"[\s_\-]+", p.strip()) if w) for p in phrases]
+    # [^\W_] is a letter or digit: the phrase may not continue a word on either side
+    return re.compile(r"(?<![^\W_])(?:" + "|".join(alternatives) + r")(?![^\W_])", re.IGNORECASE)
+
+
+def resolve_concept(name: str, table: dict) -> Concept:
+    """The concept `name` from the params' concept table; unknown names get the closest ones."""
+    if not isinstance(table, dict) or not table:
+        raise UnlearnError("params.yaml has an empty concept table `concepts`; add the concept with its kind and aliases")
+    entry = table.get(name)
+    if entry is None:
+        folded = {k.casefold(): k for k in table}
+        close = difflib.get_close_matches(name.casefold(), list(folded), n=3, cutoff=0.5)
+        hint = ", ".join(repr(folded[c]) for c in close) if close else "none (see `concepts` in params.yaml)"
+        raise UnlearnError(f"concept {name!r} is not in the concept table; closest known: {hint}")
+    entry = entry or {}
+    kind = entry.get("kind")
+    if kind not in KINDS:
+        raise UnlearnError(f"concept {name!r} has kind {kind!r}; this pipeline handles kinds {', '.join(KINDS)}")
+    unknown = set(entry) - {"kind", "aliases", "exclude"}
+    if unknown:
+        raise UnlearnError(f"concept {name!r} has unknown keys {', '.join(sorted(unknown))}; known keys: kind, aliases, exclude")
+    return Concept(name, kind, tuple(entry.get("aliases") or ()), tuple(entry.get("exclude") or ()))
+
+
+def _row(sample: Sample, shard: str) -> dict:
+    return {"key": sample.key, "caption": sample.caption, "shard": shard}
+
+
+def _seeded_subset(rows: list[dict], n: int, rng: np.random.Generator) -> list[dict]:
+    """At most `n` rows chosen with `rng`, kept in their stored order."""
+    if len(rows) <= n:
+        return rows
+    keep = np.sort(rng.choice(len(rows), size=n, replace=False))
+    return [rows[int(i)] for i in keep]
+
+
+def _write_set(shard_dir: Path, rows: list[dict], out_dir: Path, manifest: dict) -> dict:
+    wanted = {r["key"] for r in rows}
+    with wds.TarWriter(str(out_dir / TAR), mtime=0.0, user="unlearn", group="unlearn") as sink:
+        for sample in iter_samples(shard_dir):
+            if sample.key in wanted:
+                sink.write({"__key__": sample.key, "jpg": sample.jpg, "txt": sample.caption, "json": sample.meta or {"key": sample.key}})
+    manifest = manifest | {"count": len(rows), "samples": rows, "tar": TAR, "tar_sha256": sha256_file(out_dir / TAR)}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def curate(shard_dir: str | Path, concept: Concept, forget_max: int, retain_size: int, seed: int, forget_dir: Path, retain_dir: Path) -> tuple[dict, dict]:
+    """Write the forget and retain sets of `concept`; returns their manifests."""
+    shard_dir = Path(shard_dir)
+    forget: list[dict] = []
+    others: list[dict] = []
+    shards = {t.stem for t in list_shards(shard_dir)}
+    for sample in iter_samples(shard_dir):
+        row = _row(sample, f"{sample.key[:5]}.tar" if sample.key[:5] in shards else "")
+        (forget if concept.mentioned_in(sample.caption) else others).append(row)
+    if not forget:
+        raise UnlearnError(f"no caption in {shard_dir} mentions concept {concept.name!r} (phrases: {', '.join(concept.phrases)}); add aliases or pick another concept")
+    rng = np.random.default_rng(seed)
+    matched = len(forget)
+    forget = _seeded_subset(forget, forget_max, rng)
+    retain = _seeded_subset(others, retain_size, rng)
+    common = {"concept": concept.name, "kind": concept.kind, "source": str(shard_dir), "seed": seed}
+    f = _write_set(shard_dir, forget, forget_dir, common | {"set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude), "matched": matched, "cap": forget_max})
+    r = _write_set(shard_dir, retain, retain_dir, common | {"set": "retain", "candidates": len(others), "size": retain_size})
+    log.info("forget: %d of %d matching captions; retain: %d of %d others", len(forget), matched, len(retain), len(others))
+    return f, r
+
+
+def read_manifest(set_dir: str | Path) -> dict:
+    """A curated set's manifest, checked against its tar (a changed or truncated tar is an error)."""
+    set_dir = Path(set_dir)
+    path = set_dir / MANIFEST
+    if not path.is_file() or not (set_dir / TAR).is_file():
+        raise UnlearnError(f"{set_dir} is not a curated set ({MANIFEST} + {TAR} expected): run the curate stage")
+    manifest = json.loads(path.read_text())
+    if sha256_file(set_dir / TAR) != manifest.get("tar_sha256"):
+        raise UnlearnError(f"{set_dir / TAR} does not match its manifest (changed or truncated); re-run the curate stage")
+    return manifest

@@ -1,0 +1,36 @@
+"""Image-caption pairs from shards as model inputs: decoded, preprocessed, tokenized, batched."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from unlearn.data.shards import Sample, iter_samples
+from unlearn.errors import UnlearnError
+
+
+def decode(sample: Sample, where: str | Path) -> Image.Image:
+    """The sample's image as RGB; an unreadable image is a one-line error naming it."""
+    try:
+        with Image.open(io.BytesIO(sample.jpg)) as img:
+            return img.convert("RGB")
+    except OSError as e:
+        raise UnlearnError(f"sample {sample.key} in {where} is not a readable image ({e}); re-create {where}") from None
+
+
+def pair_batches(shard_dir: str | Path, preprocess: Callable, tokenizer: Callable, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, tokens) batches in stored order, streamed: memory holds one batch at a time."""
+    images: list[torch.Tensor] = []
+    captions: list[str] = []
+    for sample in iter_samples(shard_dir):
+        images.append(preprocess(decode(sample, shard_dir)))
+        captions.append(sample.caption)
+        if len(images) == batch_size:
+            yield torch.stack(images), tokenizer(captions)
+            images, captions = [], []
+    if images:
+        yield torch.stack(images), tokenizer(captions)

@@ -1,0 +1,39 @@
+"""Membership inference, the "dist" attack of the SLUG reference (METHODS.md 1.5).
+
+Feature: the cosine between a pair's image and caption embeddings.  Members are the forget-set
+pairs (trained on); non-members are the target's held-out evaluation images, each paired with a
+caption drawn (seeded) from the forget set, so captions come from the same distribution and only
+the images are unseen.  Per seed, members are subsampled to the non-member count (balanced
+classes), and a logistic regression is scored with stratified 10-fold cross-validation.  An
+accuracy near 0.5 means the model no longer tells its forget pairs from unseen ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+from unlearn.errors import UnlearnError
+
+
+@torch.no_grad()
+def pair_cosines(image_emb: torch.Tensor, text_emb: torch.Tensor) -> np.ndarray:
+    return (image_emb * text_emb).sum(dim=-1).cpu().double().numpy()
+
+
+def mia_accuracy(members: np.ndarray, nonmembers: np.ndarray, folds: int = 10, seeds: int = 5) -> dict[str, float]:
+    n = min(len(members), len(nonmembers))
+    if n < folds:
+        raise UnlearnError(f"membership inference needs at least {folds} members and non-members (have {len(members)}, {len(nonmembers)}); lower eval.mia.folds")
+    scores = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        m = members[rng.choice(len(members), size=n, replace=False)]
+        u = nonmembers[rng.choice(len(nonmembers), size=n, replace=False)]
+        x = np.concatenate([m, u])[:, None]
+        y = np.concatenate([np.ones(n), np.zeros(n)])
+        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        scores.extend(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy"))
+    return {"mean": round(float(np.mean(scores)), 6), "std": round(float(np.std(scores)), 6), "members": int(len(members)), "nonmembers": int(len(nonmembers))}

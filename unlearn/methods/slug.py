@@ -1,0 +1,332 @@
+"""SLUG: Single Layer Unlearning Gradient (METHODS.md 1.2-1.4).
+
+One gradient pass at the base weights gives g_f = grad L_f (forget) and g_r = grad L_r (retain);
+layers are ranked by importance ||g_f,l|| / ||theta_l|| and gradient alignment
+|cos(g_f,l, g_r,l)|; the Pareto front of (low alignment, high importance) holds the candidates;
+a step-size search edits one candidate along g_f,l:
+
+    theta_l(rho) = theta_l + rho * ||theta_l|| * g_f,l / ||g_f,l||
+
+Sign convention: stored gradients are +grad L_f, so the edit direction always *increases* the
+forget loss (pushes each forget image away from its own caption).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from tqdm import tqdm
+
+from unlearn.errors import UnlearnError
+from unlearn.io import sha256_file
+from unlearn.models.openclip import WEIGHTS_FILE, ClipAdapter
+
+SIGN_CONVENTION = "+grad L_f: the stored forget gradient points to higher forget loss; the edit adds it"
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the one gradient pass
+
+def mean_gradient(adapter: ClipAdapter, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str | None = None) -> tuple[dict[str, torch.Tensor], int, float]:
+    """The gradient of the set-mean loss, from batch-mean losses: each batch's gradient (zeroed
+    before it) is weighted by its size, the sum divided by the set size.  Returns (gradient per
+    parameter, set size, mean loss)."""
+    model = adapter.model
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    count, loss_sum = 0, 0.0
+    for images, tokens in tqdm(batches, desc=desc, disable=desc is None):
+        model.zero_grad(set_to_none=True)
+        value = loss(images, tokens)
+        if not torch.isfinite(value):
+            raise UnlearnError(f"{desc or 'loss'} is {value.item()} on a batch: check the data (corrupt images?) and the model weights")
+        value.backward()
+        b = images.shape[0]
+        for n, p in params.items():
+            if p.grad is not None:
+                total[n] += b * p.grad.double()
+        count += b
+        loss_sum += b * float(value.detach())
+    model.zero_grad(set_to_none=True)
+    if count == 0:
+        raise UnlearnError(f"{desc or 'gradient pass'}: the set is empty")
+    grads = {n: (g / count).float().contiguous().cpu() for n, g in total.items()}
+    for n, g in grads.items():
+        if not torch.isfinite(g).all():
+            raise UnlearnError(f"{desc or 'gradient'} of {n} has NaN or inf entries: check the data and the model weights")
+    return grads, count, loss_sum / count
+
+
+@dataclass(frozen=True)
+class GradientRecord:
+    """The sidecar of a gradient file: what it was computed from and how."""
+
+    model_sha256: str
+    forget_manifest_sha256: str
+    retain_manifest_sha256: str
+    n_forget: int
+    n_retain: int
+    batch_size: int
+    seed: int
+    forget_loss: float
+    retain_loss: float
+    sign_convention: str = SIGN_CONVENTION
+    forget_loss_def: str = "mean over D_f of 1 - cos(v_i, t_i), each image with its own caption"
+    retain_loss_def: str = "symmetric CLIP contrastive loss (InfoNCE over each batch, scale exp(logit_scale)), batch-size-weighted mean"
+
+
+def save_gradients(directory: Path, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], record: GradientRecord) -> None:
+    meta = {"sign_convention": SIGN_CONVENTION, "model_sha256": record.model_sha256}
+    safetensors.torch.save_file(forget, directory / "forget.safetensors", metadata=meta)
+    safetensors.torch.save_file(retain, directory / "retain.safetensors", metadata=meta)
+    (directory / "sidecar.json").write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+
+
+def load_gradients(directory: str | Path, adapter: ClipAdapter, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """Forget and retain gradients checked against the model: the sidecar's model hash, the
+    tensor names and shapes, and finiteness.  Any mismatch is a one-line error."""
+    directory = Path(directory)
+    sidecar_path = directory / "sidecar.json"
+    files = [directory / "forget.safetensors", directory / "retain.safetensors", sidecar_path]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise UnlearnError(f"gradient files missing: {', '.join(missing)}; run the gradients stage")
+    sidecar = json.loads(sidecar_path.read_text())
+    if sidecar.get("sign_convention") != SIGN_CONVENTION:
+        raise UnlearnError(f"{sidecar_path} has sign convention {sidecar.get('sign_convention')!r}, expected +grad L_f; recompute the gradients")
+    model_hash = sha256_file(Path(model_dir) / WEIGHTS_FILE)
+    if sidecar.get("model_sha256") != model_hash:
+        raise UnlearnError(f"gradients in {directory} were computed for another model (hash {str(sidecar.get('model_sha256'))[:12]}, model {model_hash[:12]}); re-run the gradients stage")
+    shapes = {n: tuple(p.shape) for n, p in adapter.model.named_parameters()}
+    out = []
+    for f in files[:2]:
+        grads = safetensors.torch.load_file(f)
+        if set(grads) != set(shapes):
+            extra, lacking = sorted(set(grads) - set(shapes)), sorted(set(shapes) - set(grads))
+            raise UnlearnError(f"{f} does not match the model's tensors (unknown {extra[:3]}, missing {lacking[:3]}); re-run the gradients stage")
+        for n, g in grads.items():
+            if tuple(g.shape) != shapes[n]:
+                raise UnlearnError(f"{f}: {n} has shape {tuple(g.shape)}, the model's is {shapes[n]}; re-run the gradients stage")
+            if not torch.isfinite(g).all():
+                raise UnlearnError(f"{f}: {n} holds NaN or inf; re-run the gradients stage (check the data for corrupt images)")
+        out.append(grads)
+    return out[0], out[1], sidecar
+
+
+# ---------------------------------------------------------------- layer ranking
+
+@dataclass(frozen=True)
+class LayerScore:
+    name: str
+    tower: str
+    importance: float        # ||g_f|| / ||theta||
+    alignment: float         # |cos(g_f, g_r)|
+    signed_alignment: float  # cos(g_f, g_r): > 0 means the edit (+g_f) also raises the retain loss
+    weight_norm: float
+    grad_norm: float
+    numel: int
+
+
+def layer_scores(adapter: ClipAdapter, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], candidates: Sequence[str]) -> list[LayerScore]:
+    params = dict(adapter.model.named_parameters())
+    out = []
+    for name in candidates:
+        w, gf, gr = params[name].detach().double().flatten().cpu(), forget[name].double().flatten(), retain[name].double().flatten()
+        wn, gfn, grn = float(w.norm()), float(gf.norm()), float(gr.norm())
+        cos = float(gf @ gr) / (gfn * grn) if gfn > 0 and grn > 0 else 0.0
+        out.append(LayerScore(name, adapter.tower(name), gfn / wn if wn > 0 else 0.0, abs(cos), cos, wn, gfn, w.numel()))
+    return out
+
+
+def pareto_front(importance: Sequence[float], alignment: Sequence[float]) -> list[int]:
+    """Indices of the non-dominated layers, by importance descending.  Layer i is dominated if
+    some j has alignment_j < alignment_i and importance_j > importance_i.  O(n log n)."""
+    order = sorted(range(len(importance)), key=lambda i: alignment[i])
+    front: list[int] = []
+    best_before = -math.inf  # highest importance among strictly smaller alignments
+    k = 0
+    while k < len(order):
+        j = k
+        while j < len(order) and alignment[order[j]] == alignment[order[k]]:
+            j += 1
+        group = order[k:j]
+        front.extend(i for i in group if not importance[i] < best_before)
+        best_before = max(best_before, max(importance[i] for i in group))
+        k = j
+    return sorted(front, key=lambda i: -importance[i])
+
+
+# ---------------------------------------------------------------- the single-layer edit
+
+def unit_direction(grad: torch.Tensor) -> torch.Tensor:
+    norm = grad.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise UnlearnError("the forget gradient of the chosen layer is zero or not finite; the forget set does not reach this layer")
+    return grad / norm
+
+
+def edit_delta(weight: torch.Tensor, grad: torch.Tensor, rho: float) -> torch.Tensor:
+    """rho * ||theta_l|| * g_f / ||g_f||: the relative step along the forget gradient."""
+    return rho * weight.norm() * unit_direction(grad).to(weight)
+
+
+@dataclass(frozen=True)
+class Step:
+    rho: float
+    result: dict
+    forget_ok: bool
+
+
+def search_step(evaluate: Callable[[float], dict], forget_ok: Callable[[dict], bool], rho_start: float, rho_max: float, max_evals: int) -> list[Step]:
+    """The smallest relative step that passes the forget criterion, assuming it is monotone in rho:
+    double from `rho_start` while it fails (up to `rho_max`), then bisect between the last failing
+    and the first passing step with the evaluations left.  Returns every evaluation in order."""
+    if not 0 < rho_start <= rho_max or max_evals < 1:
+        raise UnlearnError(f"step search needs 0 < rho_start <= rho_max and max_evals >= 1 (got {rho_start}, {rho_max}, {max_evals})")
+    steps: list[Step] = []
+
+    def run(rho: float) -> bool:
+        result = evaluate(rho)
+        steps.append(Step(rho, result, bool(forget_ok(result))))
+        return steps[-1].forget_ok
+
+    lo, hi, rho = 0.0, None, rho_start
+    while len(steps) < max_evals:
+        if run(rho):
+            hi = rho
+            break
+        lo = rho
+        if rho >= rho_max:
+            return steps
+        rho = min(rho * 2, rho_max)
+    if hi is None:
+        return steps
+    while len(steps) < max_evals:
+        mid = (lo + hi) / 2
+        if run(mid):
+            hi = mid
+        else:
+            lo = mid
+    return steps
+
+
+# ---------------------------------------------------------------- the one-layer patch
+
+PATCH_WEIGHTS, PATCH_META = "patch.safetensors", "patch.json"
+
+
+def save_patch(directory: Path, layer: str, delta: torch.Tensor, meta: dict) -> None:
+    safetensors.torch.save_file({layer: delta.detach().contiguous().cpu()}, directory / PATCH_WEIGHTS, metadata={"layer": layer})
+    (directory / PATCH_META).write_text(json.dumps(meta | {"layer": layer, "shape": list(delta.shape)}, indent=2, sort_keys=True) + "\n")
+
+
+def apply_patch(adapter: ClipAdapter, directory: str | Path, model_dir: str | Path | None = None) -> dict:
+    """Add a saved one-layer edit to the model in place (edits of several concepts add up);
+    returns the patch's metadata.  With `model_dir`, check that the patch was made for it."""
+    directory = Path(directory)
+    if not (directory / PATCH_WEIGHTS).is_file() or not (directory / PATCH_META).is_file():
+        raise UnlearnError(f"{directory} is not a SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} expected): run the search stage")
+    meta = json.loads((directory / PATCH_META).read_text())
+    if model_dir is not None and meta.get("base_model_sha256") != sha256_file(Path(model_dir) / WEIGHTS_FILE):
+        raise UnlearnError(f"patch {directory} was made for another base model than {model_dir}; re-run the search stage")
+    tensors = safetensors.torch.load_file(directory / PATCH_WEIGHTS)
+    params = dict(adapter.model.named_parameters())
+    for name, delta in tensors.items():
+        if name not in params or tuple(params[name].shape) != tuple(delta.shape):
+            raise UnlearnError(f"patch {directory} edits {name} {tuple(delta.shape)}, which this model does not have")
+        if not torch.isfinite(delta).all():
+            raise UnlearnError(f"patch {directory} holds NaN or inf; re-run the search stage")
+        with torch.no_grad():
+            params[name].add_(delta.to(params[name]))
+    return meta
+
+
+# ---------------------------------------------------------------- the search over front layers
+
+@dataclass(frozen=True)
+class SearchConfig:
+    max_layers: int = 6            # front layers searched, interleaving the towers by importance
+    rho_start: float = 0.1
+    rho_max: float = 12.8
+    evals_per_layer: int = 10
+    forget_top1: float = 0.0       # the forget criterion on the validation images: FA@1 <= ..
+    forget_top5: float = 0.05      # .. and FA@5 <= ..
+    max_retain_drop: float = 0.03  # the utility guard: retain @1 and other-kind @1 may fall by
+    max_utility_drop: float = 0.02  # at most these fractions from the base model (validation)
+
+
+def interleave_fronts(fronts: dict[str, list[str]], limit: int) -> list[str]:
+    """Front layers of both towers, alternating (each tower's by importance), at most `limit`."""
+    out: list[str] = []
+    queues = [list(v) for v in fronts.values()]
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
+def guard_ok(result: dict, base: dict, cfg: SearchConfig) -> bool:
+    return (result["retain_top1"] >= base["retain_top1"] - cfg.max_retain_drop - 1e-9
+            and result["utility_top1"] >= base["utility_top1"] - cfg.max_utility_drop - 1e-9)
+
+
+def forget_ok(result: dict, cfg: SearchConfig) -> bool:
+    return result["forget_top1"] <= cfg.forget_top1 + 1e-9 and result["forget_top5"] <= cfg.forget_top5 + 1e-9
+
+
+def utility_score(result: dict) -> float:
+    return (result["retain_top1"] + result["utility_top1"]) / 2
+
+
+def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict) -> tuple[list[dict], dict]:
+    """Search rho on each layer; every evaluation becomes a row.  The choice: among layers whose
+    smallest forget-passing rho also passes the utility guard, the one with the highest mean of
+    retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
+    the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead."""
+    params = dict(adapter.model.named_parameters())
+    rows: list[dict] = []
+    passing: list[dict] = []
+    for layer in layers:
+        param = params[layer]
+        original = param.detach().clone()
+        step_dir = original.norm() * unit_direction(forget_grads[layer]).to(original)
+        evaluator.prepare(layer)
+
+        def evaluate(rho: float, param=param, original=original, step_dir=step_dir, layer=layer) -> dict:
+            with torch.no_grad():
+                param.copy_(original + rho * step_dir)
+            try:
+                return evaluator.evaluate(layer)
+            finally:
+                with torch.no_grad():
+                    param.copy_(original)
+
+        steps = search_step(evaluate, lambda r: forget_ok(r, cfg), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer)
+        for k, s in enumerate(steps):
+            rows.append({"layer": layer, "tower": adapter.tower(layer), "eval": k, "rho": s.rho, **s.result,
+                         "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg)})
+        ok = [r for r in rows if r["layer"] == layer and r["forget_ok"]]
+        if ok:
+            smallest = min(ok, key=lambda r: r["rho"])
+            log.info("%s: smallest passing rho %.4g (FA@1 %.3f, retain %.3f, utility %.3f, guard %s)", layer, smallest["rho"],
+                     smallest["forget_top1"], smallest["retain_top1"], smallest["utility_top1"], smallest["guard_ok"])
+            if smallest["guard_ok"]:
+                passing.append(smallest)
+        else:
+            log.info("%s: no step up to rho %.4g passes the forget criterion", layer, cfg.rho_max)
+    if passing:
+        choice = max(passing, key=lambda r: (utility_score(r), -r["rho"]))
+        return rows, {**choice, "converged": True}
+    if not rows:
+        raise UnlearnError("no layer to search: the Pareto fronts are empty")
+    best = min(rows, key=lambda r: (r["forget_top1"], r["forget_top5"], -utility_score(r), r["rho"]))
+    return rows, {**best, "converged": False}
