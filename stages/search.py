@@ -46,7 +46,7 @@ def main() -> None:
     delta = edit_delta(params[choice["layer"]].detach(), g_f[choice["layer"]], choice["rho"])
     meta = {
         "concept": concept.name, "kind": concept.kind, "rho": choice["rho"], "converged": choice["converged"],
-        "rule": "smallest passing rho per layer; among layers passing the guard, highest mean of retain@1 and other-kind@1 (val)",
+        "rule": "rho_margin x the smallest passing rho per layer; among layers passing the guard, highest mean of retain@1 and other-kind@1 (val)",
         "validation": {k: choice[k] for k in COLUMNS if k.endswith(("top1", "top5"))}, "base_validation": base,
         "base_model_sha256": sha256_file(f"{MODEL}/{oc.WEIGHTS_FILE}"), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,
         "searched_layers": layers, "evaluations": len(rows), "validation_sizes": evaluator.sizes,

@@ -261,6 +261,7 @@ class SearchConfig:
     forget_top5: float = 0.05      # .. and FA@5 <= ..
     max_retain_drop: float = 0.03  # the utility guard: retain @1 and other-kind @1 may fall by
     max_utility_drop: float = 0.02  # at most these fractions from the base model (validation)
+    rho_margin: float = 1.2        # the edit uses margin x the smallest passing rho found on validation
 
 
 def interleave_fronts(fronts: dict[str, list[str]], limit: int) -> list[str]:
@@ -288,8 +289,9 @@ def utility_score(result: dict) -> float:
 
 
 def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict) -> tuple[list[dict], dict]:
-    """Search rho on each layer; every evaluation becomes a row.  The choice: among layers whose
-    smallest forget-passing rho also passes the utility guard, the one with the highest mean of
+    """Search rho on each layer; every evaluation becomes a row.  Per layer the edit is
+    `rho_margin` times the smallest rho that passes the forget criterion.  The choice: among
+    layers whose edit passes the forget criterion and the utility guard, the one with the highest mean of
     retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
     the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead."""
     params = dict(adapter.model.named_parameters())
@@ -311,16 +313,21 @@ def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch
                     param.copy_(original)
 
         steps = search_step(evaluate, lambda r: forget_ok(r, cfg), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer)
-        for k, s in enumerate(steps):
-            rows.append({"layer": layer, "tower": adapter.tower(layer), "eval": k, "rho": s.rho, **s.result,
-                         "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg)})
-        ok = [r for r in rows if r["layer"] == layer and r["forget_ok"]]
-        if ok:
-            smallest = min(ok, key=lambda r: r["rho"])
-            log.info("%s: smallest passing rho %.4g (FA@1 %.3f, retain %.3f, utility %.3f, guard %s)", layer, smallest["rho"],
-                     smallest["forget_top1"], smallest["retain_top1"], smallest["utility_top1"], smallest["guard_ok"])
-            if smallest["guard_ok"]:
-                passing.append(smallest)
+        passed = [s for s in steps if s.forget_ok]
+        if passed and cfg.rho_margin != 1.0:
+            # the boundary found on a few validation images is optimistic: step a margin past it
+            rho = min(s.rho for s in passed) * cfg.rho_margin
+            result = evaluate(rho)
+            steps.append(Step(rho, result, forget_ok(result, cfg)))
+        layer_rows = [{"layer": layer, "tower": adapter.tower(layer), "eval": k, "rho": s.rho, **s.result,
+                       "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg)} for k, s in enumerate(steps)]
+        rows.extend(layer_rows)
+        if passed:
+            final = layer_rows[-1] if cfg.rho_margin != 1.0 else min((r for r in layer_rows if r["forget_ok"]), key=lambda r: r["rho"])
+            log.info("%s: rho %.4g (FA@1 %.3f, FA@5 %.3f, retain %.3f, utility %.3f, forget %s, guard %s)", layer, final["rho"],
+                     final["forget_top1"], final["forget_top5"], final["retain_top1"], final["utility_top1"], final["forget_ok"], final["guard_ok"])
+            if final["forget_ok"] and final["guard_ok"]:
+                passing.append(final)
         else:
             log.info("%s: no step up to rho %.4g passes the forget criterion", layer, cfg.rho_max)
     if passing:
