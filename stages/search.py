@@ -30,23 +30,24 @@ def main() -> None:
     concept = resolve_concept(str(p("concept")), p("concepts"))
     adapter = oc.load(MODEL, device=torch_device(p("model.device")))
     g_f, _, sidecar = load_gradients(GRADS, adapter, MODEL)
-    fronts = read_json(LAYERS)["front"]
+    ranking = read_json(LAYERS)
+    fronts = ranking["front"]
     towers = sorted(fronts, key=lambda t: -max((v["importance"] for v in fronts[t].values()), default=0.0))
-    layers = interleave_fronts({t: list(fronts[t]) for t in towers}, cfg.max_layers)
+    layers = interleave_fronts({t: ranking["order"][t] for t in towers}, cfg.max_layers)
     tasks = concept_tasks(EVAL, concept, "val", float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     evaluator = Evaluator(adapter, tasks, int(p("eval.batch_size")))
     base = evaluator.evaluate()
     log.info("base model on validation (%s): %s", evaluator.sizes, base)
     rows, choice = search_layers(adapter, evaluator, g_f, layers, cfg, base)
     if not choice["converged"]:
-        log.warning("no step within rho <= %g on the %d searched layers passes the forget criterion and the utility guard; "
+        log.warning("no step within rho <= %g on the %d searched layers (by Pareto rank) passes the forget criterion and the utility guard; "
                     "keeping the best step seen (%s, rho %.4g, FA@1 %.3f) and reporting converged: false",
                     cfg.rho_max, len(layers), choice["layer"], choice["rho"], choice["forget_top1"])
     params = dict(adapter.model.named_parameters())
     delta = edit_delta(params[choice["layer"]].detach(), g_f[choice["layer"]], choice["rho"])
     meta = {
         "concept": concept.name, "kind": concept.kind, "rho": choice["rho"], "converged": choice["converged"],
-        "rule": "rho_margin x the smallest passing rho per layer; among layers passing the guard, highest mean of retain@1 and other-kind@1 (val)",
+        "rule": "rho_margin x the smallest passing rho per layer (the smallest if that fails the guard); among layers passing, margin steps first, then the highest mean of retain@1 and other-kind@1 (val)",
         "validation": {k: choice[k] for k in COLUMNS if k.endswith(("top1", "top5"))}, "base_validation": base,
         "base_model_sha256": sha256_file(f"{MODEL}/{oc.WEIGHTS_FILE}"), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,
         "searched_layers": layers, "evaluations": len(rows), "validation_sizes": evaluator.sizes,

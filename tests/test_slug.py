@@ -238,3 +238,19 @@ def test_patch_round_trip(adapter, tmp_path):
     other.save(other_dir)
     with pytest.raises(UnlearnError, match="another base model"):
         slug.apply_patch(other, patch, other_dir)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_pareto_ranks_peel_successive_fronts(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 30)
+    imp = [rng.random() for _ in range(n)]
+    al = [rng.random() for _ in range(n)]
+    ranks = slug.pareto_ranks(imp, al)
+    left = set(range(n))
+    rank = 1
+    while left:
+        front = {i for i in left if not any(al[j] < al[i] and imp[j] > imp[i] for j in left)}
+        assert {i for i in range(n) if ranks[i] == rank} == front
+        left -= front
+        rank += 1

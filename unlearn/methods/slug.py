@@ -164,6 +164,21 @@ def pareto_front(importance: Sequence[float], alignment: Sequence[float]) -> lis
     return sorted(front, key=lambda i: -importance[i])
 
 
+def pareto_ranks(importance: Sequence[float], alignment: Sequence[float]) -> list[int]:
+    """Non-dominated sorting: rank 1 is the Pareto front, rank 2 the front of the rest, ..."""
+    ranks = [0] * len(importance)
+    left = list(range(len(importance)))
+    rank = 1
+    while left:
+        front = pareto_front([importance[i] for i in left], [alignment[i] for i in left])
+        for k in front:
+            ranks[left[k]] = rank
+        chosen = {left[k] for k in front}
+        left = [i for i in left if i not in chosen]
+        rank += 1
+    return ranks
+
+
 # ---------------------------------------------------------------- the single-layer edit
 
 def unit_direction(grad: torch.Tensor) -> torch.Tensor:
@@ -253,7 +268,7 @@ def apply_patch(adapter: ClipAdapter, directory: str | Path, model_dir: str | Pa
 
 @dataclass(frozen=True)
 class SearchConfig:
-    max_layers: int = 6            # front layers searched, interleaving the towers by importance
+    max_layers: int = 8            # layers searched by Pareto rank (front first), alternating the towers
     rho_start: float = 0.1
     rho_max: float = 12.8
     evals_per_layer: int = 10
@@ -290,9 +305,10 @@ def utility_score(result: dict) -> float:
 
 def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict) -> tuple[list[dict], dict]:
     """Search rho on each layer; every evaluation becomes a row.  Per layer the edit is
-    `rho_margin` times the smallest rho that passes the forget criterion.  The choice: among
-    layers whose edit passes the forget criterion and the utility guard, the one with the highest mean of
-    retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
+    `rho_margin` times the smallest rho that passes the forget criterion (the smallest passing rho
+    itself when the margin step fails the guard).  The choice: among layers whose edit passes
+    the forget criterion and the utility guard, those whose margin step passed first, then the
+    highest mean of retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
     the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead."""
     params = dict(adapter.model.named_parameters())
     rows: list[dict] = []
@@ -323,7 +339,11 @@ def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch
                        "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg)} for k, s in enumerate(steps)]
         rows.extend(layer_rows)
         if passed:
-            final = layer_rows[-1] if cfg.rho_margin != 1.0 else min((r for r in layer_rows if r["forget_ok"]), key=lambda r: r["rho"])
+            # the margin step if it passes both tests, else the smallest passing step
+            smallest = min((r for r in layer_rows[: len(layer_rows) - (cfg.rho_margin != 1.0)] if r["forget_ok"]), key=lambda r: r["rho"])
+            margin = layer_rows[-1]
+            robust = cfg.rho_margin != 1.0 and margin["forget_ok"] and margin["guard_ok"]
+            final = {**(margin if robust else smallest), "margin_ok": robust}
             log.info("%s: rho %.4g (FA@1 %.3f, FA@5 %.3f, retain %.3f, utility %.3f, forget %s, guard %s)", layer, final["rho"],
                      final["forget_top1"], final["forget_top5"], final["retain_top1"], final["utility_top1"], final["forget_ok"], final["guard_ok"])
             if final["forget_ok"] and final["guard_ok"]:
@@ -331,7 +351,7 @@ def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch
         else:
             log.info("%s: no step up to rho %.4g passes the forget criterion", layer, cfg.rho_max)
     if passing:
-        choice = max(passing, key=lambda r: (utility_score(r), -r["rho"]))
+        choice = max(passing, key=lambda r: (r["margin_ok"], utility_score(r), -r["rho"]))
         return rows, {**choice, "converged": True}
     if not rows:
         raise UnlearnError("no layer to search: the Pareto fronts are empty")
