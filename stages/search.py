@@ -38,7 +38,7 @@ def main() -> None:
     evaluator = Evaluator(adapter, tasks, int(p("eval.batch_size")))
     base = evaluator.evaluate()
     log.info("base model on validation (%s): %s", evaluator.sizes, base)
-    rows, choice = search_layers(adapter, evaluator, g_f, layers, cfg, base)
+    rows, choice = search_layers(adapter, evaluator, g_f, layers, cfg, base, concept.kind)
     if not choice["converged"]:
         log.warning("no step within rho <= %g on the %d searched layers (by Pareto rank) passes the forget criterion and the utility guard; "
                     "keeping the best step seen (%s, rho %.4g, FA@1 %.3f) and reporting converged: false",

@@ -140,7 +140,7 @@ def test_search_layers_reports_non_convergence(adapter):
     grads = {n: torch.ones_like(p) for n, p in adapter.model.named_parameters()}
     base = Fake().evaluate()
     cfg = slug.SearchConfig(max_layers=1, rho_start=0.1, rho_max=0.4, evals_per_layer=5)
-    rows, choice = slug.search_layers(adapter, Fake(), grads, ["visual.proj"], cfg, base)
+    rows, choice = slug.search_layers(adapter, Fake(), grads, ["visual.proj"], cfg, base, "identity")
     assert choice["converged"] is False and len(rows) == 3
 
 
@@ -254,3 +254,14 @@ def test_pareto_ranks_peel_successive_fronts(seed):
         assert {i for i in range(n) if ranks[i] == rank} == front
         left -= front
         rank += 1
+
+
+def test_the_guard_bounds_each_evaluation_set_by_its_own_limit():
+    cfg = slug.SearchConfig(max_identity_drop=0.03, max_object_drop=0.02)
+    base = {"retain_top1": 1.0, "utility_top1": 1.0}
+    # identity target: retain = identities (3 points allowed), utility = objects (2 points)
+    assert slug.guard_ok({"retain_top1": 0.975, "utility_top1": 0.985}, base, cfg, "identity")
+    assert not slug.guard_ok({"retain_top1": 0.985, "utility_top1": 0.975}, base, cfg, "identity")
+    # object target: retain = objects (2 points), utility = identities (3 points)
+    assert slug.guard_ok({"retain_top1": 0.985, "utility_top1": 0.975}, base, cfg, "object")
+    assert not slug.guard_ok({"retain_top1": 0.975, "utility_top1": 0.985}, base, cfg, "object")

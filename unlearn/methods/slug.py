@@ -274,8 +274,8 @@ class SearchConfig:
     evals_per_layer: int = 10
     forget_top1: float = 0.0       # the forget criterion on the validation images: FA@1 <= ..
     forget_top5: float = 0.05      # .. and FA@5 <= ..
-    max_retain_drop: float = 0.03  # the utility guard: retain @1 and other-kind @1 may fall by
-    max_utility_drop: float = 0.02  # at most these fractions from the base model (validation)
+    max_identity_drop: float = 0.03  # the utility guard: identity @1 and object (ImageNet-style) @1
+    max_object_drop: float = 0.02    # may fall by at most these fractions from the base (validation)
     rho_margin: float = 1.2        # the edit uses margin x the smallest passing rho found on validation
 
 
@@ -290,9 +290,11 @@ def interleave_fronts(fronts: dict[str, list[str]], limit: int) -> list[str]:
     return out
 
 
-def guard_ok(result: dict, base: dict, cfg: SearchConfig) -> bool:
-    return (result["retain_top1"] >= base["retain_top1"] - cfg.max_retain_drop - 1e-9
-            and result["utility_top1"] >= base["utility_top1"] - cfg.max_utility_drop - 1e-9)
+def guard_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> bool:
+    """Retain is the target's own kind, utility the other kind: each set has its own bound."""
+    identity, obj = ("retain", "utility") if kind == "identity" else ("utility", "retain")
+    return (result[f"{identity}_top1"] >= base[f"{identity}_top1"] - cfg.max_identity_drop - 1e-9
+            and result[f"{obj}_top1"] >= base[f"{obj}_top1"] - cfg.max_object_drop - 1e-9)
 
 
 def forget_ok(result: dict, cfg: SearchConfig) -> bool:
@@ -303,7 +305,8 @@ def utility_score(result: dict) -> float:
     return (result["retain_top1"] + result["utility_top1"]) / 2
 
 
-def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict) -> tuple[list[dict], dict]:
+def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict,
+                  kind: str) -> tuple[list[dict], dict]:
     """Search rho on each layer; every evaluation becomes a row.  Per layer the edit is
     `rho_margin` times the smallest rho that passes the forget criterion (the smallest passing rho
     itself when the margin step fails the guard).  The choice: among layers whose edit passes
@@ -336,7 +339,7 @@ def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch
             result = evaluate(rho)
             steps.append(Step(rho, result, forget_ok(result, cfg)))
         layer_rows = [{"layer": layer, "tower": adapter.tower(layer), "eval": k, "rho": s.rho, **s.result,
-                       "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg)} for k, s in enumerate(steps)]
+                       "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg, kind)} for k, s in enumerate(steps)]
         rows.extend(layer_rows)
         if passed:
             # the margin step if it passes both tests, else the smallest passing step
