@@ -27,3 +27,16 @@ def tiny_world(tmp_path_factory) -> Path:
     S.write_celeba(TINY, root / "eval" / "celeba")
     S.write_imagenet(TINY, root / "eval" / "imagenet")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_world):
+    """The tiny model after a few steps on the tiny world, so that classes differ (shared: tests
+    that edit it must restore it)."""
+    from unlearn.models import openclip as oc
+    from unlearn.models.train import TrainConfig, load_pairs, train_contrastive
+
+    a = oc.create(oc.TINY_ARCH, seed=0)
+    images, tokens = load_pairs(a, tiny_world / "laion")
+    train_contrastive(a, images, tokens, TrainConfig(epochs=2, batch_size=40, lr=1e-3, warmup_steps=2))
+    return a

@@ -145,14 +145,8 @@ def test_search_layers_reports_non_convergence(adapter):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_world):
-    """The tiny model after a few steps on the tiny world, so the classes differ."""
-    from unlearn.models.train import TrainConfig, load_pairs, train_contrastive
-
-    a = oc.create(oc.TINY_ARCH, seed=0)
-    images, tokens = load_pairs(a, tiny_world / "laion")
-    train_contrastive(a, images, tokens, TrainConfig(epochs=2, batch_size=40, lr=1e-3, warmup_steps=2))
-    return a
+def trained(tiny_clip):
+    return tiny_clip
 
 
 def test_split_is_disjoint_and_seeded(tiny_world):

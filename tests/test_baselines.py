@@ -1,0 +1,117 @@
+"""The baselines on a tiny model: each lowers the forget similarity; SalUn never moves a
+masked-out coordinate; SSD changes only the coordinates it selects."""
+
+import copy
+
+import pytest
+import torch
+
+from unlearn.data.curate import Concept
+from unlearn.data.shards import iter_samples
+from unlearn.errors import UnlearnError
+from unlearn.methods import baselines as B
+from unlearn.methods.slug import mean_gradient
+
+MUSK = Concept("Elon Musk", "identity", ("Musk",), ("Musk ox",))
+
+
+@pytest.fixture(scope="module")
+def data(tiny_clip, tiny_world, tmp_path_factory):
+    import io
+
+    from PIL import Image
+
+    forget, retain = ([], []), ([], [])
+    for s in iter_samples(tiny_world / "laion"):
+        side = forget if MUSK.mentioned_in(s.caption) else retain
+        side[0].append(tiny_clip.preprocess(Image.open(io.BytesIO(s.jpg)).convert("RGB")))
+        side[1].append(s.caption)
+    assert forget[0]
+    pack = lambda d: (torch.stack(d[0]), tiny_clip.tokenizer(d[1]))  # noqa: E731
+    return pack(forget), pack(retain)
+
+
+@pytest.fixture
+def model(tiny_clip):
+    return copy.deepcopy(tiny_clip)
+
+
+def _similarity(adapter, pairs):
+    with torch.no_grad():
+        return 1.0 - float(adapter.forget_loss(*pairs))
+
+
+CFG = B.TrainConfig(lr=1e-4, epochs=2, batch_size=16, alpha=1.0)
+
+
+@pytest.mark.parametrize("method", ["gradient_ascent", "ga_ft"])
+def test_ascent_methods_lower_the_forget_similarity(model, data, method):
+    forget, retain = data
+    before = _similarity(model, forget)
+    epochs = []
+    getattr(B, method)(model, forget, retain, CFG, on_epoch=lambda e: epochs.append(e) or False)
+    assert epochs == [0, 1]
+    assert _similarity(model, forget) < before - 0.01
+
+
+def test_finetune_trains_on_the_retain_set_only(model, data):
+    """FT forgets only by interference; on this barely trained model it even raises the forget
+    similarity (it is still learning), so the test checks its own objective and its data."""
+    forget, retain = data
+    with torch.no_grad():
+        before = float(model.retain_loss(*retain))
+    history = B.finetune(model, forget, retain, B.TrainConfig(lr=2e-4, epochs=3, batch_size=16))
+    with torch.no_grad():
+        assert float(model.retain_loss(*retain)) < before
+    assert len(history) == 3
+
+
+def test_on_epoch_can_stop_early(model, data):
+    forget, retain = data
+    history = B.gradient_ascent(model, forget, retain, CFG, on_epoch=lambda e: True)
+    assert len(history) == 1
+
+
+def test_salun_moves_only_masked_coordinates(model, data):
+    forget, retain = data
+    grads, _, _ = mean_gradient(model, model.forget_loss, [forget])
+    mask = B.saliency_mask(grads, 0.5)
+    flat = torch.cat([g.abs().flatten() for g in grads.values()])
+    selected = sum(int(m.sum()) for m in mask.values())
+    assert 0 < selected <= min(int((flat > 0).sum()), round(0.5 * flat.numel()))
+    inside = torch.cat([grads[n].abs()[m] for n, m in mask.items()])
+    outside = torch.cat([grads[n].abs()[~m] for n, m in mask.items()])
+    assert inside.min() >= outside.max()  # one global threshold over all tensors
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    B.salun(model, forget, retain, B.TrainConfig(lr=1e-3, epochs=2, batch_size=16, weight_decay=0.1), mask)
+    moved = 0
+    for n, p in model.model.named_parameters():
+        assert torch.equal(p.detach()[~mask[n]], before[n][~mask[n]]), n
+        moved += int((p.detach() != before[n]).sum())
+    assert moved > 0  # (its forgetting effect needs a better-trained model: issue 4's comparison)
+
+
+def test_ssd_changes_only_selected_coordinates(model, data):
+    forget, retain = data
+    imp_f = B.squared_gradients(model, model.forget_loss, forget, 16)
+    imp_r = B.squared_gradients(model, model.retain_loss, retain, 16)
+    before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    sim = _similarity(model, forget)
+    selected = B.ssd(model, imp_f, imp_r, alpha=10.0, dampening=1.0)
+    assert selected > 0
+    changed = 0
+    for n, p in model.model.named_parameters():
+        chosen = imp_f[n] > 10.0 * imp_r[n]
+        assert torch.equal(p.detach()[~chosen], before[n][~chosen]), n
+        assert (p.detach().abs() <= before[n].abs() + 1e-12).all()
+        changed += int((p.detach() != before[n]).sum())
+    assert 0 < changed <= selected
+    assert _similarity(model, forget) < sim
+
+
+def test_divergence_is_an_error(model, data):
+    forget, retain = data
+    with torch.no_grad():
+        model.model.visual.proj.fill_(float("nan"))
+    with pytest.raises(UnlearnError, match="ga diverged"):
+        B.gradient_ascent(model, forget, retain, CFG)
