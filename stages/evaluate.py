@@ -24,7 +24,7 @@ from unlearn.models.openclip import ClipAdapter
 from unlearn.params import stage_params
 
 MODEL, PATCH, EVAL, FORGET, METRICS = "models/base", "models/unlearned", "data/eval", "data/forget", "metrics/unlearn.json"
-RECORDS = {"curate": ("data/curate.json",), "gradients": ("models/grads/record.json",), "rank_layers": ("metrics/layers.json",), "search": ("models/unlearned/patch.json",)}
+RECORDS = {"curate": "data/curate.json", "gradients": "models/grads/record.json", "rank_layers": "metrics/layers.json", "search": "models/unlearned/patch.json"}
 log = logging.getLogger("evaluate")
 
 
@@ -57,8 +57,9 @@ def main() -> None:
     meta = apply_patch(adapter, PATCH, MODEL)
     after = evaluator.evaluate() | {"mia": mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
 
-    times = {stage: read_json(files[0])["time_s"] for stage, files in RECORDS.items()}
-    peaks = [read_json(files[0])["peak_memory_mb"] for files in RECORDS.values()]
+    records = {stage: read_json(path) for stage, path in RECORDS.items()}
+    times = {stage: r["time_s"] for stage, r in records.items()}
+    peaks = [r["peak_memory_mb"] for r in records.values()]
     times["evaluate"] = round(time.perf_counter() - start, 2)
     times["unlearn"] = round(times["gradients"] + times["rank_layers"] + times["search"], 2)
     times["total"] = round(sum(times[s] for s in (*RECORDS, "evaluate")), 2)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from unlearn.data.curate import Concept
+from unlearn.data.pairs import decode
 from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
 from unlearn.methods import baselines as B
@@ -16,15 +17,11 @@ MUSK = Concept("Elon Musk", "identity", ("Musk",), ("Musk ox",))
 
 
 @pytest.fixture(scope="module")
-def data(tiny_clip, tiny_world, tmp_path_factory):
-    import io
-
-    from PIL import Image
-
+def data(tiny_clip, tiny_world):
     forget, retain = ([], []), ([], [])
     for s in iter_samples(tiny_world / "laion"):
         side = forget if MUSK.mentioned_in(s.caption) else retain
-        side[0].append(tiny_clip.preprocess(Image.open(io.BytesIO(s.jpg)).convert("RGB")))
+        side[0].append(tiny_clip.preprocess(decode(s, tiny_world / "laion")))
         side[1].append(s.caption)
     assert forget[0]
     pack = lambda d: (torch.stack(d[0]), tiny_clip.tokenizer(d[1]))  # noqa: E731

@@ -1,7 +1,5 @@
 """Forget/retain curation: word-boundary matching, the concept table, determinism, bad input."""
 
-import json
-
 import pytest
 
 from unlearn.data.curate import Concept, curate, read_manifest, resolve_concept
@@ -51,7 +49,8 @@ def test_curate_splits_by_mention_and_is_deterministic(tiny_world, tmp_path):
     assert all(MUSK.mentioned_in(s.caption) for s in forget)
     assert len(retain) == r["count"] == 40 and not any(MUSK.mentioned_in(s.caption) for s in retain)
     assert [s.key for s in forget] == [row["key"] for row in f["samples"]]
-    assert all(row["shard"].endswith(".tar") for row in f["samples"] + r["samples"])
+    assert {row["shard"] for row in f["samples"] + r["samples"]} <= {"00000.tar", "00001.tar"}
+    assert all(row["shard"] == f"{row['key'][:5]}.tar" for row in f["samples"])
     assert read_manifest(tmp_path / "a" / "forget")["count"] == f["count"]
 
 
@@ -74,4 +73,3 @@ def test_a_changed_curated_tar_is_detected(tiny_world, tmp_path):
     tar.write_bytes(tar.read_bytes()[:-700])
     with pytest.raises(UnlearnError, match="does not match its manifest"):
         read_manifest(tmp_path / "f")
-    json.loads((tmp_path / "f" / "manifest.json").read_text())

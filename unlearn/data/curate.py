@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from unlearn.data.shards import Sample, iter_samples, list_shards
+from unlearn.data.shards import Sample, iter_samples, iter_shard, list_shards
 from unlearn.errors import UnlearnError
 from unlearn.io import sha256_file, write_json
 
@@ -103,10 +103,9 @@ def curate(shard_dir: str | Path, concept: Concept, forget_max: int, retain_size
     shard_dir = Path(shard_dir)
     forget: list[dict] = []
     others: list[dict] = []
-    shards = {t.stem for t in list_shards(shard_dir)}
-    for sample in iter_samples(shard_dir):
-        row = _row(sample, f"{sample.key[:5]}.tar" if sample.key[:5] in shards else "")
-        (forget if concept.mentioned_in(sample.caption) else others).append(row)
+    for tar in list_shards(shard_dir):
+        for sample in iter_shard(tar):
+            (forget if concept.mentioned_in(sample.caption) else others).append(_row(sample, tar.name))
     if not forget:
         raise UnlearnError(f"no caption in {shard_dir} mentions concept {concept.name!r} (phrases: {', '.join(concept.phrases)}); add aliases or pick another concept")
     rng = np.random.default_rng(seed)

@@ -33,6 +33,7 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 
 open_clip.add_model_config(CONFIG_DIR)  # registers the tiny architectures shipped with the project
 log = logging.getLogger(__name__)
+_CLIP_LOSS = open_clip.ClipLoss()
 
 # Tensors that are never SLUG candidates: embeddings, positional embeddings, the patch embedding,
 # the temperature (METHODS.md 1.3).  Biases and other 1-d tensors are excluded by shape.
@@ -100,12 +101,10 @@ class ClipAdapter:
         return (1.0 - (v * t).sum(dim=-1)).mean()
 
     def retain_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The symmetric CLIP contrastive loss over the batch at scale exp(logit_scale)."""
+        """The symmetric CLIP contrastive loss over the batch at scale exp(logit_scale) (open_clip's)."""
         v = self.model.encode_image(images.to(self.device), normalize=True)
         t = self.model.encode_text(tokens.to(self.device), normalize=True)
-        logits = self.logit_scale * v @ t.T
-        labels = torch.arange(v.shape[0], device=v.device)
-        return 0.5 * (nn.functional.cross_entropy(logits, labels) + nn.functional.cross_entropy(logits.T, labels))
+        return _CLIP_LOSS(v, t, self.logit_scale)
 
     @torch.no_grad()
     def image_hidden(self, images: torch.Tensor, block: int) -> torch.Tensor:
@@ -156,6 +155,22 @@ def _replace_attr(obj: Any, name: str, value: Any) -> Iterator[None]:
         yield
     finally:
         delattr(obj, name)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Hide open_clip's "initialized randomly" warning when weights are loaded right after."""
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
 
 
 def _preprocess_cfg(model: nn.Module) -> dict:
@@ -234,7 +249,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> ClipAdapt
     name = config["model_name"]
     if open_clip.get_model_config(name) is None:
         open_clip.factory._MODEL_CONFIGS[name] = config["model_cfg"]
-    model = open_clip.create_model(name, **({"force_quick_gelu": True} if config["model_cfg"].get("quick_gelu") else {}))
+    with _quiet_random_init():  # the weights are loaded right below
+        model = open_clip.create_model(name, **({"force_quick_gelu": True} if config["model_cfg"].get("quick_gelu") else {}))
     state = safetensors.torch.load_file(weights)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -10,8 +10,7 @@ import torch
 from open_clip import ClipLoss
 from tqdm import tqdm
 
-from unlearn.data.pairs import decode
-from unlearn.data.shards import iter_samples
+from unlearn.data.pairs import pair_batches
 from unlearn.errors import UnlearnError
 from unlearn.models.openclip import ClipAdapter
 
@@ -28,15 +27,12 @@ class TrainConfig:
     seed: int = 0
 
 
-def load_pairs(adapter: ClipAdapter, shard_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_pairs(adapter: ClipAdapter, shard_dir: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """All (preprocessed image, tokenized caption) pairs of the shards, in stored order."""
-    images, captions = [], []
-    for sample in tqdm(iter_samples(shard_dir), desc="decode shards"):
-        images.append(adapter.preprocess(decode(sample, shard_dir)))
-        captions.append(sample.caption)
-    if not images:
+    batches = list(tqdm(pair_batches(shard_dir, adapter.preprocess, adapter.tokenizer, batch_size), desc="decode shards"))
+    if not batches:
         raise UnlearnError(f"no samples in {shard_dir}")
-    return torch.stack(images), adapter.tokenizer(captions)
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
