@@ -8,31 +8,22 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
 from unlearn.data.pairs import pair_batches
-from unlearn.eval.mia import mia_accuracy, pair_cosines
+from unlearn.eval.mia import clip_mia, heldout_captions
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
 from unlearn.eval.zeroshot import load_images
 from unlearn.io import atomic_outputs, read_json, write_json
 from unlearn.methods.slug import PATCH_WEIGHTS, apply_patch
 from unlearn.models import openclip as oc
-from unlearn.models.openclip import ClipAdapter
 from unlearn.params import stage_params
 
 MODEL, PATCH, EVAL, FORGET, METRICS = "models/base", "models/unlearned", "data/eval", "data/forget", "metrics/unlearn.json"
 RECORDS = {"curate": "data/curate.json", "gradients": "models/grads/record.json", "rank_layers": "metrics/layers.json", "search": "models/unlearned/patch.json"}
 log = logging.getLogger("evaluate")
-
-
-@torch.no_grad()
-def mia(adapter: ClipAdapter, forget_pairs: list[tuple[torch.Tensor, torch.Tensor]], heldout: torch.Tensor, captions: list[str], folds: int, seeds: int) -> dict:
-    members = np.concatenate([pair_cosines(adapter.encode_images(x), adapter.model.encode_text(t.to(adapter.device), normalize=True)) for x, t in forget_pairs])
-    nonmembers = pair_cosines(adapter.encode_images(heldout), adapter.encode_texts(captions))
-    return mia_accuracy(members, nonmembers, folds, seeds)
 
 
 def main() -> None:
@@ -50,12 +41,11 @@ def main() -> None:
     forget_captions = [c["caption"] for c in read_json(f"{FORGET}/manifest.json")["samples"]]
     heldout_paths = tasks.forget.paths + concept_tasks(EVAL, concept, "val", *split).forget.paths
     heldout = load_images(adapter, heldout_paths)
-    rng = np.random.default_rng(int(p("eval.split.seed")))
-    captions = [forget_captions[int(i)] for i in rng.integers(len(forget_captions), size=len(heldout_paths))]
+    captions = heldout_captions(forget_captions, len(heldout_paths), int(p("eval.split.seed")))
 
-    base = evaluator.evaluate() | {"mia": mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
+    base = evaluator.evaluate() | {"mia": clip_mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
     meta = apply_patch(adapter, PATCH, MODEL)
-    after = evaluator.evaluate() | {"mia": mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
+    after = evaluator.evaluate() | {"mia": clip_mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
 
     records = {stage: read_json(path) for stage, path in RECORDS.items()}
     times = {stage: r["time_s"] for stage, r in records.items()}

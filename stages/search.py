@@ -12,7 +12,7 @@ from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
 from unlearn.eval.suite import Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json, sha256_file
-from unlearn.methods.slug import SIGN_CONVENTION, SearchConfig, edit_delta, interleave_fronts, load_gradients, save_patch, search_layers
+from unlearn.methods.slug import SIGN_CONVENTION, SearchConfig, edit_delta, load_gradients, plan_layers, save_patch, search_layers
 from unlearn.models import openclip as oc
 from unlearn.params import as_config, stage_params
 from unlearn.plots import search_plot, short_layer
@@ -31,9 +31,7 @@ def main() -> None:
     adapter = oc.load(MODEL, device=torch_device(p("model.device")))
     g_f, _, sidecar = load_gradients(GRADS, adapter, MODEL)
     ranking = read_json(LAYERS)
-    fronts = ranking["front"]
-    towers = sorted(fronts, key=lambda t: -max((v["importance"] for v in fronts[t].values()), default=0.0))
-    layers = interleave_fronts({t: ranking["order"][t] for t in towers}, cfg.max_layers)
+    layers = plan_layers(ranking["front"], ranking["order"], cfg.max_layers)
     tasks = concept_tasks(EVAL, concept, "val", float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     evaluator = Evaluator(adapter, tasks, int(p("eval.batch_size")))
     base = evaluator.evaluate()

@@ -14,13 +14,26 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-@pytest.mark.parametrize("stage", list(DVC["stages"]))
+def _stages():
+    """Every stage as DVC names it: a foreach stage over compare.methods gives `name@method`."""
+    for name, spec in DVC["stages"].items():
+        if "foreach" in spec:
+            assert spec["foreach"] == "${compare.methods}"
+            yield from (f"{name}@{m}" for m in PARAMS["compare"]["methods"])
+        else:
+            yield name
+
+
+@pytest.mark.parametrize("stage", list(_stages()))
 def test_stage_reads_only_declared_params(stage):
-    spec = DVC["stages"][stage]
-    module = re.fullmatch(r"python -m stages\.(\w+)", spec["cmd"]).group(1)
+    name, _, item = stage.partition("@")
+    spec = DVC["stages"][name]["do"] if item else DVC["stages"][name]
+    module = re.fullmatch(r"python -m stages\.(\w+)( \$\{item\})?", spec["cmd"]).group(1)
     source = (ROOT / "stages" / f"{module}.py").read_text()
-    assert f'stage_params("{stage}")' in source
+    assert (f'stage_params(f"{name}@{{' if item else f'stage_params("{stage}")') in source
     declared = declared_params(DVC, stage)
+    if item:
+        assert item in declared  # the method's own params section
     for key in declared:
         lookup(PARAMS, key)  # raises KeyError if params.yaml lacks a declared key
     read = re.findall(r'\bp\("([\w.]+)"', source)

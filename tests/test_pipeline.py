@@ -45,7 +45,8 @@ def repo(tmp_path_factory) -> Path:
             "data.synthetic.shards": 2, "data.synthetic.samples_per_shard": 150, "data.synthetic.eval_per_class": 3,
             "data.synthetic.workers": 1, "model.train.epochs": 2, "model.train.batch_size": 32,
             "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
-            "eval.mia.folds": 2, "eval.mia.seeds": 2,
+            "eval.mia.folds": 2, "eval.mia.seeds": 2, "compare.concepts": ["Elon Musk", "Taylor Swift"],
+            **{f"{m}.epochs": 2 for m in ("ft", "ga", "ga_ft", "salun")}, **{f"{m}.lr": 1e-3 for m in ("ft", "ga", "ga_ft", "salun")},
         },
     )
     _run(["git", "init", "-q"], repo)
@@ -67,7 +68,8 @@ def test_repro_writes_every_output(repo):
     record = json.loads((repo / "data" / "download.json").read_text())
     assert record["samples"] == 300 and record["source"] == "synthetic"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate"}
+    assert set(lock["stages"]) == {"download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate", "compare_data",
+                                   "compare", "report", *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
 
 
 def test_repro_is_up_to_date_and_metrics_show(repo):
@@ -155,3 +157,43 @@ def test_exp_run_forgets_another_concept(repo):
     shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
     text = json.dumps(shown)
     assert '"concept": "Mickey"' in text and '"kind": "object"' in text
+
+
+def test_compare_writes_a_row_per_concept_and_method(repo):
+    m = json.loads((repo / "metrics" / "compare.json").read_text())
+    methods = ["slug", "ft", "ga", "ga_ft", "salun", "ssd"]
+    assert sorted(m["methods"]) == sorted(methods) and m["concepts"] == ["Elon Musk", "Taylor Swift"]
+    assert [(r["method"], r["concept"]) for r in m["rows"]] == [(x, c) for x in methods for c in m["concepts"]]
+    for r in m["rows"]:
+        assert r["status"] in ("ok", "not_forgotten")
+        assert 0.0 <= r["forget_top1"] <= 1.0 and 0.0 <= r["utility_top1"] <= 1.0 and r["time_s"]["unlearn"] > 0
+    slug_rows = [r for r in m["rows"] if r["method"] == "slug"]
+    # SLUG stores one tensor; a training baseline changes (and must ship) far more
+    assert all(r["stored_bytes"] < 1_000_000 for r in slug_rows)
+    assert m["methods"]["ft"]["stored_bytes"] > 10 * m["methods"]["slug"]["stored_bytes"]
+    for x in methods:
+        s = m["methods"][x]
+        mean = sum(r["forget_top1"] for r in m["rows"] if r["method"] == x) / 2
+        assert abs(s["forget_top1"] - round(mean, 6)) < 1e-6 and s["completed"] == 2 and s["failed"] == 0
+    epochs = json.loads((repo / "metrics" / "compare" / "ga.json").read_text())["rows"][0]["epochs"]
+    assert 1 <= len(epochs) <= 2 and all("forget_top1" in e and e["train_s"] > 0 for e in epochs)
+    table = (repo / "plots" / "compare.md").read_text()
+    assert "| original |" in table and all(f"| {x} |" in table for x in methods)
+    assert (repo / "plots" / "compare.csv").read_text().startswith("method,forget_top1")
+    for png in ("compare_scatter.png", "compare_time.png"):
+        assert (repo / "plots" / png).stat().st_size > 5_000
+
+
+def test_unknown_method_is_one_line(repo):
+    proc = _run([sys.executable, "-m", "stages.compare_run", "salun2"], repo, check=False)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown method 'salun2'; known methods: slug, ft, ga, ga_ft, salun, ssd"]
+
+
+def test_report_is_one_self_contained_page(repo):
+    page = (repo / "report" / "index.html").read_text()
+    concept = json.loads((repo / "metrics" / "unlearn.json").read_text())["concept"]  # Mickey after the exp run
+    assert page.startswith("<!doctype html>") and f"forgetting {concept}" in page
+    assert page.count("data:image/png;base64,") == 6  # 2 Pareto fronts, the search, 2 comparison plots, the examples
+    assert "src=\"plots/" not in page and "<table>" in page

@@ -37,18 +37,21 @@ def lookup(tree: dict, dotted: str, default: Any = _MISSING) -> Any:
 
 
 def declared_params(dvc_yaml: dict, stage: str) -> list[str]:
-    """The params.yaml keys a stage declares (dvc.yaml's `params:` entries for the default file)."""
+    """The params.yaml keys a stage declares (dvc.yaml's `params:` entries for the default file).
+    A `foreach` stage over a list is named `stage@item`; its `${item}` entries are filled in."""
     stages = dvc_yaml.get("stages", {})
-    if stage not in stages:
+    name, _, item = stage.partition("@")
+    if name not in stages or bool(item) != ("foreach" in stages[name]):
         raise UnlearnError(f"stage {stage!r} is not in dvc.yaml; known stages: {', '.join(stages)}")
+    spec = stages[name]["do"] if item else stages[name]
     keys: list[str] = []
-    for entry in stages[stage].get("params", []) or []:
+    for entry in spec.get("params", []) or []:
         if isinstance(entry, str):
-            keys.append(entry)
+            keys.append(entry.replace("${item}", item))
         elif isinstance(entry, dict):
             for file, names in entry.items():
                 if file == "params.yaml":
-                    keys.extend(names)
+                    keys.extend(n.replace("${item}", item) for n in names)
     return keys
 
 

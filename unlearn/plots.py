@@ -77,3 +77,39 @@ def short_layer(name: str) -> str:
     if parts[:2] == ["transformer", "resblocks"]:
         return f"t{parts[2]}." + ".".join(parts[3:])
     return ".".join(parts)
+
+
+def compare_scatter(summary: Sequence[dict], path: str | Path, title: str) -> None:
+    """Per method (mean over concepts): other-kind and retain top-1 against forget top-1."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for ax, key, label in zip(axes, ("utility_top1", "retain_top1"), ("ImageNet-style top-1 (test)", "retain identity top-1 (test)")):
+        for c, s in enumerate(summary):
+            if s.get(key) is None:
+                continue
+            ax.scatter(s["forget_top1"], s[key], s=50, c=f"C{c % 10}", marker="*" if s["method"] == "slug" else "o")
+            ax.annotate(s["method"], (s["forget_top1"], s[key]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("forget top-1 (test, lower is better)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare_time_bars(summary: Sequence[dict], path: str | Path, title: str) -> None:
+    """Unlearning wall time per method (mean over concepts), log scale."""
+    plt = _pyplot()
+    rows = [s for s in summary if s.get("time_unlearn_s") is not None]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    ax.barh([s["method"] for s in rows], [s["time_unlearn_s"] for s in rows], color=["C3" if s["method"] == "slug" else "0.55" for s in rows])
+    for k, s in enumerate(rows):
+        ax.annotate(f"{s['time_unlearn_s']:.1f} s", (s["time_unlearn_s"], k), fontsize=8, xytext=(3, -3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("unlearning wall time per concept, s (log)")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -38,6 +38,11 @@ class Concept:
     exclude: tuple[str, ...] = ()
 
     @property
+    def slug(self) -> str:
+        """A file-name form of the display name: "Elon Musk" -> "elon_musk"."""
+        return re.sub(r"[^0-9a-z]+", "_", self.name.casefold()).strip("_") or "concept"
+
+    @property
     def phrases(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 

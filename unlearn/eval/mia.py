@@ -37,3 +37,19 @@ def mia_accuracy(members: np.ndarray, nonmembers: np.ndarray, folds: int = 10, s
         cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         scores.extend(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy"))
     return {"mean": round(float(np.mean(scores)), 6), "std": round(float(np.std(scores)), 6), "members": int(len(members)), "nonmembers": int(len(nonmembers))}
+
+
+def heldout_captions(forget_captions: list[str], n: int, seed: int) -> list[str]:
+    """A seeded draw of forget-set captions for the n held-out (non-member) images."""
+    rng = np.random.default_rng(seed)
+    return [forget_captions[int(i)] for i in rng.integers(len(forget_captions), size=n)]
+
+
+@torch.no_grad()
+def clip_mia(adapter, forget_batches, heldout: torch.Tensor, captions: list[str], folds: int, seeds: int) -> dict[str, float]:
+    """The attack on a CLIP model as it is now: members are the forget pairs (batches of
+    preprocessed images and tokens), non-members the held-out images with `captions`."""
+    members = np.concatenate([pair_cosines(adapter.encode_images(x), adapter.model.encode_text(t.to(adapter.device), normalize=True))
+                              for x, t in forget_batches])
+    nonmembers = pair_cosines(adapter.encode_images(heldout), adapter.encode_texts(captions))
+    return mia_accuracy(members, nonmembers, folds, seeds)

@@ -20,6 +20,10 @@ Pairs = tuple[torch.Tensor, torch.Tensor]  # (preprocessed images, tokens)
 OnEpoch = Callable[[int], bool]
 
 
+class Diverged(UnlearnError):
+    """A baseline's loss became NaN or inf: the run stops and is recorded as failed."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 1e-5
@@ -28,6 +32,13 @@ class TrainConfig:
     weight_decay: float = 0.1
     alpha: float = 1.0  # weight of the retain loss in GA+FT and SalUn
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SSDConfig:
+    alpha: float = 10.0       # select coordinates with imp_f > alpha * imp_r
+    dampening: float = 1.0    # lambda: scale selected coordinates by min(1, lambda * imp_r / imp_f)
+    batch_size: int = 32      # batches of the two importance passes
 
 
 def _optimizer(adapter: ClipAdapter, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -67,7 +78,7 @@ def _train(adapter: ClipAdapter, name: str, cfg: TrainConfig, steps_of_epoch: Ca
             loss = loss_of(batch)
             if not torch.isfinite(loss):
                 model.eval()
-                raise UnlearnError(f"{name} diverged: loss {loss.item()} at epoch {epoch}; lower its learning rate")
+                raise Diverged(f"{name} diverged: loss {loss.item()} at epoch {epoch}; lower its learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -116,8 +127,8 @@ def saliency_mask(forget_grads: dict[str, torch.Tensor], fraction: float = 0.5) 
 
 def salun(adapter: ClipAdapter, forget: Pairs, retain: Pairs, cfg: TrainConfig, mask: dict[str, torch.Tensor],
           on_epoch: OnEpoch | None = None) -> list[float]:
-    """SalUn for CLIP: forget images paired with captions of retain pairs (random labelling),
-    pulled together (1 - cos), plus alpha * L_r; only masked coordinates move.  The mask is
+    """SalUn for CLIP: forget images paired with captions of retain pairs (random labelling) under
+    the CLIP contrastive loss, plus alpha * L_r; only masked coordinates move.  The mask is
     enforced on the weights after every step, so neither weight decay nor Adam's momentum can move
     a masked-out coordinate (the public code's leak)."""
     params = dict(adapter.model.named_parameters())
@@ -137,7 +148,9 @@ def salun(adapter: ClipAdapter, forget: Pairs, retain: Pairs, cfg: TrainConfig, 
         wrong = r_tokens[torch.randperm(r_tokens.shape[0])[: images.shape[0]]]
         if wrong.shape[0] < images.shape[0]:
             wrong = wrong.repeat((images.shape[0] + wrong.shape[0] - 1) // wrong.shape[0], 1)[: images.shape[0]]
-        return adapter.forget_loss(images, wrong) + cfg.alpha * adapter.retain_loss(r_images, r_tokens)
+        # random labelling, the CLIP way: a contrastive loss that makes each forget image pick its
+        # wrong caption out of the batch (the analogue of cross-entropy on a random label)
+        return adapter.retain_loss(images, wrong) + cfg.alpha * adapter.retain_loss(r_images, r_tokens)
 
     return _train(adapter, "salun", cfg, _joint(forget, retain, cfg.batch_size), relabelled, on_epoch, after_step=restore)
 

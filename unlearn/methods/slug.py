@@ -179,6 +179,53 @@ def pareto_ranks(importance: Sequence[float], alignment: Sequence[float]) -> lis
     return ranks
 
 
+TOWERS = ("image", "text")
+ALIGNMENTS = ("abs", "signed")
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Per tower: a row per candidate (scores, Pareto rank), the front, and the search order
+    (Pareto rank, then importance)."""
+
+    rows: dict[str, list[dict]]
+    fronts: dict[str, list[str]]
+    order: dict[str, list[str]]
+    alignment: str
+
+    def front_scores(self) -> dict[str, dict[str, dict[str, float]]]:
+        by_name = {r["layer"]: r for rows in self.rows.values() for r in rows}
+        return {t: {n: {k: round(by_name[n][k], 8) for k in ("importance", "alignment", "signed_alignment")} for n in names}
+                for t, names in self.fronts.items()}
+
+
+def rank_towers(scores: Sequence[LayerScore], alignment: str = "abs") -> Ranking:
+    """Pareto ranking per tower.  alignment "abs" ranks by |cos(g_f, g_r)| (the paper); "signed"
+    by max(cos, 0): an edit anti-aligned with g_r lowers the retain loss, so it counts as separated."""
+    if alignment not in ALIGNMENTS:
+        raise UnlearnError(f"unknown slug.rank.alignment {alignment!r}; use one of: {', '.join(ALIGNMENTS)}")
+    rows, fronts, order = {}, {}, {}
+    for t in TOWERS:
+        tower = [s for s in scores if s.tower == t]
+        if not tower:
+            raise UnlearnError(f"the model has no candidate layer in its {t} tower")
+        align = [s.alignment if alignment == "abs" else max(s.signed_alignment, 0.0) for s in tower]
+        ranks = pareto_ranks([s.importance for s in tower], align)
+        idx = sorted(range(len(tower)), key=lambda i: (ranks[i], -tower[i].importance))
+        fronts[t] = [tower[i].name for i in idx if ranks[i] == 1]
+        order[t] = [tower[i].name for i in idx]
+        rows[t] = [{"layer": s.name, "importance": s.importance, "alignment": a, "signed_alignment": s.signed_alignment,
+                    "front": r == 1, "pareto_rank": r, "numel": s.numel} for s, a, r in zip(tower, align, ranks)]
+    return Ranking(rows, fronts, order, alignment)
+
+
+def plan_layers(front_scores: dict[str, dict[str, dict[str, float]]], order: dict[str, list[str]], limit: int) -> list[str]:
+    """The layers the search tries: both towers' orders interleaved, the tower whose front holds
+    the most important layer first, at most `limit`."""
+    towers = sorted(front_scores, key=lambda t: -max((v["importance"] for v in front_scores[t].values()), default=0.0))
+    return interleave_fronts({t: order[t] for t in towers}, limit)
+
+
 # ---------------------------------------------------------------- the single-layer edit
 
 def unit_direction(grad: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,40 @@
+"""Stage `compare_data`: the forget and retain sets of every concept in `compare.concepts`
+(the same curation as stage `curate`), under data/compare/<concept>/{forget,retain}."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from unlearn.cli import peak_memory_mb, run_stage
+from unlearn.data.curate import curate, resolve_concept
+from unlearn.errors import UnlearnError
+from unlearn.io import atomic_outputs, write_json
+from unlearn.params import stage_params
+
+SHARDS, OUT = "data/laion", "data/compare"
+log = logging.getLogger("compare_data")
+
+
+def main() -> None:
+    start = time.perf_counter()
+    p = stage_params("compare_data")
+    concepts = [resolve_concept(str(n), p("concepts")) for n in p("compare.concepts")]
+    if not concepts:
+        raise UnlearnError("compare.concepts is empty; list the concepts to compare in params.yaml")
+    slugs = [c.slug for c in concepts]
+    if len(set(slugs)) != len(slugs):
+        raise UnlearnError(f"compare.concepts names a concept twice: {', '.join(c.name for c in concepts)}")
+    record = {}
+    with atomic_outputs(OUT) as (out,):
+        for c in concepts:
+            forget_dir, retain_dir = out / c.slug / "forget", out / c.slug / "retain"
+            forget_dir.mkdir(parents=True), retain_dir.mkdir(parents=True)
+            f, r = curate(SHARDS, c, int(p("curate.forget_max")), int(p("curate.retain_size")), int(p("curate.seed")), forget_dir, retain_dir)
+            record[c.name] = {"dir": c.slug, "kind": c.kind, "forget": f["count"], "matched": f["matched"], "retain": r["count"]}
+            log.info("%s: %d forget pairs, %d retain pairs", c.name, f["count"], r["count"])
+        write_json(out / "concepts.json", {"concepts": record, "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb()})
+
+
+if __name__ == "__main__":
+    run_stage("compare_data", main)

@@ -1,0 +1,79 @@
+"""Stage `compare_run@<method>`: one method on every concept of `compare.concepts`, each from
+the base model, decided on the target's validation images and reported on its test images with
+the evaluator and membership attack of stage `evaluate`.  Writes metrics/compare/<method>.json.
+
+    python -m stages.compare_run salun
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from unlearn.cli import peak_memory_mb, run_stage, torch_device
+from unlearn.data.curate import resolve_concept
+from unlearn.eval.mia import clip_mia, heldout_captions
+from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
+from unlearn.eval.zeroshot import load_images
+from unlearn.errors import UnlearnError
+from unlearn.io import atomic_outputs, read_json, write_json
+from unlearn.methods.registry import changed_bytes, check_method, chunks, run_method
+from unlearn.models import openclip as oc
+from unlearn.models.train import load_pairs
+from unlearn.params import stage_params
+
+MODEL, EVAL, DATA = "models/base", "data/eval", "data/compare"
+log = logging.getLogger("compare_run")
+
+
+def run_concept(method: str, concept, p, device: str) -> dict:
+    adapter = oc.load(MODEL, device=device)
+    base_state = {n: t.detach().cpu().clone() for n, t in adapter.model.named_parameters()}
+    split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
+    batch_size, grad_batch = int(p("eval.batch_size")), int(p("gradients.batch_size"))
+    folds, seeds = int(p("eval.mia.folds")), int(p("eval.mia.seeds"))
+    sets = read_json(f"{DATA}/concepts.json")["concepts"]
+    if concept.name not in sets:
+        raise UnlearnError(f"{DATA} holds no sets for {concept.name!r}; run `dvc repro compare_data`")
+    where = f"{DATA}/{sets[concept.name]['dir']}"
+    forget, retain = load_pairs(adapter, f"{where}/forget"), load_pairs(adapter, f"{where}/retain")
+    val_tasks = concept_tasks(EVAL, concept, "val", *split)
+    test = Evaluator(adapter, concept_tasks(EVAL, concept, "test", *split), batch_size)
+    heldout_paths = test.tasks.forget.paths + val_tasks.forget.paths
+    heldout = load_images(adapter, heldout_paths)
+    captions = heldout_captions([s["caption"] for s in read_json(f"{where}/forget/manifest.json")["samples"]], len(heldout_paths), split[1])
+
+    def report() -> dict:
+        return test.evaluate() | {"mia": clip_mia(adapter, chunks(forget, batch_size), heldout, captions, folds, seeds)["mean"]}
+
+    base = report()
+    outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size), concept.kind, p(method), grad_batch)
+    row = {"concept": concept.name, "method": method, "status": outcome.status, "epoch": outcome.epoch, "time_s": outcome.time_s,
+           **outcome.details, "epochs": outcome.epochs, "base": base}
+    if outcome.status == "failed":
+        log.warning("%s on %s failed: %s", method, concept.name, outcome.details.get("error"))
+        return row | {k: None for k in (*ACCURACY_KEYS, "mia")} | {"stored_bytes": None}
+    after = report()
+    log.info("%s on %s (%s, %.1f s): FA@1 %.3f -> %.3f, FA@5 %.3f -> %.3f, retain@1 %.3f -> %.3f, other-kind@1 %.3f -> %.3f (test)",
+             method, concept.name, outcome.status, outcome.time_s["unlearn"], base["forget_top1"], after["forget_top1"], base["forget_top5"],
+             after["forget_top5"], base["retain_top1"], after["retain_top1"], base["utility_top1"], after["utility_top1"])
+    return row | after | {"stored_bytes": changed_bytes(base_state, adapter)}
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise UnlearnError("usage: python -m stages.compare_run <method>")
+    method = check_method(sys.argv[1])
+    p = stage_params(f"compare_run@{method}")
+    torch.manual_seed(0)
+    device = torch_device(p("model.device"))
+    concepts = [resolve_concept(str(n), p("concepts")) for n in p("compare.concepts")]
+    rows = [run_concept(method, c, p, device) for c in concepts]
+    with atomic_outputs(f"metrics/compare/{method}.json") as (out,):
+        write_json(out, {"method": method, "params": p(method), "rows": rows, "peak_memory_mb": peak_memory_mb()})
+
+
+if __name__ == "__main__":
+    run_stage("compare_run", main)
