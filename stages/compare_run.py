@@ -14,10 +14,9 @@ import torch
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
-from unlearn.eval.mia import clip_mia, heldout_captions
-from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
-from unlearn.eval.zeroshot import load_images
 from unlearn.errors import UnlearnError
+from unlearn.eval.mia import ConceptAttack
+from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json, write_json
 from unlearn.methods.registry import changed_bytes, check_method, chunks, run_method
 from unlearn.models import openclip as oc
@@ -41,12 +40,10 @@ def run_concept(method: str, concept, p, device: str) -> dict:
     forget, retain = load_pairs(adapter, f"{where}/forget"), load_pairs(adapter, f"{where}/retain")
     val_tasks = concept_tasks(EVAL, concept, "val", *split)
     test = Evaluator(adapter, concept_tasks(EVAL, concept, "test", *split), batch_size)
-    heldout_paths = test.tasks.forget.paths + val_tasks.forget.paths
-    heldout = load_images(adapter, heldout_paths)
-    captions = heldout_captions([s["caption"] for s in read_json(f"{where}/forget/manifest.json")["samples"]], len(heldout_paths), split[1])
+    attack = ConceptAttack(adapter, EVAL, concept, split, list(chunks(forget, batch_size)), f"{where}/forget/manifest.json", folds, seeds)
 
     def report() -> dict:
-        return test.evaluate() | {"mia": clip_mia(adapter, chunks(forget, batch_size), heldout, captions, folds, seeds)["mean"]}
+        return test.evaluate() | {"mia": attack(adapter)["mean"]}
 
     base = report()
     outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size), concept.kind, p(method), grad_batch)

@@ -8,14 +8,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
 from unlearn.data.pairs import pair_batches
-from unlearn.eval.mia import clip_mia, heldout_captions
+from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
-from unlearn.eval.zeroshot import load_images
 from unlearn.io import atomic_outputs, read_json, write_json
 from unlearn.methods.slug import PATCH_WEIGHTS, apply_patch
 from unlearn.models import openclip as oc
@@ -36,16 +33,13 @@ def main() -> None:
     adapter = oc.load(MODEL, device=device)
     tasks = concept_tasks(EVAL, concept, "test", *split)
     evaluator = Evaluator(adapter, tasks, batch_size)
-    # MIA data: forget pairs (members) and the target's held-out images with forget-set captions
+    # members: the forget pairs; non-members: the target's held-out images with forget-set captions
     forget_pairs = list(pair_batches(FORGET, adapter.preprocess, adapter.tokenizer, batch_size))
-    forget_captions = [c["caption"] for c in read_json(f"{FORGET}/manifest.json")["samples"]]
-    heldout_paths = tasks.forget.paths + concept_tasks(EVAL, concept, "val", *split).forget.paths
-    heldout = load_images(adapter, heldout_paths)
-    captions = heldout_captions(forget_captions, len(heldout_paths), int(p("eval.split.seed")))
+    attack = ConceptAttack(adapter, EVAL, concept, split, forget_pairs, f"{FORGET}/manifest.json", folds, seeds)
 
-    base = evaluator.evaluate() | {"mia": clip_mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
+    base = evaluator.evaluate() | {"mia": attack(adapter)}
     meta = apply_patch(adapter, PATCH, MODEL)
-    after = evaluator.evaluate() | {"mia": clip_mia(adapter, forget_pairs, heldout, captions, folds, seeds)}
+    after = evaluator.evaluate() | {"mia": attack(adapter)}
 
     records = {stage: read_json(path) for stage, path in RECORDS.items()}
     times = {stage: r["time_s"] for stage, r in records.items()}

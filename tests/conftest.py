@@ -40,3 +40,21 @@ def tiny_clip(tiny_world):
     images, tokens = load_pairs(a, tiny_world / "laion")
     train_contrastive(a, images, tokens, TrainConfig(epochs=2, batch_size=40, lr=1e-3, warmup_steps=2))
     return a
+
+
+@pytest.fixture(scope="module")
+def data(tiny_clip, tiny_world):
+    """Elon Musk's pairs of the tiny world (forget) and all others (retain), as tensors."""
+    from unlearn.data.curate import Concept
+    from unlearn.data.pairs import decode
+    from unlearn.data.shards import iter_samples
+
+    musk = Concept("Elon Musk", "identity", ("Musk",), ("Musk ox",))
+    forget, retain = ([], []), ([], [])
+    for s in iter_samples(tiny_world / "laion"):
+        side = forget if musk.mentioned_in(s.caption) else retain
+        side[0].append(tiny_clip.preprocess(decode(s, tiny_world / "laion")))
+        side[1].append(s.caption)
+    assert forget[0]
+    pack = lambda d: (torch.stack(d[0]), tiny_clip.tokenizer(d[1]))  # noqa: E731
+    return pack(forget), pack(retain)

@@ -6,26 +6,9 @@ import copy
 import pytest
 import torch
 
-from unlearn.data.curate import Concept
-from unlearn.data.pairs import decode
-from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
 from unlearn.methods import baselines as B
 from unlearn.methods.slug import mean_gradient
-
-MUSK = Concept("Elon Musk", "identity", ("Musk",), ("Musk ox",))
-
-
-@pytest.fixture(scope="module")
-def data(tiny_clip, tiny_world):
-    forget, retain = ([], []), ([], [])
-    for s in iter_samples(tiny_world / "laion"):
-        side = forget if MUSK.mentioned_in(s.caption) else retain
-        side[0].append(tiny_clip.preprocess(decode(s, tiny_world / "laion")))
-        side[1].append(s.caption)
-    assert forget[0]
-    pack = lambda d: (torch.stack(d[0]), tiny_clip.tokenizer(d[1]))  # noqa: E731
-    return pack(forget), pack(retain)
 
 
 @pytest.fixture

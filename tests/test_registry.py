@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 
-from tests.test_baselines import data  # noqa: F401  (the tiny forget / retain pairs)
 from unlearn.errors import UnlearnError
 from unlearn.methods.registry import METHODS, EpochJudge, changed_bytes, check_method, run_method
 
@@ -59,7 +58,7 @@ def test_judge_restores_the_best_epoch_when_none_reaches_zero(model):
     assert [r["epoch"] for r in judge.rows] == [1, 2, 3]
 
 
-def test_divergence_comes_back_as_failed(model, data):  # noqa: F811
+def test_divergence_comes_back_as_failed(model, data):
     forget, retain = data
     with torch.no_grad():
         model.model.visual.proj.fill_(float("nan"))
@@ -67,7 +66,7 @@ def test_divergence_comes_back_as_failed(model, data):  # noqa: F811
     assert out.status == "failed" and "ga diverged" in out.details["error"] and out.epoch is None
 
 
-def test_unknown_param_of_a_method_is_one_line(model, data):  # noqa: F811
+def test_unknown_param_of_a_method_is_one_line(model, data):
     forget, retain = data
     with pytest.raises(UnlearnError, match="params.yaml ga has unknown keys lr_max"):
         run_method("ga", model, forget, retain, Scripted([]), "identity", {"lr_max": 1e-4})

@@ -27,18 +27,23 @@ def breaches(diff: dict, tol: dict) -> list[str]:
     """Every gated key whose change exceeds its tolerance, as readable lines."""
     out = []
     ignore = tuple(tol.get("ignore_prefixes", []))
+    bounds = {k: ("forget", tol["forget"]["tolerance"]) for k in tol["forget"]["keys"]}
+    bounds |= {k: ("utility", tol["utility"]["tolerance"]) for k in tol["utility"]["keys"]}
     for path, keys in diff.items():
         for key, change in keys.items():
             leaf = key.split(".")[-1]
-            if key.startswith(ignore) or not isinstance(change.get("new"), (int, float)) or not isinstance(change.get("old"), (int, float)):
-                if leaf in tol["forget"]["keys"] + tol["utility"]["keys"] and not key.startswith(ignore) and change.get("old") != change.get("new"):
-                    out.append(f"{path} {key}: {change.get('old')} -> {change.get('new')} (missing on one side)")
+            if leaf not in bounds or key.startswith(ignore):
                 continue
-            delta = change["new"] - change["old"]
-            if leaf in tol["forget"]["keys"] and delta > tol["forget"]["tolerance"]:
-                out.append(f"{path} {key}: forget accuracy rose {change['old']:.4f} -> {change['new']:.4f} (+{delta:.4f} > {tol['forget']['tolerance']})")
-            if leaf in tol["utility"]["keys"] and -delta > tol["utility"]["tolerance"]:
-                out.append(f"{path} {key}: utility fell {change['old']:.4f} -> {change['new']:.4f} ({delta:.4f}, tolerance {tol['utility']['tolerance']})")
+            old, new = change.get("old"), change.get("new")
+            if not isinstance(old, (int, float)) or not isinstance(new, (int, float)):
+                out.append(f"{path} {key}: {old} -> {new} (missing on one side)")
+                continue
+            kind, limit = bounds[leaf]
+            delta = new - old
+            if kind == "forget" and delta > limit:
+                out.append(f"{path} {key}: forget accuracy rose {old:.4f} -> {new:.4f} (+{delta:.4f} > {limit})")
+            if kind == "utility" and -delta > limit:
+                out.append(f"{path} {key}: utility fell {old:.4f} -> {new:.4f} ({delta:.4f}, tolerance {limit})")
     return out
 
 

@@ -53,3 +53,23 @@ def clip_mia(adapter, forget_batches, heldout: torch.Tensor, captions: list[str]
                               for x, t in forget_batches])
     nonmembers = pair_cosines(adapter.encode_images(heldout), adapter.encode_texts(captions))
     return mia_accuracy(members, nonmembers, folds, seeds)
+
+
+class ConceptAttack:
+    """The attack for one target, its inputs built once: members are the forget pairs
+    (`forget_batches`, re-iterable), non-members the target's held-out evaluation images (test and
+    validation) with captions drawn from the forget manifest, seeded by the split seed."""
+
+    def __init__(self, adapter, eval_dir, concept, split: tuple[float, int], forget_batches, forget_manifest, folds: int, seeds: int):
+        from unlearn.eval.suite import concept_tasks
+        from unlearn.eval.zeroshot import load_images
+        from unlearn.io import read_json
+
+        paths = [p for part in ("test", "val") for p in concept_tasks(eval_dir, concept, part, *split).forget.paths]
+        captions = [s["caption"] for s in read_json(forget_manifest)["samples"]]
+        self.heldout = load_images(adapter, paths)
+        self.captions = heldout_captions(captions, len(paths), split[1])
+        self.forget_batches, self.folds, self.seeds = forget_batches, folds, seeds
+
+    def __call__(self, adapter) -> dict[str, float]:
+        return clip_mia(adapter, self.forget_batches, self.heldout, self.captions, self.folds, self.seeds)

@@ -123,21 +123,26 @@ def _slug(adapter, forget, retain, evaluator, kind, params, grad_batch) -> Outco
                    details={"layer": choice["layer"], "rho": choice["rho"], "converged": choice["converged"], "evaluations": len(rows)})
 
 
-def _baseline(name, adapter, forget, retain, evaluator, params, grad_batch) -> Outcome:
+def _ssd(adapter, forget, retain, evaluator, params) -> Outcome:
+    cfg = as_config(B.SSDConfig, params, "ssd")
+    t0 = time.perf_counter()
+    imp_f = B.squared_gradients(adapter, adapter.forget_loss, forget, cfg.batch_size)
+    imp_r = B.squared_gradients(adapter, adapter.retain_loss, retain, cfg.batch_size)
+    selected = B.ssd(adapter, imp_f, imp_r, cfg.alpha, cfg.dampening)
+    t1 = time.perf_counter()
+    result = evaluator.evaluate()
+    t2 = time.perf_counter()
+    return Outcome("ok" if result["forget_top1"] <= 0.0 else "not_forgotten", {"unlearn": round(t1 - t0, 3), "eval": round(t2 - t1, 3)},
+                   epochs=[{"epoch": 1, "train_s": round(t1 - t0, 3), **result}], details={"selected": selected})
+
+
+def _training(name, adapter, forget, retain, evaluator, params, grad_batch) -> Outcome:
     setup: dict = {}
     t0 = time.perf_counter()
-    if name == "ssd":
-        cfg = as_config(B.SSDConfig, params, name)
-        imp_f = B.squared_gradients(adapter, adapter.forget_loss, forget, cfg.batch_size)
-        imp_r = B.squared_gradients(adapter, adapter.retain_loss, retain, cfg.batch_size)
-        selected = B.ssd(adapter, imp_f, imp_r, cfg.alpha, cfg.dampening)
-        t = time.perf_counter() - t0
-        result = evaluator.evaluate()
-        eval_s = time.perf_counter() - t0 - t
-        return Outcome("ok" if result["forget_top1"] <= 0.0 else "not_forgotten", {"unlearn": round(t, 3), "eval": round(eval_s, 3)},
-                       epochs=[{"epoch": 1, "train_s": round(t, 3), **result}], details={"selected": selected})
     values = dict(params)
-    fraction = float(values.pop("mask_fraction", 0.5)) if name == "salun" else None
+    if name == "salun" and "mask_fraction" not in values:
+        raise UnlearnError("params.yaml salun lacks mask_fraction (SalUn's: 0.5, the top 50 % of |grad L_f|)")
+    fraction = float(values.pop("mask_fraction")) if name == "salun" else None
     cfg = as_config(B.TrainConfig, values, name)
     run: Callable
     if name == "salun":
@@ -167,4 +172,6 @@ def run_method(name: str, adapter: ClipAdapter, forget: B.Pairs, retain: B.Pairs
     check_method(name)
     if name == "slug":
         return _slug(adapter, forget, retain, evaluator, kind, params, grad_batch)
-    return _baseline(name, adapter, forget, retain, evaluator, params, grad_batch)
+    if name == "ssd":
+        return _ssd(adapter, forget, retain, evaluator, params)
+    return _training(name, adapter, forget, retain, evaluator, params, grad_batch)
