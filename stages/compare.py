@@ -10,10 +10,11 @@ import logging
 from pathlib import Path
 
 from unlearn.cli import run_stage
+from unlearn.data.curate import resolve_concepts
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import ACCURACY_KEYS
 from unlearn.io import atomic_outputs, read_json, write_json
-from unlearn.methods.registry import check_method
+from unlearn.methods import check_methods
 from unlearn.params import stage_params
 from unlearn.plots import compare_scatter, compare_time_bars
 
@@ -44,10 +45,17 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
-def table(summary: list[dict], base: dict, concepts: list[str]) -> str:
-    lines = [f"Mean over {len(concepts)} identities ({', '.join(concepts)}), test images, %. "
+# (what the concepts are, utility column, retain column) by the kinds in compare.concepts
+HEADERS = {("identity",): ("identities", "ImageNet-style@1", "identity retain@1"),
+           ("object",): ("objects", "identity@1", "object retain@1"),
+           ("identity", "object"): ("concepts", "utility@1 (the other kind)", "retain@1 (same kind)")}
+
+
+def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...] = ("identity",)) -> str:
+    what, utility, retain = HEADERS[kinds]
+    lines = [f"Mean over {len(concepts)} {what} ({', '.join(concepts)}), test images, %. "
              "Time: unlearning wall time per concept (SLUG: gradients + ranking + search; baselines: training up to the reported epoch).", "",
-             "| method | FA@1 | FA@5 | ImageNet-style@1 | identity retain@1 | MIA | time s | stored bytes | passed (val) |",
+             f"| method | FA@1 | FA@5 | {utility} | {retain} | MIA | time s | stored bytes | passed (val) |",
              "|---|---|---|---|---|---|---|---|---|",
              f"| original | {_pct(base['forget_top1'])} | {_pct(base['forget_top5'])} | {_pct(base['utility_top1'])} | {_pct(base['retain_top1'])} "
              f"| {_pct(base['mia'])} | – | – | – |"]
@@ -64,8 +72,9 @@ def table(summary: list[dict], base: dict, concepts: list[str]) -> str:
 
 def main() -> None:
     p = stage_params("compare")
-    methods = [check_method(str(m)) for m in p("compare.methods")]
-    concepts = [str(c) for c in p("compare.concepts")]
+    methods = check_methods(p("compare.methods"))
+    resolved = resolve_concepts(p("compare.concepts"), p("concepts"))
+    concepts, kinds = [c.name for c in resolved], tuple(sorted({c.kind for c in resolved}))
     results = {}
     for m in methods:
         path = Path(RUNS, f"{m}.json")
@@ -88,14 +97,14 @@ def main() -> None:
     with atomic_outputs(METRICS, TABLE, CSV, SCATTER, TIMES) as (metrics, md, csv_path, scatter, times):
         write_json(metrics, {"concepts": concepts, "base": base, "methods": by_method, "time_ratio_to_slug": speedup,
                              "rows": [{k: v for k, v in r.items() if k != "epochs"} for rows in results.values() for r in rows]})
-        md.write_text(table(summary, base, concepts))
+        md.write_text(table(summary, base, concepts, kinds))
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(flat[0]))
             writer.writeheader()
             writer.writerows(flat)
         compare_scatter(flat, scatter, f"mean over {len(concepts)} concepts (test images)")
         compare_time_bars(flat, times, "unlearning wall time (same run, same machine)")
-    log.info("\n%s", table(summary, base, concepts))
+    log.info("\n%s", table(summary, base, concepts, kinds))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ import logging
 import time
 
 from unlearn.cli import peak_memory_mb, run_stage
-from unlearn.data.curate import curate, resolve_concept
-from unlearn.errors import UnlearnError
+from unlearn.data.curate import curate, resolve_concepts
 from unlearn.io import atomic_outputs, write_json
 from unlearn.params import stage_params
 
@@ -19,12 +18,7 @@ log = logging.getLogger("compare_data")
 def main() -> None:
     start = time.perf_counter()
     p = stage_params("compare_data")
-    concepts = [resolve_concept(str(n), p("concepts")) for n in p("compare.concepts")]
-    if not concepts:
-        raise UnlearnError("compare.concepts is empty; list the concepts to compare in params.yaml")
-    slugs = [c.slug for c in concepts]
-    if len(set(slugs)) != len(slugs):
-        raise UnlearnError(f"compare.concepts names a concept twice: {', '.join(c.name for c in concepts)}")
+    concepts = resolve_concepts(p("compare.concepts"), p("concepts"))
     record = {}
     with atomic_outputs(OUT) as (out,):
         for c in concepts:

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,7 @@ def test_repro_writes_every_output(repo):
     record = json.loads((repo / "data" / "download.json").read_text())
     assert record["samples"] == 300 and record["source"] == "synthetic"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate", "compare_data",
+    assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate", "compare_data",
                                    "compare", "report", *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
 
 
@@ -94,6 +96,10 @@ def test_unknown_source_fails_cleanly_and_keeps_outputs(repo):
         assert proc.returncode != 0 and "unknown data.source 'bogus'" in proc.stdout + proc.stderr
     finally:
         (repo / "params.yaml").write_text(original)
+    # dvc removed the stage's outputs before running it; with the params back, it rebuilds the same bytes
+    _run([sys.executable, "-m", "dvc", "repro", "download"], repo)
+    assert {p: p.read_bytes() for p in sorted((repo / "data" / "laion").iterdir())} == before
+    assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], repo).stdout
 
 
 def test_unknown_architecture_fails_cleanly(repo):
@@ -150,13 +156,71 @@ def test_unknown_concept_fails_cleanly(repo):
         (repo / "params.yaml").write_text(original)
 
 
-def test_exp_run_forgets_another_concept(repo):
+def _commit(repo: Path, message: str) -> None:
     _run(["git", "add", "-A"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"], repo)
-    _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "concept=Mickey", "-n", "mickey"], repo)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message], repo)
+
+
+def _stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def test_exp_run_forgets_another_concept(repo):
+    _commit(repo, "baseline")
+    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "concept=Mickey", "-n", "mickey"], repo)
+    # the check's stamp does not change with the concept, so nothing upstream of curate reruns
+    assert _stages_run(proc.stdout)[:3] == ["check", "curate", "gradients"], proc.stdout[-2000:]
     shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
     text = json.dumps(shown)
     assert '"concept": "Mickey"' in text and '"kind": "object"' in text
+
+
+@pytest.mark.parametrize("override, message", [
+    ("concept=Elon Mask", "error: concept 'Elon Mask' is not in the concept table; closest known: 'Elon Musk'"),
+    ("compare.concepts=[Taylor Swift,Mikey]", "error: concept 'Mikey' is not in the concept table; closest known: 'Mickey'"),
+    ("compare.methods=[slug,salun2]", "error: unknown method 'salun2'; known methods: slug, ft, ga, ga_ft, salun, ssd"),
+])
+def test_exp_run_with_an_unknown_name_stops_before_any_other_stage(repo, override, message):
+    _commit(repo, "before the bad experiment")
+    params, lock = (repo / "params.yaml").read_bytes(), (repo / "dvc.lock").read_bytes()
+    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", override, "-n", "bad"], repo, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in out, out[-2000:]
+    if "concept" in message:
+        assert "all known (params.yaml `concepts`): Elon Musk, Mark Zuckerberg" in out
+    assert _stages_run(out) == ["check"], out[-2000:]
+    assert (repo / "params.yaml").read_bytes() == params and (repo / "dvc.lock").read_bytes() == lock
+
+
+def test_queued_sweep_over_concepts_and_methods(repo):
+    """The README's sweep: concepts x methods queued with -S sweeps, run by `dvc queue start`, read with `dvc exp show`."""
+    _commit(repo, "before the sweep")
+    dvc = [sys.executable, "-m", "dvc"]
+    queued = _run([*dvc, "exp", "run", "--queue", "-S", "compare.concepts=[Taylor Swift],[Mickey]", "-S", "compare.methods=[slug],[ga_ft]"], repo)
+    assert queued.stdout.count("Queued experiment") == 4, queued.stdout
+    _run([*dvc, "queue", "start", "-j", "1"], repo)
+    for _ in range(600):
+        status = _run([*dvc, "queue", "status"], repo).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(1)
+    assert status.count("Success") == 4, status
+    shown = json.loads(_run([*dvc, "exp", "show", "--json"], repo).stdout)
+    runs = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                params = data["params"]["params.yaml"]["data"]["compare"]
+                metrics = data["metrics"]["metrics/compare.json"]["data"]
+                runs[(params["concepts"][0], params["methods"][0])] = metrics
+    assert set(runs) == {(c, m) for c in ("Taylor Swift", "Mickey") for m in ("slug", "ga_ft")}
+    for (concept, method), metrics in runs.items():  # dvc shows the numeric metrics (rows are lists: not shown)
+        summary = metrics["methods"]
+        assert list(summary) == [method] and summary[method]["concepts"] == 1 and summary[method]["failed"] == 0
+        assert 0.0 <= summary[method]["forget_top1"] <= 1.0 and 0.0 <= summary[method]["utility_top1"] <= 1.0
+    # one base model, two concepts: the base accuracies of the two concepts' retain classes differ
+    assert runs[("Mickey", "slug")]["base"] == runs[("Mickey", "ga_ft")]["base"] != runs[("Taylor Swift", "slug")]["base"]
 
 
 def test_compare_writes_a_row_per_concept_and_method(repo):

@@ -68,8 +68,9 @@ def resolve_concept(name: str, table: dict) -> Concept:
     if entry is None:
         folded = {k.casefold(): k for k in table}
         close = difflib.get_close_matches(name.casefold(), list(folded), n=3, cutoff=0.5)
-        hint = ", ".join(repr(folded[c]) for c in close) if close else "none (see `concepts` in params.yaml)"
-        raise UnlearnError(f"concept {name!r} is not in the concept table; closest known: {hint}")
+        hint = ", ".join(repr(folded[c]) for c in close) if close else "none"
+        raise UnlearnError(f"concept {name!r} is not in the concept table; closest known: {hint}; "
+                           f"all known (params.yaml `concepts`): {', '.join(table)}")
     entry = entry or {}
     kind = entry.get("kind")
     if kind not in KINDS:
@@ -78,6 +79,17 @@ def resolve_concept(name: str, table: dict) -> Concept:
     if unknown:
         raise UnlearnError(f"concept {name!r} has unknown keys {', '.join(sorted(unknown))}; known keys: kind, aliases, exclude")
     return Concept(name, kind, tuple(entry.get("aliases") or ()), tuple(entry.get("exclude") or ()))
+
+
+def resolve_concepts(names: list, table: dict, key: str = "compare.concepts") -> list[Concept]:
+    """A list of concepts from the table: non-empty, each known, none twice."""
+    if not names:
+        raise UnlearnError(f"{key} is empty; list the concepts in params.yaml")
+    concepts = [resolve_concept(str(n), table) for n in names]
+    seen = [c.slug for c in concepts]
+    if len(set(seen)) != len(seen):
+        raise UnlearnError(f"{key} names a concept twice: {', '.join(c.name for c in concepts)}")
+    return concepts
 
 
 def _row(sample: Sample, shard: str) -> dict:

@@ -23,19 +23,13 @@ import safetensors.torch
 import torch
 
 from unlearn.errors import UnlearnError
+from unlearn.methods import METHODS, check_method  # noqa: F401  (re-exported)
 from unlearn.methods import baselines as B
 from unlearn.methods import slug as S
 from unlearn.models.openclip import ClipAdapter
 from unlearn.params import as_config
 
-METHODS = ("slug", "ft", "ga", "ga_ft", "salun", "ssd")
 TRAINING = {"ft": B.finetune, "ga": B.gradient_ascent, "ga_ft": B.ga_ft}
-
-
-def check_method(name: str) -> str:
-    if name not in METHODS:
-        raise UnlearnError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
-    return name
 
 
 @dataclass

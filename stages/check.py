@@ -1,0 +1,37 @@
+"""Stage `check`: the names params.yaml picks (`concept`, `compare.concepts`, `compare.methods`)
+are known, before any other stage runs.
+
+Every stage is downstream of this one (stage `download` depends on its stamp), so
+`dvc exp run -S concept=Elon Mask` or `-S 'compare.methods=[slug,salun2]'` stops here with the
+known names, in seconds, instead of after the data or the model was rebuilt.  The stamp's content
+does not depend on the params, so a valid change of concept reruns this check and nothing else
+upstream of `curate`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from unlearn.cli import run_stage
+from unlearn.data.curate import resolve_concept, resolve_concepts
+from unlearn.io import atomic_outputs, write_json
+from unlearn.methods import check_methods
+from unlearn.params import stage_params
+
+STAMP = "data/checked.json"
+log = logging.getLogger("check")
+
+
+def main() -> None:
+    p = stage_params("check")
+    table = p("concepts")
+    concept = resolve_concept(str(p("concept")), table)
+    concepts = resolve_concepts(p("compare.concepts"), table)
+    methods = check_methods(p("compare.methods"))
+    with atomic_outputs(STAMP) as (stamp,):
+        write_json(stamp, {"checked": ["concept", "compare.concepts", "compare.methods"]})
+    log.info("concept %s (%s); compare: %d concepts x %s", concept.name, concept.kind, len(concepts), ", ".join(methods))
+
+
+if __name__ == "__main__":
+    run_stage("check", main)
