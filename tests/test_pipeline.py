@@ -215,7 +215,7 @@ def test_queued_sweep_over_concepts_and_methods(repo):
                 metrics = data["metrics"]["metrics/compare.json"]["data"]
                 runs[(params["concepts"][0], params["methods"][0])] = metrics
     assert set(runs) == {(c, m) for c in ("Taylor Swift", "Mickey") for m in ("slug", "ga_ft")}
-    for (concept, method), metrics in runs.items():  # dvc shows the numeric metrics (rows are lists: not shown)
+    for (_concept, method), metrics in runs.items():  # dvc shows the numeric metrics (rows are lists: not shown)
         summary = metrics["methods"]
         assert list(summary) == [method] and summary[method]["concepts"] == 1 and summary[method]["failed"] == 0
         assert 0.0 <= summary[method]["forget_top1"] <= 1.0 and 0.0 <= summary[method]["utility_top1"] <= 1.0
