@@ -6,7 +6,7 @@ import logging
 import time
 
 from unlearn.cli import peak_memory_mb, run_stage
-from unlearn.data.curate import curate, resolve_concept
+from unlearn.data.curate import curate, resolve_concept, table_concepts
 from unlearn.io import atomic_outputs, write_json
 from unlearn.params import stage_params
 
@@ -19,8 +19,10 @@ def main() -> None:
     start = time.perf_counter()
     p = stage_params("curate")
     concept = resolve_concept(str(p("concept")), p("concepts"))
+    solo = table_concepts(p("concepts")) if p("curate.solo") else ()
     with atomic_outputs(FORGET, RETAIN, RECORD) as (forget_dir, retain_dir, record):
-        f, r = curate(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.retain_size")), int(p("curate.seed")), forget_dir, retain_dir)
+        f, r = curate(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.retain_size")), int(p("curate.seed")), forget_dir, retain_dir,
+                  solo)
         write_json(record, {
             "concept": concept.name, "kind": concept.kind, "forget": f["count"], "matched": f["matched"], "retain": r["count"],
             "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(), "params": p.declared(),

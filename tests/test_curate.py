@@ -1,8 +1,10 @@
 """Forget/retain curation: word-boundary matching, the concept table, determinism, bad input."""
 
 import pytest
+import yaml
 
-from unlearn.data.curate import Concept, curate, read_manifest, resolve_concept
+from tests.conftest import ROOT
+from unlearn.data.curate import Concept, curate, read_manifest, resolve_concept, table_concepts
 from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
 
@@ -73,3 +75,20 @@ def test_a_changed_curated_tar_is_detected(tiny_world, tmp_path):
     tar.write_bytes(tar.read_bytes()[:-700])
     with pytest.raises(UnlearnError, match="does not match its manifest"):
         read_manifest(tmp_path / "f")
+
+
+def test_curate_solo_leaves_out_captions_naming_another_concept(tiny_world, tmp_path):
+    table = yaml.safe_load((ROOT / "params.yaml").read_text())["concepts"]
+    rivals = table_concepts(table)
+    swift = resolve_concept("Taylor Swift", table)
+    sets = {}
+    for solo in (False, True):
+        f_dir, r_dir = tmp_path / str(solo) / "f", tmp_path / str(solo) / "r"
+        f_dir.mkdir(parents=True), r_dir.mkdir(parents=True)
+        sets[solo] = curate(tiny_world / "laion", swift, 1000, 40, 0, f_dir, r_dir, rivals if solo else ())
+    everything, solo = sets[False][0], sets[True][0]
+    shared = [row for row in everything["samples"] if any(c.mentioned_in(row["caption"]) for c in rivals if c.name != "Taylor Swift")]
+    assert shared and solo["left_out_shared"] == len(shared) and solo["solo"] and not everything["solo"]
+    assert solo["count"] == everything["count"] - len(shared)
+    assert {row["key"] for row in solo["samples"]} == {row["key"] for row in everything["samples"]} - {row["key"] for row in shared}
+    assert sets[True][1]["tar_sha256"] == sets[False][1]["tar_sha256"]  # the retain set does not change

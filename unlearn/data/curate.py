@@ -14,6 +14,7 @@ import difflib
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,11 @@ def resolve_concept(name: str, table: dict) -> Concept:
     return Concept(name, kind, tuple(entry.get("aliases") or ()), tuple(entry.get("exclude") or ()))
 
 
+def table_concepts(table: dict) -> list[Concept]:
+    """Every concept of the table (for `curate.solo`: the names a forget caption must not share)."""
+    return [resolve_concept(name, table) for name in table]
+
+
 def resolve_concepts(names: list, table: dict, key: str = "compare.concepts") -> list[Concept]:
     """A list of concepts from the table: non-empty, each known, none twice."""
     if not names:
@@ -115,22 +121,35 @@ def _write_set(shard_dir: Path, rows: list[dict], out_dir: Path, manifest: dict)
     return manifest
 
 
-def curate(shard_dir: str | Path, concept: Concept, forget_max: int, retain_size: int, seed: int, forget_dir: Path, retain_dir: Path) -> tuple[dict, dict]:
-    """Write the forget and retain sets of `concept`; returns their manifests."""
+def curate(shard_dir: str | Path, concept: Concept, forget_max: int, retain_size: int, seed: int, forget_dir: Path, retain_dir: Path,
+           solo_among: Sequence[Concept] = ()) -> tuple[dict, dict]:
+    """Write the forget and retain sets of `concept`; returns their manifests.  With `solo_among`
+    (the other concepts of the table), a caption that also names one of them ("Keanu Reeves with a
+    Mickey") is left out of the forget set: its image carries the other concept's features into
+    the forget gradient.  It stays out of the retain set too (it mentions the concept)."""
     shard_dir = Path(shard_dir)
     forget: list[dict] = []
     others: list[dict] = []
+    shared = 0
+    rivals = [c for c in solo_among if c.name != concept.name]
     for tar in list_shards(shard_dir):
         for sample in iter_shard(tar):
-            (forget if concept.mentioned_in(sample.caption) else others).append(_row(sample, tar.name))
+            if not concept.mentioned_in(sample.caption):
+                others.append(_row(sample, tar.name))
+            elif any(c.mentioned_in(sample.caption) for c in rivals):
+                shared += 1
+            else:
+                forget.append(_row(sample, tar.name))
     if not forget:
-        raise UnlearnError(f"no caption in {shard_dir} mentions concept {concept.name!r} (phrases: {', '.join(concept.phrases)}); add aliases or pick another concept")
+        raise UnlearnError(f"no caption in {shard_dir} mentions concept {concept.name!r}{' alone' if shared else ''} "
+                           f"(phrases: {', '.join(concept.phrases)}); add aliases or pick another concept")
     rng = np.random.default_rng(seed)
     matched = len(forget)
     forget = _seeded_subset(forget, forget_max, rng)
     retain = _seeded_subset(others, retain_size, rng)
     common = {"concept": concept.name, "kind": concept.kind, "source": str(shard_dir), "seed": seed}
-    f = _write_set(shard_dir, forget, forget_dir, common | {"set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude), "matched": matched, "cap": forget_max})
+    f = _write_set(shard_dir, forget, forget_dir, common | {"set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude), "matched": matched, "cap": forget_max,
+                                                              "solo": bool(rivals), "left_out_shared": shared})
     r = _write_set(shard_dir, retain, retain_dir, common | {"set": "retain", "candidates": len(others), "size": retain_size})
     log.info("forget: %d of %d matching captions; retain: %d of %d others", len(forget), matched, len(retain), len(others))
     return f, r
