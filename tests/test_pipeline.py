@@ -175,6 +175,17 @@ def test_exp_run_forgets_another_concept(repo):
     assert '"concept": "Mickey"' in text and '"kind": "object"' in text
 
 
+def test_plots_diff_draws_both_revisions(repo):
+    """After the Mickey experiment the workspace differs from the committed Elon Musk run: `dvc
+    plots diff HEAD` draws each declared plot for both."""
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
+    assert {"plots/search.csv", "plots/pareto_text.csv", "utility vs forget (compare)"} <= set(shown)
+    search = shown["plots/search.csv"][0]
+    assert set(search["revisions"]) == {"HEAD", "workspace"}
+    layers = {rev: {row["layer"] for row in search["content"]["data"]["values"] if row["rev"] == rev} for rev in search["revisions"]}
+    assert layers["HEAD"] and layers["workspace"]  # each revision's own search rows
+
+
 @pytest.mark.parametrize("override, message", [
     ("concept=Elon Mask", "error: concept 'Elon Mask' is not in the concept table; closest known: 'Elon Musk'"),
     ("compare.concepts=[Taylor Swift,Mikey]", "error: concept 'Mikey' is not in the concept table; closest known: 'Mickey'"),
