@@ -124,6 +124,19 @@ def test_search_finds_the_threshold_of_a_monotone_criterion():
     assert min(passing) - threshold < 0.2 / 2**7  # 7 bisections of [0.2, 0.4]
 
 
+def test_search_stops_bisecting_within_the_tolerance():
+    threshold = 0.37
+    full = slug.search_step(lambda rho: {"fa": float(rho < threshold)}, lambda r: r["fa"] == 0.0, 0.1, 12.8, 10)
+    steps = slug.search_step(lambda rho: {"fa": float(rho < threshold)}, lambda r: r["fa"] == 0.0, 0.1, 12.8, 10, tolerance=0.05)
+    passing = min(s.rho for s in steps if s.forget_ok)
+    failing = max(s.rho for s in steps if not s.forget_ok)
+    assert failing < threshold <= passing and passing - failing <= 0.05 * passing
+    assert [s.rho for s in steps] == [s.rho for s in full[: len(steps)]]  # the same path, cut short
+    assert len(steps) == 7  # 0.1, 0.2, 0.4, then 4 bisections bring the bracket under 5 %
+    with pytest.raises(UnlearnError, match="rho_tolerance"):
+        slug.search_step(lambda rho: {}, lambda r: True, 0.1, 12.8, 10, tolerance=1.0)
+
+
 def test_search_that_never_passes_stops_at_rho_max():
     steps = slug.search_step(lambda rho: {"fa": 1.0}, lambda r: False, rho_start=0.1, rho_max=0.8, max_evals=10)
     assert [s.rho for s in steps] == [0.1, 0.2, 0.4, 0.8] and not any(s.forget_ok for s in steps)

@@ -247,12 +247,16 @@ class Step:
     forget_ok: bool
 
 
-def search_step(evaluate: Callable[[float], dict], forget_ok: Callable[[dict], bool], rho_start: float, rho_max: float, max_evals: int) -> list[Step]:
+def search_step(evaluate: Callable[[float], dict], forget_ok: Callable[[dict], bool], rho_start: float, rho_max: float, max_evals: int,
+                tolerance: float = 0.0) -> list[Step]:
     """The smallest relative step that passes the forget criterion, assuming it is monotone in rho:
     double from `rho_start` while it fails (up to `rho_max`), then bisect between the last failing
-    and the first passing step with the evaluations left.  Returns every evaluation in order."""
-    if not 0 < rho_start <= rho_max or max_evals < 1:
-        raise UnlearnError(f"step search needs 0 < rho_start <= rho_max and max_evals >= 1 (got {rho_start}, {rho_max}, {max_evals})")
+    and the first passing step with the evaluations left, until the bracket is narrower than
+    `tolerance` times the passing step (0: use every evaluation, as the reference does).
+    Returns every evaluation in order."""
+    if not 0 < rho_start <= rho_max or max_evals < 1 or not 0 <= tolerance < 1:
+        raise UnlearnError(f"step search needs 0 < rho_start <= rho_max, max_evals >= 1 and 0 <= rho_tolerance < 1 "
+                           f"(got {rho_start}, {rho_max}, {max_evals}, {tolerance})")
     steps: list[Step] = []
 
     def run(rho: float) -> bool:
@@ -271,7 +275,7 @@ def search_step(evaluate: Callable[[float], dict], forget_ok: Callable[[dict], b
         rho = min(rho * 2, rho_max)
     if hi is None:
         return steps
-    while len(steps) < max_evals:
+    while len(steps) < max_evals and hi - lo > tolerance * hi:
         mid = (lo + hi) / 2
         if run(mid):
             hi = mid
@@ -318,7 +322,8 @@ class SearchConfig:
     max_layers: int = 8            # layers searched by Pareto rank (front first), alternating the towers
     rho_start: float = 0.1
     rho_max: float = 12.8
-    evals_per_layer: int = 10
+    evals_per_layer: int = 10      # at most, per layer (the margin step comes on top)
+    rho_tolerance: float = 0.05    # bisection stops once the bracket is within this fraction of the passing rho
     forget_top1: float = 0.0       # the forget criterion on the validation images: FA@1 <= ..
     forget_top5: float = 0.05      # .. and FA@5 <= ..
     max_identity_drop: float = 0.03  # the utility guard: identity @1 and object (ImageNet-style) @1
@@ -378,7 +383,7 @@ def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch
                 with torch.no_grad():
                     param.copy_(original)
 
-        steps = search_step(evaluate, lambda r: forget_ok(r, cfg), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer)
+        steps = search_step(evaluate, lambda r: forget_ok(r, cfg), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer, cfg.rho_tolerance)
         passed = [s for s in steps if s.forget_ok]
         if passed and cfg.rho_margin != 1.0:
             # the boundary found on a few validation images is optimistic: step a margin past it
