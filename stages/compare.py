@@ -51,7 +51,7 @@ HEADERS = {("identity",): ("identities", "ImageNet-style@1", "identity retain@1"
            ("identity", "object"): ("concepts", "utility@1 (the other kind)", "retain@1 (same kind)")}
 
 
-def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...] = ("identity",)) -> str:
+def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...]) -> str:
     what, utility, retain = HEADERS[kinds]
     lines = [f"Mean over {len(concepts)} {what} ({', '.join(concepts)}), test images, %. "
              "Time: unlearning wall time per concept (SLUG: gradients + ranking + search; baselines: training up to the reported epoch).", "",

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from unlearn.data.curate import Concept, curate, read_manifest, resolve_concept, table_concepts
+from unlearn.data.curate import Concept, curate, read_manifest, resolve_concept, resolve_concepts, table_concepts
 from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
 
@@ -35,6 +35,11 @@ def test_unknown_concept_names_the_closest():
     with pytest.raises(UnlearnError, match="kind"):
         resolve_concept("X", {"X": {"kind": "style"}})
     assert resolve_concept("Mickey", TABLE) == Concept("Mickey", "object", ("Mickey Mouse",), ())
+    assert [c.name for c in resolve_concepts(["Mickey", "Elon Musk"], TABLE)] == ["Mickey", "Elon Musk"]
+    with pytest.raises(UnlearnError, match="compare.concepts is empty"):
+        resolve_concepts([], TABLE)
+    with pytest.raises(UnlearnError, match="names a concept twice"):
+        resolve_concepts(["Mickey", "Mickey"], TABLE)
 
 
 def test_curate_splits_by_mention_and_is_deterministic(tiny_world, tmp_path):

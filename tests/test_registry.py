@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.methods.registry import METHODS, EpochJudge, changed_bytes, check_method, run_method
+from unlearn.methods import METHODS, check_method, check_methods
+from unlearn.methods.registry import EpochJudge, changed_bytes, run_method
 
 
 class Scripted:
@@ -31,6 +32,11 @@ def test_unknown_method_lists_the_known_ones():
     with pytest.raises(UnlearnError, match=r"^unknown method 'SLUG'; known methods: slug, ft, ga, ga_ft, salun, ssd$"):
         check_method("SLUG")
     assert METHODS == ("slug", "ft", "ga", "ga_ft", "salun", "ssd")
+    assert check_methods(["slug", "ga_ft"]) == ["slug", "ga_ft"]
+    with pytest.raises(UnlearnError, match="compare.methods is empty"):
+        check_methods([])
+    with pytest.raises(UnlearnError, match="names a method twice"):
+        check_methods(["ga", "ga"])
 
 
 def _mark(model, value):
