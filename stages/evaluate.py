@@ -50,7 +50,7 @@ def main() -> None:
     metrics = {
         "concept": concept.name, "kind": concept.kind, "method": "slug",
         **{k: after[k] for k in ACCURACY_KEYS}, "mia": after["mia"],
-        "layer": meta["layer"], "rho": meta["rho"], "converged": bool(meta["converged"]),
+        "layer": meta["layer"], "rho": meta["rho"], "converged": bool(meta["converged"]), "direction": meta["direction"],
         "time_s": times, "peak_memory_mb": max(peaks + [peak_memory_mb()]),
         "stored_bytes": Path(PATCH, PATCH_WEIGHTS).stat().st_size,
         "images": {"forget": len(tasks.forget.paths), "retain": len(tasks.retain.paths), "utility": len(tasks.utility.paths)},

@@ -10,14 +10,24 @@ import time
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
+from unlearn.data.pairs import pair_batches
 from unlearn.eval.suite import Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json, sha256_file
-from unlearn.methods.slug import SIGN_CONVENTION, SearchConfig, edit_delta, load_gradients, plan_layers, save_patch, search_layers
+from unlearn.methods.slug import (
+    SIGN_CONVENTION,
+    SearchConfig,
+    edit_delta,
+    load_gradients,
+    plan_layers,
+    save_patch,
+    search_layers,
+    step_directions,
+)
 from unlearn.models import openclip as oc
 from unlearn.params import as_config, stage_params
 from unlearn.plots import search_plot, short_layer
 
-MODEL, GRADS, LAYERS, EVAL = "models/base", "models/grads", "metrics/layers.json", "data/eval"
+MODEL, GRADS, LAYERS, EVAL, RETAIN = "models/base", "models/grads", "metrics/layers.json", "data/eval", "data/retain"
 PATCH, LOG_CSV, LOG_PNG = "models/unlearned", "plots/search.csv", "plots/search.png"
 COLUMNS = ("layer", "tower", "eval", "rho", "forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5", "forget_ok", "guard_ok")
 log = logging.getLogger("search")
@@ -36,15 +46,17 @@ def main() -> None:
     evaluator = Evaluator(adapter, tasks, int(p("eval.batch_size")))
     base = evaluator.evaluate()
     log.info("base model on validation (%s): %s", evaluator.sizes, base)
-    rows, choice = search_layers(adapter, evaluator, g_f, layers, cfg, base, concept.kind)
+    directions = step_directions(adapter, g_f, layers, cfg, lambda: pair_batches(RETAIN, adapter.preprocess, adapter.tokenizer, int(p("eval.batch_size"))))
+    rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, concept.kind)
     if not choice["converged"]:
         log.warning("no step within rho <= %g on the %d searched layers (by Pareto rank) passes the forget criterion and the utility guard; "
                     "keeping the best step seen (%s, rho %.4g, FA@1 %.3f) and reporting converged: false",
                     cfg.rho_max, len(layers), choice["layer"], choice["rho"], choice["forget_top1"])
     params = dict(adapter.model.named_parameters())
-    delta = edit_delta(params[choice["layer"]].detach(), g_f[choice["layer"]], choice["rho"])
+    delta = edit_delta(params[choice["layer"]].detach(), directions[choice["layer"]], choice["rho"])
     meta = {
         "concept": concept.name, "kind": concept.kind, "rho": choice["rho"], "converged": choice["converged"],
+        "direction": cfg.direction, "damping": cfg.damping if cfg.direction != "gradient" else None,
         "rule": "rho_margin x the smallest passing rho per layer (the smallest if that fails the guard); among layers passing, margin steps first, then the highest mean of retain@1 and other-kind@1 (val)",
         "validation": {k: choice[k] for k in COLUMNS if k.endswith(("top1", "top5"))}, "base_validation": base,
         "base_model_sha256": sha256_file(f"{MODEL}/{oc.WEIGHTS_FILE}"), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,

@@ -139,6 +139,7 @@ def test_slug_stages_write_their_outputs(repo):
     assert m["stored_bytes"] == (repo / "models" / "unlearned" / "patch.safetensors").stat().st_size
     patch = json.loads((repo / "models" / "unlearned" / "patch.json").read_text())
     assert patch["layer"] == m["layer"] and patch["converged"] == m["converged"]
+    assert patch["direction"] == m["direction"] == "retain_preconditioned" and patch["damping"] == 0.1
 
 
 def test_unknown_concept_fails_cleanly(repo):
@@ -190,6 +191,7 @@ def test_plots_diff_draws_both_revisions(repo):
     ("concept=Elon Mask", "error: concept 'Elon Mask' is not in the concept table; closest known: 'Elon Musk'"),
     ("compare.concepts=[Taylor Swift,Mikey]", "error: concept 'Mikey' is not in the concept table; closest known: 'Mickey'"),
     ("compare.methods=[slug,salun2]", "error: unknown method 'salun2'; known methods: slug, ft, ga, ga_ft, salun, ssd"),
+    ("slug.search.direction=retain", "error: slug.search.direction is 'retain'; known: gradient, retain_preconditioned"),
 ])
 def test_exp_run_with_an_unknown_name_stops_before_any_other_stage(repo, override, message):
     _commit(repo, "before the bad experiment")

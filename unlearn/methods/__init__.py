@@ -23,3 +23,15 @@ def check_methods(names: list, key: str = "compare.methods") -> list[str]:
     if len(set(methods)) != len(methods):
         raise UnlearnError(f"{key} names a method twice: {', '.join(methods)}")
     return methods
+
+
+# SLUG's edit directions (slug.step_directions): the paper's forget gradient, or the forget
+# gradient preconditioned by the second moments of the edited layer's inputs on the retain set.
+DIRECTIONS = ("gradient", "retain_preconditioned")
+
+
+def check_direction(direction: str, damping: float) -> None:
+    if direction not in DIRECTIONS:
+        raise UnlearnError(f"slug.search.direction is {direction!r}; known: {', '.join(DIRECTIONS)}")
+    if not (isinstance(damping, (int, float)) and damping > 0):
+        raise UnlearnError(f"slug.search.damping must be a number > 0 (got {damping!r}); 0.1 is the default")

@@ -107,14 +107,16 @@ def _slug(adapter, forget, retain, evaluator, kind, params, grad_batch) -> Outco
     layers = S.plan_layers(ranking.front_scores(), ranking.order, cfg.max_layers)
     t2 = time.perf_counter()
     base = evaluator.evaluate()
-    rows, choice = S.search_layers(adapter, evaluator, g_f, layers, cfg, base, kind)
+    directions = S.step_directions(adapter, g_f, layers, cfg, lambda: chunks(retain, grad_batch))
+    rows, choice = S.search_layers(adapter, evaluator, directions, layers, cfg, base, kind)
     param = dict(adapter.model.named_parameters())[choice["layer"]]
     with torch.no_grad():
-        param.add_(S.edit_delta(param.detach(), g_f[choice["layer"]], choice["rho"]))
+        param.add_(S.edit_delta(param.detach(), directions[choice["layer"]], choice["rho"]))
     t3 = time.perf_counter()
     times = {"gradients": t1 - t0, "rank_layers": t2 - t1, "search": t3 - t2, "unlearn": t3 - t0}
     return Outcome("ok" if choice["converged"] else "not_forgotten", {k: round(v, 3) for k, v in times.items()},
-                   details={"layer": choice["layer"], "rho": choice["rho"], "converged": choice["converged"], "evaluations": len(rows)})
+                   details={"layer": choice["layer"], "rho": choice["rho"], "converged": choice["converged"], "evaluations": len(rows),
+                            "direction": cfg.direction})
 
 
 def _ssd(adapter, forget, retain, evaluator, params) -> Outcome:

@@ -26,6 +26,8 @@ from tqdm import tqdm
 
 from unlearn.errors import UnlearnError
 from unlearn.io import sha256_file
+from unlearn.methods import check_direction
+from unlearn.models.inputs import input_layout, input_moments
 from unlearn.models.openclip import WEIGHTS_FILE, ClipAdapter
 
 SIGN_CONVENTION = "+grad L_f: the stored forget gradient points to higher forget loss; the edit adds it"
@@ -235,9 +237,44 @@ def unit_direction(grad: torch.Tensor) -> torch.Tensor:
     return grad / norm
 
 
-def edit_delta(weight: torch.Tensor, grad: torch.Tensor, rho: float) -> torch.Tensor:
-    """rho * ||theta_l|| * g_f / ||g_f||: the relative step along the forget gradient."""
-    return rho * weight.norm() * unit_direction(grad).to(weight)
+def edit_delta(weight: torch.Tensor, direction: torch.Tensor, rho: float) -> torch.Tensor:
+    """rho * ||theta_l|| * d / ||d||: the relative step along the edit direction d (g_f itself,
+    or g_f preconditioned by the retain inputs, see `step_directions`)."""
+    return rho * weight.norm() * unit_direction(direction).to(weight)
+
+
+def precondition(grad: torch.Tensor, moment: torch.Tensor, layout: str, damping: float) -> torch.Tensor:
+    """The forget gradient of one tensor in the metric of its output change on the retain inputs:
+    g (C + lam I)^-1 for y = x W^T (`linear`), (C + lam I)^-1 g for y = x @ W (`matmul`),
+    g / (c + lam) elementwise for a LayerNorm weight (`scale`), where C = E[x x^T] (c its
+    diagonal) and lam = damping x the mean eigenvalue of C.  Among edits with the same
+    first-order rise of L_f it is the one that moves the layer's retain outputs least, so it
+    still increases L_f: <g, direction> > 0."""
+    g, m = grad.double(), moment.double()
+    scale = (m.mean() if layout == "scale" else torch.trace(m) / m.shape[0]).item()
+    if not math.isfinite(scale) or scale <= 0:
+        raise UnlearnError(f"the retain inputs of a {tuple(grad.shape)} tensor have zero or non-finite second moment; "
+                           "check the retain set, or set slug.search.direction=gradient")
+    lam = damping * scale
+    if layout == "scale":
+        out = g / (m + lam)
+    else:
+        a = m + lam * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+        out = torch.linalg.solve(a, g.T).T if layout == "linear" else torch.linalg.solve(a, g)
+    return out.to(grad.dtype)
+
+
+def step_directions(adapter: ClipAdapter, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig,
+                    retain_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The edit direction of each layer in `layers`.  `gradient` (the paper): g_f itself.
+    `retain_preconditioned`: g_f preconditioned by the second moments of the layer's inputs on
+    the retain set (one forward pass over it, run only for this direction; see `precondition`)."""
+    if cfg.direction == "gradient":
+        return {layer: forget_grads[layer] for layer in layers}
+    moments, count = input_moments(adapter, list(layers), retain_batches())
+    log.info("retain input moments of %d layers over %d pairs", len(layers), count)
+    return {layer: precondition(forget_grads[layer], moments[layer].to(forget_grads[layer].device), input_layout(adapter.model, layer), cfg.damping)
+            for layer in layers}
 
 
 @dataclass(frozen=True)
@@ -329,6 +366,11 @@ class SearchConfig:
     max_identity_drop: float = 0.03  # the utility guard: identity @1 and object (ImageNet-style) @1
     max_object_drop: float = 0.02    # may fall by at most these fractions from the base (validation)
     rho_margin: float = 1.2        # the edit uses margin x the smallest passing rho found on validation
+    direction: str = "gradient"    # gradient: g_f (the paper) | retain_preconditioned: g_f (C_r + lam I)^-1
+    damping: float = 0.1           # lam of retain_preconditioned, as a fraction of the mean eigenvalue of C_r
+
+    def __post_init__(self) -> None:
+        check_direction(self.direction, self.damping)
 
 
 def interleave_fronts(fronts: dict[str, list[str]], limit: int) -> list[str]:
@@ -357,7 +399,7 @@ def utility_score(result: dict) -> float:
     return (result["retain_top1"] + result["utility_top1"]) / 2
 
 
-def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict,
+def search_layers(adapter: ClipAdapter, evaluator, directions: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict,
                   kind: str) -> tuple[list[dict], dict]:
     """Search rho on each layer; every evaluation becomes a row.  Per layer the edit is
     `rho_margin` times the smallest rho that passes the forget criterion (the smallest passing rho
@@ -371,7 +413,7 @@ def search_layers(adapter: ClipAdapter, evaluator, forget_grads: dict[str, torch
     for layer in layers:
         param = params[layer]
         original = param.detach().clone()
-        step_dir = original.norm() * unit_direction(forget_grads[layer]).to(original)
+        step_dir = original.norm() * unit_direction(directions[layer]).to(original)
         evaluator.prepare(layer)
 
         def evaluate(rho: float, param=param, original=original, step_dir=step_dir, layer=layer) -> dict:
