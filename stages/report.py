@@ -22,6 +22,8 @@ from unlearn.params import stage_params
 OUT = "report/index.html"
 FORGET = "data/forget"
 log = logging.getLogger("report")
+_DIRECTION = {"gradient": "forget gradient (the paper's direction)",
+              "retain_preconditioned": "forget gradient preconditioned by the layer's retain inputs"}
 
 
 def _img(path: str | Path, alt: str) -> str:
@@ -86,7 +88,7 @@ def main() -> None:
 <h2>Base model</h2>
 <p>{html.escape(str(p('model.arch')))} ({html.escape(str(p('model.pretrained')))}): identity top-1 {_pct(base.get('identity_top1'))}, ImageNet-style top-1 {_pct(base.get('object_top1'))}.</p>
 <h2>SLUG edit</h2>
-<p>Layer <code>{html.escape(m['layer'])}</code>, relative step &rho; = {m['rho']:.4g} ({status}).
+<p>Layer <code>{html.escape(m['layer'])}</code>, relative step &rho; = {m['rho']:.4g} along the {_DIRECTION[m['direction']]} ({status}).
 Unlearning took {m['time_s']['unlearn']:.1f} s (gradients + ranking + search), peak memory {m['peak_memory_mb']:.0f} MB,
 and the patch stores {m['stored_bytes']:,} bytes.</p>
 <table><tr><th>test images</th><th>base</th><th>after SLUG</th></tr>{result}</table>

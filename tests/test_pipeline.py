@@ -274,3 +274,4 @@ def test_report_is_one_self_contained_page(repo):
     assert page.startswith("<!doctype html>") and f"forgetting {concept}" in page
     assert page.count("data:image/png;base64,") == 6  # 2 Pareto fronts, the search, 2 comparison plots, the examples
     assert "src=\"plots/" not in page and "<table>" in page
+    assert "along the forget gradient preconditioned by the layer's retain inputs" in page
