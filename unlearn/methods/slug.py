@@ -3,9 +3,13 @@
 One gradient pass at the base weights gives g_f = grad L_f (forget) and g_r = grad L_r (retain);
 layers are ranked by importance ||g_f,l|| / ||theta_l|| and gradient alignment
 |cos(g_f,l, g_r,l)|; the Pareto front of (low alignment, high importance) holds the candidates;
-a step-size search edits one candidate along g_f,l:
+a step-size search edits one candidate along a direction d_l:
 
-    theta_l(rho) = theta_l + rho * ||theta_l|| * g_f,l / ||g_f,l||
+    theta_l(rho) = theta_l + rho * ||theta_l|| * d_l / ||d_l||
+
+d_l = g_f,l in the paper (`direction: gradient`); by default g_f,l preconditioned by the second
+moments of the layer's inputs on the retain set (`direction: retain_preconditioned`, see
+`precondition`), the edit with the same first-order rise of L_f that moves the retain outputs least.
 
 Sign convention: stored gradients are +grad L_f, so the edit direction always *increases* the
 forget loss (pushes each forget image away from its own caption).
@@ -366,7 +370,7 @@ class SearchConfig:
     max_identity_drop: float = 0.03  # the utility guard: identity @1 and object (ImageNet-style) @1
     max_object_drop: float = 0.02    # may fall by at most these fractions from the base (validation)
     rho_margin: float = 1.2        # the edit uses margin x the smallest passing rho found on validation
-    direction: str = "gradient"    # gradient: g_f (the paper) | retain_preconditioned: g_f (C_r + lam I)^-1
+    direction: str = "retain_preconditioned"  # or gradient: g_f (the paper); see step_directions
     damping: float = 0.1           # lam of retain_preconditioned, as a fraction of the mean eigenvalue of C_r
 
     def __post_init__(self) -> None:
