@@ -139,7 +139,9 @@ def test_slug_stages_write_their_outputs(repo):
     assert m["stored_bytes"] == (repo / "models" / "unlearned" / "patch.safetensors").stat().st_size
     patch = json.loads((repo / "models" / "unlearned" / "patch.json").read_text())
     assert patch["layer"] == m["layer"] and patch["converged"] == m["converged"]
-    assert patch["direction"] == m["direction"] == "retain_preconditioned" and patch["damping"] == 0.1
+    search = yaml.safe_load((repo / "params.yaml").read_text())["slug"]["search"]
+    assert search["direction"] == "retain_preconditioned"  # the default the README describes
+    assert patch["direction"] == m["direction"] == search["direction"] and patch["damping"] == search["damping"]
 
 
 def test_unknown_concept_fails_cleanly(repo):
