@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 from unlearn.data.curate import resolve_concept  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
-from unlearn.models import openclip as oc  # noqa: E402
+from unlearn.models.adapter import load  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def seconds(fn, repeats: int) -> float:
 def main() -> None:
     params = load_yaml(ROOT / "params.yaml")
     concept = resolve_concept(params["concept"], params["concepts"])
-    adapter = oc.load(ROOT / "models" / "base")
+    adapter = load(ROOT / "models" / "base")
     tasks = concept_tasks(ROOT / "data" / "eval", concept, "val", params["eval"]["split"]["val_fraction"], params["eval"]["split"]["seed"])
     ev = Evaluator(adapter, tasks, params["eval"]["batch_size"])
     n_blocks = len(adapter.model.visual.transformer.resblocks)

@@ -23,7 +23,7 @@ import yaml  # noqa: E402
 from unlearn.data.curate import resolve_concept  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
 from unlearn.methods.registry import run_method  # noqa: E402
-from unlearn.models import openclip as oc  # noqa: E402
+from unlearn.models.adapter import load  # noqa: E402
 from unlearn.models.train import load_pairs  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 
@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_yaml("params.yaml")
     concept = resolve_concept(args.concept or params["concept"], params["concepts"])
-    base = oc.load("models/base")
+    base = load("models/base")
     forget, retain = load_pairs(base, "data/forget"), load_pairs(base, "data/retain")
     split = params["eval"]["split"]
     tasks = concept_tasks("data/eval", concept, "val", split["val_fraction"], split["seed"])

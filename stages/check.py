@@ -1,5 +1,5 @@
-"""Stage `check`: the names params.yaml picks (`concept`, `compare.concepts`, `compare.methods`,
-`slug.search.direction`) are known, before any other stage runs.
+"""Stage `check`: the names params.yaml picks (`model.family`, `concept`, `compare.concepts`,
+`compare.methods`, `slug.search.direction`) are known, before any other stage runs.
 
 Every stage is downstream of this one (stage `download` depends on its stamp), so
 `dvc exp run -S concept=Elon Mask` or `-S 'compare.methods=[slug,salun2]'` stops here with the
@@ -15,7 +15,9 @@ import logging
 from unlearn.cli import run_stage
 from unlearn.data.curate import resolve_concept, resolve_concepts
 from unlearn.io import atomic_outputs, write_json
-from unlearn.methods import check_direction, check_methods
+from unlearn.methods import check_direction
+from unlearn.methods.registry import check_methods
+from unlearn.models.adapter import check_family
 from unlearn.params import stage_params
 
 STAMP = "data/checked.json"
@@ -24,14 +26,15 @@ log = logging.getLogger("check")
 
 def main() -> None:
     p = stage_params("check")
+    family = check_family(str(p("model.family")))
     table = p("concepts")
     concept = resolve_concept(str(p("concept")), table)
     concepts = resolve_concepts(p("compare.concepts"), table)
     methods = check_methods(p("compare.methods"))
     check_direction(p("slug.search.direction"), p("slug.search.damping"))
     with atomic_outputs(STAMP) as (stamp,):
-        write_json(stamp, {"checked": ["concept", "compare.concepts", "compare.methods"]})
-    log.info("concept %s (%s); compare: %d concepts x %s", concept.name, concept.kind, len(concepts), ", ".join(methods))
+        write_json(stamp, {"checked": ["model.family", "concept", "compare.concepts", "compare.methods", "slug.search.direction"]})
+    log.info("%s model; concept %s (%s); compare: %d concepts x %s", family, concept.name, concept.kind, len(concepts), ", ".join(methods))
 
 
 if __name__ == "__main__":

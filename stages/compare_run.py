@@ -19,7 +19,7 @@ from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json, write_json
 from unlearn.methods.registry import changed_bytes, check_method, chunks, run_method
-from unlearn.models import openclip as oc
+from unlearn.models.adapter import load
 from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
 
@@ -28,7 +28,7 @@ log = logging.getLogger("compare_run")
 
 
 def run_concept(method: str, concept, p, device: str) -> dict:
-    adapter = oc.load(MODEL, device=device)
+    adapter = load(MODEL, device=device)
     base_state = {n: t.detach().cpu().clone() for n, t in adapter.model.named_parameters()}
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     batch_size, grad_batch = int(p("eval.batch_size")), int(p("gradients.batch_size"))
@@ -64,7 +64,7 @@ def main() -> None:
         raise UnlearnError("usage: python -m stages.compare_run <method>")
     method = check_method(sys.argv[1])
     p = stage_params(f"compare_run@{method}")
-    torch.manual_seed(0)
+    torch.manual_seed(int(p("compare.seed")))
     device = torch_device(p("model.device"))
     concepts = [resolve_concept(str(n), p("concepts")) for n in p("compare.concepts")]
     rows = [run_concept(method, c, p, device) for c in concepts]

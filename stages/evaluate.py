@@ -15,7 +15,7 @@ from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json, write_json
 from unlearn.methods.slug import PATCH_WEIGHTS, apply_patch
-from unlearn.models import openclip as oc
+from unlearn.models.adapter import load
 from unlearn.params import stage_params
 
 MODEL, PATCH, EVAL, FORGET, METRICS = "models/base", "models/unlearned", "data/eval", "data/forget", "metrics/unlearn.json"
@@ -30,11 +30,11 @@ def main() -> None:
     device = torch_device(p("model.device"))
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     batch_size, folds, seeds = int(p("eval.batch_size")), int(p("eval.mia.folds")), int(p("eval.mia.seeds"))
-    adapter = oc.load(MODEL, device=device)
+    adapter = load(MODEL, device=device)
     tasks = concept_tasks(EVAL, concept, "test", *split)
     evaluator = Evaluator(adapter, tasks, batch_size)
     # members: the forget pairs; non-members: the target's held-out images with forget-set captions
-    forget_pairs = list(pair_batches(FORGET, adapter.preprocess, adapter.tokenizer, batch_size))
+    forget_pairs = list(pair_batches(FORGET, adapter.preprocess, adapter.tokenize, batch_size))
     attack = ConceptAttack(adapter, EVAL, concept, split, forget_pairs, f"{FORGET}/manifest.json", folds, seeds)
 
     base = evaluator.evaluate() | {"mia": attack(adapter)}

@@ -1,6 +1,6 @@
 """Stage `search`: the relative step rho on the Pareto-front layers, judged on the target's
 validation images with a utility guard; every evaluation logged; the chosen edit saved as a
-one-layer patch (METHODS.md 1.4)."""
+one-layer patch (docs/methods.md, "SLUG")."""
 
 from __future__ import annotations
 
@@ -12,20 +12,11 @@ from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
 from unlearn.data.pairs import pair_batches
 from unlearn.eval.suite import Evaluator, concept_tasks
-from unlearn.io import atomic_outputs, read_json, sha256_file
-from unlearn.methods.slug import (
-    SIGN_CONVENTION,
-    SearchConfig,
-    edit_delta,
-    load_gradients,
-    plan_layers,
-    save_patch,
-    search_layers,
-    step_directions,
-)
-from unlearn.models import openclip as oc
+from unlearn.io import atomic_outputs, read_json
+from unlearn.methods.slug import SIGN_CONVENTION, SearchConfig, load_gradients, save_patch, search
+from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
-from unlearn.plots import search_plot, short_layer
+from unlearn.plots import search_plot
 
 MODEL, GRADS, LAYERS, EVAL, RETAIN = "models/base", "models/grads", "metrics/layers.json", "data/eval", "data/retain"
 PATCH, LOG_CSV, LOG_PNG = "models/unlearned", "plots/search.csv", "plots/search.png"
@@ -38,41 +29,37 @@ def main() -> None:
     p = stage_params("search")
     cfg = as_config(SearchConfig, p("slug.search"), "slug.search")
     concept = resolve_concept(str(p("concept")), p("concepts"))
-    adapter = oc.load(MODEL, device=torch_device(p("model.device")))
+    adapter = load(MODEL, device=torch_device(p("model.device")))
     g_f, _, sidecar = load_gradients(GRADS, adapter, MODEL)
     ranking = read_json(LAYERS)
-    layers = plan_layers(ranking["front"], ranking["order"], cfg.max_layers)
     tasks = concept_tasks(EVAL, concept, "val", float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     evaluator = Evaluator(adapter, tasks, int(p("eval.batch_size")))
-    base = evaluator.evaluate()
-    log.info("base model on validation (%s): %s", evaluator.sizes, base)
-    directions = step_directions(adapter, g_f, layers, cfg, lambda: pair_batches(RETAIN, adapter.preprocess, adapter.tokenizer, int(p("eval.batch_size"))))
-    rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, concept.kind)
-    if not choice["converged"]:
+    edit = search(adapter, evaluator, g_f, ranking["front"], ranking["order"], cfg, concept.kind,
+                  lambda: pair_batches(RETAIN, adapter.preprocess, adapter.tokenize, int(p("eval.batch_size"))))
+    choice = edit.choice
+    if not edit.converged:
         log.warning("no step within rho <= %g on the %d searched layers (by Pareto rank) passes the forget criterion and the utility guard; "
                     "keeping the best step seen (%s, rho %.4g, FA@1 %.3f) and reporting converged: false",
-                    cfg.rho_max, len(layers), choice["layer"], choice["rho"], choice["forget_top1"])
-    params = dict(adapter.model.named_parameters())
-    delta = edit_delta(params[choice["layer"]].detach(), directions[choice["layer"]], choice["rho"])
+                    cfg.rho_max, len(edit.layers), edit.layer, edit.rho, choice["forget_top1"])
     meta = {
-        "concept": concept.name, "kind": concept.kind, "rho": choice["rho"], "converged": choice["converged"],
+        "concept": concept.name, "kind": concept.kind, "rho": edit.rho, "converged": edit.converged, "family": adapter.family,
         "direction": cfg.direction, "damping": cfg.damping if cfg.direction != "gradient" else None,
         "rule": "rho_margin x the smallest passing rho per layer (the smallest if that fails the guard); among layers passing, margin steps first, then the highest mean of retain@1 and other-kind@1 (val)",
-        "validation": {k: choice[k] for k in COLUMNS if k.endswith(("top1", "top5"))}, "base_validation": base,
-        "base_model_sha256": sha256_file(f"{MODEL}/{oc.WEIGHTS_FILE}"), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,
-        "searched_layers": layers, "evaluations": len(rows), "validation_sizes": evaluator.sizes,
+        "validation": {k: choice[k] for k in COLUMNS if k.endswith(("top1", "top5"))}, "base_validation": edit.base,
+        "base_model_sha256": fingerprint(MODEL), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,
+        "searched_layers": edit.layers, "evaluations": len(edit.rows), "validation_sizes": evaluator.sizes,
         "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
     }
     with atomic_outputs(PATCH, LOG_CSV, LOG_PNG) as (patch_dir, csv_path, png_path):
-        save_patch(patch_dir, choice["layer"], delta, meta)
+        save_patch(patch_dir, edit.layer, edit.delta, meta)
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows({k: r[k] for k in COLUMNS} for r in rows)
-        search_plot(rows, png_path, choice, f"{concept.name}: chose {short_layer(choice['layer'])} at rho={choice['rho']:.3g}"
-                    + ("" if choice["converged"] else " (NOT converged)"))
-    log.info("chose %s, rho %.4g (converged %s): val FA@1 %.3f FA@5 %.3f, retain@1 %.3f, other-kind@1 %.3f", choice["layer"], choice["rho"],
-             choice["converged"], choice["forget_top1"], choice["forget_top5"], choice["retain_top1"], choice["utility_top1"])
+            writer.writerows({k: r[k] for k in COLUMNS} for r in edit.rows)
+        search_plot(edit.rows, png_path, choice, f"{concept.name}: chose {adapter.short_name(edit.layer)} at rho={edit.rho:.3g}"
+                    + ("" if edit.converged else " (NOT converged)"), adapter.short_name)
+    log.info("chose %s, rho %.4g (converged %s): val FA@1 %.3f FA@5 %.3f, retain@1 %.3f, other-kind@1 %.3f", edit.layer, edit.rho,
+             edit.converged, choice["forget_top1"], choice["forget_top5"], choice["retain_top1"], choice["utility_top1"])
 
 
 if __name__ == "__main__":

@@ -56,5 +56,5 @@ def data(tiny_clip, tiny_world):
         side[0].append(tiny_clip.preprocess(decode(s, tiny_world / "laion")))
         side[1].append(s.caption)
     assert forget[0]
-    pack = lambda d: (torch.stack(d[0]), tiny_clip.tokenizer(d[1]))  # noqa: E731
+    pack = lambda d: (torch.stack(d[0]), tiny_clip.tokenize(d[1]))  # noqa: E731
     return pack(forget), pack(retain)

@@ -7,7 +7,7 @@ import torch
 from unlearn.errors import UnlearnError
 from unlearn.methods import slug
 from unlearn.models import openclip as oc
-from unlearn.models.inputs import input_layout, input_moments
+from unlearn.models.inputs import input_moments
 
 CAPTIONS = ["Elon Musk at the gala", "a photo of a rocket", "Taylor Swift smiling", "a red car", "Mickey", "a fish", "a tree"]
 V, T = "visual.transformer.resblocks.1.", "transformer.resblocks.0."
@@ -27,7 +27,7 @@ def adapter():
 @pytest.fixture(scope="module")
 def batches(adapter):
     g = torch.Generator().manual_seed(0)
-    images, tokens = torch.randn(len(CAPTIONS), 3, 64, 64, generator=g), adapter.tokenizer(CAPTIONS)
+    images, tokens = torch.randn(len(CAPTIONS), 3, 64, 64, generator=g), adapter.tokenize(CAPTIONS)
     return [(images[:4], tokens[:4]), (images[4:], tokens[4:])]
 
 
@@ -84,12 +84,11 @@ def test_input_moments_match_an_independent_route(adapter, batches):
 
 
 def test_layouts_and_an_unsupported_tensor(adapter):
-    model = adapter.model
-    assert input_layout(model, "visual.proj") == "matmul"
-    assert input_layout(model, V + "attn.in_proj_weight") == input_layout(model, V + "mlp.c_proj.weight") == "linear"
-    assert input_layout(model, "ln_final.weight") == "scale"
+    assert adapter.input_layout("visual.proj") == "matmul"
+    assert adapter.input_layout(V + "attn.in_proj_weight") == adapter.input_layout(V + "mlp.c_proj.weight") == "linear"
+    assert adapter.input_layout("ln_final.weight") == "scale"
     with pytest.raises(UnlearnError, match="visual.conv1.weight.*direction=gradient"):
-        input_layout(model, "visual.conv1.weight")
+        adapter.input_layout("visual.conv1.weight")
 
 
 def _spd(n, seed):

@@ -18,7 +18,7 @@ def adapter():
 
 def test_snapshot_round_trip(adapter, tmp_path):
     adapter.save(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [oc.CONFIG_FILE, oc.WEIGHTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [oc.CONFIG_FILE, oc.WEIGHTS_FILE, "unlearn_model.json"]
     loaded = oc.load(tmp_path / "m")
     images = torch.randn(3, 3, 64, 64)
     texts = ["Elon Musk.", "a photo of the small mug.", "x"]
@@ -27,6 +27,7 @@ def test_snapshot_round_trip(adapter, tmp_path):
         assert torch.equal(adapter.encode_texts(texts), loaded.encode_texts(texts))
     # open_clip's own loader reads the same folder
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'm'}")
+    model.eval()  # open_clip returns it in training mode, where attention takes another (unfused) path
     with torch.no_grad():
         assert torch.allclose(model.encode_image(images, normalize=True), loaded.encode_images(images))
 

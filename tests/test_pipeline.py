@@ -126,8 +126,8 @@ def test_slug_stages_write_their_outputs(repo):
     sidecar = json.loads((repo / "models" / "grads" / "sidecar.json").read_text())
     assert sidecar["n_forget"] == forget["count"] and sidecar["n_retain"] == 60 and "+grad L_f" in sidecar["sign_convention"]
     for tower in ("image", "text"):
-        assert (repo / "plots" / f"pareto_{tower}.png").stat().st_size > 5_000
-        assert (repo / "plots" / f"pareto_{tower}.csv").read_text().startswith("layer,importance,alignment")
+        assert (repo / "plots" / "pareto" / f"{tower}.png").stat().st_size > 5_000
+        assert (repo / "plots" / "pareto" / f"{tower}.csv").read_text().startswith("layer,importance,alignment")
     rows = (repo / "plots" / "search.csv").read_text().splitlines()
     assert rows[0].startswith("layer,tower,eval,rho,forget_top1") and len(rows) >= 2
     m = json.loads((repo / "metrics" / "unlearn.json").read_text())
@@ -182,7 +182,7 @@ def test_plots_diff_draws_both_revisions(repo):
     """After the Mickey experiment the workspace differs from the committed Elon Musk run: `dvc
     plots diff HEAD` draws each declared plot for both."""
     shown = json.loads(_run([sys.executable, "-m", "dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
-    assert {"plots/search.csv", "plots/pareto_text.csv", "utility vs forget (compare)"} <= set(shown)
+    assert {"plots/search.csv", "plots/pareto/text.csv", "utility vs forget (compare)"} <= set(shown)
     search = shown["plots/search.csv"][0]
     assert set(search["revisions"]) == {"HEAD", "workspace"}
     layers = {rev: {row["layer"] for row in search["content"]["data"]["values"] if row["rev"] == rev} for rev in search["revisions"]}

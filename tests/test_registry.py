@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.methods import METHODS, check_method, check_methods
-from unlearn.methods.registry import EpochJudge, changed_bytes, run_method
+from unlearn.methods.registry import EpochJudge, changed_bytes, check_method, check_methods, methods, run_method
 
 
 class Scripted:
@@ -29,9 +28,9 @@ def model(tiny_clip):
 
 def test_unknown_method_lists_the_known_ones():
     assert check_method("salun") == "salun"
-    with pytest.raises(UnlearnError, match=r"^unknown method 'SLUG'; known methods: slug, ft, ga, ga_ft, salun, ssd$"):
+    with pytest.raises(UnlearnError, match=r"^unknown method 'SLUG'; known methods: ft, ga, ga_ft, salun, slug, ssd$"):
         check_method("SLUG")
-    assert METHODS == ("slug", "ft", "ga", "ga_ft", "salun", "ssd")
+    assert list(methods()) == ["ft", "ga", "ga_ft", "salun", "slug", "ssd"]
     assert check_methods(["slug", "ga_ft"]) == ["slug", "ga_ft"]
     with pytest.raises(UnlearnError, match="compare.methods is empty"):
         check_methods([])

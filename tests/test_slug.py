@@ -26,7 +26,7 @@ def adapter():
 @pytest.fixture(scope="module")
 def pairs(adapter):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(len(CAPTIONS), 3, 64, 64, generator=g), adapter.tokenizer(CAPTIONS)
+    return torch.randn(len(CAPTIONS), 3, 64, 64, generator=g), adapter.tokenize(CAPTIONS)
 
 
 def _batches(images, tokens, size):
@@ -196,10 +196,10 @@ def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
 def test_gradient_files_are_checked(adapter, tmp_path):
     model_dir = tmp_path / "model"
     adapter.save(model_dir)
-    from unlearn.io import sha256_file
+    from unlearn.models.adapter import fingerprint
 
     grads = {n: torch.zeros_like(p) for n, p in adapter.model.state_dict().items() if n in dict(adapter.model.named_parameters())}
-    record = slug.GradientRecord(sha256_file(model_dir / oc.WEIGHTS_FILE), "a", "b", 3, 4, 2, 0, 0.5, 1.0)
+    record = slug.GradientRecord(fingerprint(model_dir), "a", "b", 3, 4, 2, 0, 0.5, 1.0)
     out = tmp_path / "grads"
     out.mkdir()
     slug.save_gradients(out, grads, grads, record)
@@ -219,12 +219,15 @@ def test_gradient_files_are_checked(adapter, tmp_path):
     (out / "sidecar.json").write_text(json.dumps(sidecar))
     with pytest.raises(UnlearnError, match="another model"):
         slug.load_gradients(out, adapter, model_dir)
+    (out / "sidecar.json").write_text(json.dumps(sidecar | {"model_sha256": record.model_sha256, "family": "hf_clip"}))
+    with pytest.raises(UnlearnError, match=r"made for a hf_clip model, but .* is open_clip; re-run the gradients stage"):
+        slug.load_gradients(out, adapter, model_dir)
 
 
 def test_patch_round_trip(adapter, tmp_path):
     model_dir = tmp_path / "model"
     adapter.save(model_dir)
-    from unlearn.io import sha256_file
+    from unlearn.models.adapter import fingerprint, load
 
     layer = "transformer.resblocks.0.attn.out_proj.weight"
     weight = dict(adapter.model.named_parameters())[layer].detach()
@@ -232,8 +235,8 @@ def test_patch_round_trip(adapter, tmp_path):
     torch.testing.assert_close(delta.norm(), 0.3 * weight.norm())
     patch = tmp_path / "patch"
     patch.mkdir()
-    slug.save_patch(patch, layer, delta, {"base_model_sha256": sha256_file(model_dir / oc.WEIGHTS_FILE), "rho": 0.3})
-    fresh = oc.load(model_dir)
+    slug.save_patch(patch, layer, delta, {"base_model_sha256": fingerprint(model_dir), "family": "open_clip", "rho": 0.3})
+    fresh = load(model_dir)
     meta = slug.apply_patch(fresh, patch, model_dir)
     assert meta["layer"] == layer and meta["rho"] == 0.3
     edited = dict(fresh.model.named_parameters())
@@ -243,8 +246,12 @@ def test_patch_round_trip(adapter, tmp_path):
     other = oc.create(oc.TINY_ARCH, seed=9)
     other_dir = tmp_path / "other"
     other.save(other_dir)
-    with pytest.raises(UnlearnError, match="another base model"):
+    with pytest.raises(UnlearnError, match="made for another model"):
         slug.apply_patch(other, patch, other_dir)
+    meta = json.loads((patch / slug.PATCH_META).read_text())
+    (patch / slug.PATCH_META).write_text(json.dumps(meta | {"family": "hf_clip"}))
+    with pytest.raises(UnlearnError, match="made for a hf_clip model, not this open_clip one"):
+        slug.apply_patch(load(model_dir), patch, model_dir)
 
 
 @pytest.mark.parametrize("seed", range(10))

@@ -95,8 +95,14 @@ def as_config(cls: type, values: dict, key: str) -> Any:
     """Build a config dataclass from a params section; unknown keys are a one-line error."""
     import dataclasses
 
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    if not isinstance(values, dict):
+        raise UnlearnError(f"params.yaml {key} must be a mapping of {', '.join(sorted(known))} (got {values!r})")
     unknown = sorted(set(values) - known)
     if unknown:
         raise UnlearnError(f"params.yaml {key} has unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
+    if required:
+        raise UnlearnError(f"params.yaml {key} lacks {', '.join(required)}; add it (see README for its meaning)")
     return cls(**values)

@@ -1,8 +1,11 @@
-"""Pictures people open: image grids (and, in later stages, the PNG plots)."""
+"""Pictures people open: image grids, the Pareto fronts, the step search, the comparison.
+Layer labels come from the model's adapter (`Adapter.short_name`), so plots work for every
+family."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -26,7 +29,20 @@ def _pyplot():
     return plt
 
 
-def pareto_plot(rows: Sequence[dict], path: str | Path, title: str) -> None:
+def write_pareto(ranking, directory: str | Path, short: Callable[[str], str]) -> None:
+    """Per ranked tower, `<tower>.csv` (every candidate's scores, for `dvc plots`) and
+    `<tower>.png` (the log-log front) in `directory`."""
+    directory = Path(directory)
+    for tower, rows in ranking.rows.items():
+        with open(directory / f"{tower}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        pareto_plot(rows, directory / f"{tower}.png", f"{tower} tower: {len(ranking.fronts[tower])} of {len(rows)} layers on the Pareto front",
+                    short)
+
+
+def pareto_plot(rows: Sequence[dict], path: str | Path, title: str, short: Callable[[str], str] = str) -> None:
     """Log-log scatter of importance against alignment; the Pareto front joined and labelled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -36,7 +52,7 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str) -> None:
     ax.scatter([max(r["alignment"], floor) for r in others], [max(r["importance"], floor) for r in others], s=14, c="0.6", label="layer")
     ax.plot([max(r["alignment"], floor) for r in front], [max(r["importance"], floor) for r in front], "o-", c="C3", ms=5, label="Pareto front")
     for r in front:
-        ax.annotate(short_layer(r["layer"]), (max(r["alignment"], floor), max(r["importance"], floor)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(short(r["layer"]), (max(r["alignment"], floor), max(r["importance"], floor)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("gradient alignment |cos(g_f, g_r)|")
@@ -48,7 +64,7 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str) -> None:
     plt.close(fig)
 
 
-def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str) -> None:
+def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str, short: Callable[[str], str] = str) -> None:
     """Per searched layer: validation FA@1 and the two utility accuracies against rho."""
     plt = _pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in rows))
@@ -56,7 +72,7 @@ def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str
     for c, layer in enumerate(layers):
         pts = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["rho"])
         for ax, key in zip(axes, ("forget_top1", "retain_top1", "utility_top1")):
-            ax.plot([r["rho"] for r in pts], [r[key] for r in pts], "o-", ms=3, c=f"C{c % 10}", label=short_layer(layer))
+            ax.plot([r["rho"] for r in pts], [r[key] for r in pts], "o-", ms=3, c=f"C{c % 10}", label=short(layer))
     for ax, key in zip(axes, ("forget top-1 (val)", "retain top-1 (val)", "other-kind top-1 (val)")):
         ax.set_xscale("log")
         ax.set_xlabel("relative step rho")
@@ -67,16 +83,6 @@ def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def short_layer(name: str) -> str:
-    """`visual.transformer.resblocks.3.mlp.c_fc.weight` -> `v3.mlp.c_fc`."""
-    parts = name.replace(".weight", "").replace("_weight", "").split(".")
-    if parts[:3] == ["visual", "transformer", "resblocks"]:
-        return f"v{parts[3]}." + ".".join(parts[4:])
-    if parts[:2] == ["transformer", "resblocks"]:
-        return f"t{parts[2]}." + ".".join(parts[3:])
-    return ".".join(parts)
 
 
 def compare_scatter(summary: Sequence[dict], path: str | Path, title: str) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from unlearn.data.evalsets import read_celeba, read_imagenet
 from unlearn.eval.zeroshot import IDENTITY_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, class_embeddings, image_embeddings, topk_accuracy
-from unlearn.models.openclip import ClipAdapter
+from unlearn.models.adapter import Adapter
 
 
-def base_metrics(adapter: ClipAdapter, eval_dir: str | Path, batch_size: int = 256) -> dict:
+def base_metrics(adapter: Adapter, eval_dir: str | Path, batch_size: int = 256) -> dict:
     eval_dir = Path(eval_dir)
     out: dict = {}
     for prefix, reader, templates, sub in (

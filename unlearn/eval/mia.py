@@ -1,4 +1,4 @@
-"""Membership inference, the "dist" attack of the SLUG reference (METHODS.md 1.5).
+"""Membership inference, the "dist" attack of the SLUG reference (docs/methods.md, "Membership inference").
 
 Feature: the cosine between a pair's image and caption embeddings.  Members are the forget-set
 pairs (trained on); non-members are the target's held-out evaluation images, each paired with a
@@ -49,7 +49,7 @@ def heldout_captions(forget_captions: list[str], n: int, seed: int) -> list[str]
 def clip_mia(adapter, forget_batches, heldout: torch.Tensor, captions: list[str], folds: int, seeds: int) -> dict[str, float]:
     """The attack on a CLIP model as it is now: members are the forget pairs (batches of
     preprocessed images and tokens), non-members the held-out images with `captions`."""
-    members = np.concatenate([pair_cosines(adapter.encode_images(x), adapter.model.encode_text(t.to(adapter.device), normalize=True))
+    members = np.concatenate([pair_cosines(adapter.encode_images(x), adapter.encode_tokens(t))
                               for x, t in forget_batches])
     nonmembers = pair_cosines(adapter.encode_images(heldout), adapter.encode_texts(captions))
     return mia_accuracy(members, nonmembers, folds, seeds)

@@ -26,7 +26,7 @@ from unlearn.data.curate import Concept
 from unlearn.data.evalsets import LabelledImages, read_celeba, read_imagenet
 from unlearn.errors import UnlearnError
 from unlearn.eval.zeroshot import IDENTITY_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, class_embeddings, load_images, topk_accuracy
-from unlearn.models.openclip import ClipAdapter
+from unlearn.models.adapter import Adapter
 
 PARTS = ("val", "test")
 ACCURACY_KEYS = ("forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5")
@@ -104,7 +104,7 @@ def concept_tasks(eval_dir: str | Path, concept: Concept, part: str, val_fractio
 class Evaluator:
     """Forget / retain / utility top-1 and top-5 of a model on one part, with caches for edits."""
 
-    def __init__(self, adapter: ClipAdapter, tasks: ConceptTasks, batch_size: int = 256):
+    def __init__(self, adapter: Adapter, tasks: ConceptTasks, batch_size: int = 256):
         self.adapter = adapter
         self.tasks = tasks
         self.batch_size = batch_size

@@ -10,10 +10,10 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from unlearn.errors import UnlearnError
-from unlearn.models.openclip import ClipAdapter
+from unlearn.models.adapter import Adapter
 
 IDENTITY_TEMPLATES = ("{}.",)
-# The 7 "simple" ImageNet templates (METHODS.md 1.1).
+# The 7 "simple" ImageNet templates (docs/methods.md, "Evaluation").
 SIMPLE_IMAGENET_TEMPLATES = (
     "itap of a {}.",
     "a bad photo of the {}.",
@@ -26,14 +26,14 @@ SIMPLE_IMAGENET_TEMPLATES = (
 
 
 @torch.no_grad()
-def class_embeddings(adapter: ClipAdapter, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+def class_embeddings(adapter: Adapter, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
     """(C, D): per class, the mean of its normalised prompt embeddings, renormalised."""
     prompts = [t.format(c) for c in classnames for t in templates]
     emb = adapter.encode_texts(prompts).reshape(len(classnames), len(templates), -1).mean(dim=1)
     return emb / emb.norm(dim=-1, keepdim=True)
 
 
-def load_images(adapter: ClipAdapter, paths: Sequence[Path]) -> torch.Tensor:
+def load_images(adapter: Adapter, paths: Sequence[Path]) -> torch.Tensor:
     out = []
     for p in paths:
         try:
@@ -45,7 +45,7 @@ def load_images(adapter: ClipAdapter, paths: Sequence[Path]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def image_embeddings(adapter: ClipAdapter, paths: Sequence[Path], batch_size: int = 256, progress: str | None = None) -> torch.Tensor:
+def image_embeddings(adapter: Adapter, paths: Sequence[Path], batch_size: int = 256, progress: str | None = None) -> torch.Tensor:
     chunks = []
     starts = range(0, len(paths), batch_size)
     for s in tqdm(starts, desc=progress, disable=progress is None):

@@ -1,29 +1,11 @@
-"""Unlearning methods: SLUG (slug.py), the baselines (baselines.py), and the registry that runs any
-of them by name (registry.py).  The names live here, free of heavy imports, so that the `check`
-stage can validate params.yaml in a moment."""
+"""Unlearning methods, one file each, registered by name (registry.py): SLUG (slug.py) and the
+baselines (ft.py, ga.py, ga_ft.py, salun.py, ssd.py; their shared training loop in baselines.py).
+`registry.methods()` finds them all; this module holds only what the `check` stage needs without
+loading a model."""
 
 from __future__ import annotations
 
 from unlearn.errors import UnlearnError
-
-METHODS = ("slug", "ft", "ga", "ga_ft", "salun", "ssd")
-
-
-def check_method(name: str) -> str:
-    if name not in METHODS:
-        raise UnlearnError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
-    return name
-
-
-def check_methods(names: list, key: str = "compare.methods") -> list[str]:
-    """A list of method names: non-empty, each known, none twice."""
-    if not names:
-        raise UnlearnError(f"{key} is empty; list methods from: {', '.join(METHODS)}")
-    methods = [check_method(str(n)) for n in names]
-    if len(set(methods)) != len(methods):
-        raise UnlearnError(f"{key} names a method twice: {', '.join(methods)}")
-    return methods
-
 
 # SLUG's edit directions (slug.step_directions): the paper's forget gradient, or the forget
 # gradient preconditioned by the second moments of the edited layer's inputs on the retain set.

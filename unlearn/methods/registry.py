@@ -1,20 +1,27 @@
 """Every unlearning method by name, run the same way on the same data and judged by the same
 evaluator: `run_method("salun", adapter, forget, retain, evaluator, kind, params)`.
 
-- SLUG: one gradient pass, the Pareto ranking and the step search on the validation images;
-  its time is gradients + ranking + search (the search's own evaluations included).
-- Training baselines (FT, GA, GA+FT, SalUn): evaluated on the validation images after every
-  epoch; the run stops at the first epoch with FA@1 = 0, else the model of its best epoch
-  (lowest FA@1, then FA@5, then highest mean utility) is restored.  Its time is the training time
-  up to that epoch plus any setup (SalUn's mask); the per-epoch evaluations are timed apart, not
-  counted (the conservative choice for the comparison with SLUG).
-- SSD: one shot (two importance passes and the dampening), evaluated once.
-A baseline whose loss turns NaN or inf comes back with status "failed" and the error, never
-silently dropped.
+A method is one file in `unlearn/methods/` that calls `register(name, config, run)`: `config`
+builds the method's config from its own section of params.yaml (a dataclass: unknown or missing
+keys are one-line errors), `run(ctx, cfg)` unlearns in place and returns an `Outcome`.  The
+registry finds the files itself (every module of the package is imported once), so adding a
+method touches no other file (README "Adding a method").
+
+Shared rules:
+- Training baselines are evaluated on the validation images after every epoch
+  (`run_training`, `EpochJudge`): the run stops at the first epoch with FA@1 = 0, else the
+  model of its best epoch (lowest FA@1, then FA@5, then highest mean utility) is restored.
+  Their time is the training time up to that epoch plus any setup (SalUn's mask); the per-epoch
+  evaluations are timed apart, not counted (the conservative choice for the comparison with SLUG).
+- A baseline whose loss turns NaN or inf comes back with status "failed" and the error, never
+  silently dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,13 +30,14 @@ import safetensors.torch
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.methods import METHODS, check_method  # noqa: F401  (re-exported)
-from unlearn.methods import baselines as B
-from unlearn.methods import slug as S
-from unlearn.models.openclip import ClipAdapter
+from unlearn.models.adapter import Adapter
 from unlearn.params import as_config
 
-TRAINING = {"ft": B.finetune, "ga": B.gradient_ascent, "ga_ft": B.ga_ft}
+Pairs = tuple[torch.Tensor, torch.Tensor]  # (preprocessed images, tokens)
+
+
+class Diverged(UnlearnError):
+    """A baseline's loss became NaN or inf: the run stops and is recorded as failed."""
 
 
 @dataclass
@@ -43,27 +51,117 @@ class Outcome:
     details: dict = field(default_factory=dict)          # layer, rho, converged, error, ...
 
 
-def chunks(pairs: B.Pairs, batch_size: int):
+@dataclass(frozen=True)
+class Context:
+    """What every method is given: the model (edited in place), the forget and retain pairs, the
+    evaluator of the target's validation images, the target's kind, the gradient batch size."""
+
+    adapter: Adapter
+    forget: Pairs
+    retain: Pairs
+    evaluator: object
+    kind: str
+    grad_batch: int = 128
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: Callable[[dict, str], object]   # (params section, its key) -> config
+    run: Callable[[Context, object], Outcome]
+    summary: str
+
+
+_METHODS: dict[str, Method] = {}
+_DISCOVERED = False
+
+
+def register(name: str, config: type | Callable[[dict, str], object], summary: str) -> Callable:
+    """Decorator of a method's `run(ctx, cfg)`.  `config` is a dataclass (built with
+    `as_config`) or a function (params section, key) -> config."""
+
+    def wrap(run: Callable[[Context, object], Outcome]) -> Callable:
+        if name in _METHODS and _METHODS[name].run is not run:
+            raise RuntimeError(f"method {name!r} is registered twice")
+        build = (lambda values, key: as_config(config, values, key)) if dataclasses.is_dataclass(config) else config
+        _METHODS[name] = Method(name, build, run, summary)
+        return run
+
+    return wrap
+
+
+def _discover() -> None:
+    global _DISCOVERED
+    if not _DISCOVERED:
+        import unlearn.methods as package
+
+        for info in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+        _DISCOVERED = True
+
+
+def methods() -> dict[str, Method]:
+    _discover()
+    return dict(sorted(_METHODS.items()))
+
+
+def check_method(name: str) -> str:
+    known = methods()
+    if name not in known:
+        raise UnlearnError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+    return name
+
+
+def check_methods(names: list, key: str = "compare.methods") -> list[str]:
+    """A list of method names: non-empty, each known, none twice."""
+    if not names:
+        raise UnlearnError(f"{key} is empty; list methods from: {', '.join(methods())}")
+    chosen = [check_method(str(n)) for n in names]
+    if len(set(chosen)) != len(chosen):
+        raise UnlearnError(f"{key} names a method twice: {', '.join(chosen)}")
+    return chosen
+
+
+def method_config(name: str, params: dict):
+    """The config of method `name` from its params section (one-line errors for bad keys)."""
+    return methods()[check_method(name)].config(params, name)
+
+
+def run_method(name: str, adapter: Adapter, forget: Pairs, retain: Pairs, evaluator, kind: str, params: dict,
+               grad_batch: int = 128) -> Outcome:
+    """Unlearn in place with method `name` and its params section; `evaluator` holds the
+    target's validation images (the decisions); report on test images afterwards."""
+    method = methods()[check_method(name)]
+    return method.run(Context(adapter, forget, retain, evaluator, kind, grad_batch), method.config(params, name))
+
+
+# ---------------------------------------------------------------- shared by the methods
+
+def chunks(pairs: Pairs, batch_size: int):
     images, tokens = pairs
     return ((images[s : s + batch_size], tokens[s : s + batch_size]) for s in range(0, images.shape[0], batch_size))
 
 
-def changed_bytes(base: dict[str, torch.Tensor], adapter: ClipAdapter) -> int:
+def changed_bytes(base: dict[str, torch.Tensor], adapter: Adapter) -> int:
     """Bytes of a safetensors file holding every tensor the method changed: what one must store
     to ship the unlearned model as an edit of the base model."""
     changed = {n: p.detach().contiguous().cpu() for n, p in adapter.model.named_parameters() if not torch.equal(p.detach().cpu(), base[n])}
     return len(safetensors.torch.save(changed)) if changed else 0
 
 
+def utility_score(result: dict) -> float:
+    return (result["retain_top1"] + result["utility_top1"]) / 2
+
+
 def _best_key(result: dict) -> tuple:
-    return (result["forget_top1"], result["forget_top5"], -S.utility_score(result))
+    return (result["forget_top1"], result["forget_top5"], -utility_score(result))
 
 
 class EpochJudge:
     """The per-epoch callback of the training baselines: evaluate on validation, keep the best
     state, stop at the first FA@1 = 0; `finish` restores the reported epoch's weights."""
 
-    def __init__(self, adapter: ClipAdapter, evaluator, started: float):
+    def __init__(self, adapter: Adapter, evaluator, started: float):
         self.adapter, self.evaluator = adapter, evaluator
         self.mark = started
         self.train_s = self.eval_s = 0.0
@@ -92,82 +190,20 @@ class EpochJudge:
         return epoch, train_s, key[0] <= 0.0
 
 
-def _slug(adapter, forget, retain, evaluator, kind, params, grad_batch) -> Outcome:
-    missing = [k for k in ("rank", "search") if k not in params]
-    if missing:
-        raise UnlearnError(f"the slug params lack {', '.join(missing)}; copy them from params.yaml's slug section")
-    rank = params["rank"]
-    cfg = as_config(S.SearchConfig, params["search"], "slug.search")
+def run_training(ctx: Context, train: Callable[[Callable[[int], bool]], object], setup: Callable[[], dict] | None = None) -> Outcome:
+    """A training baseline under the shared rules: `setup()` (timed as part of unlearning, e.g.
+    SalUn's mask) returns details for the row; `train(on_epoch)` trains, calling the judge after
+    every epoch."""
     t0 = time.perf_counter()
-    g_f, _, _ = S.mean_gradient(adapter, adapter.forget_loss, chunks(forget, grad_batch))
-    g_r, _, _ = S.mean_gradient(adapter, adapter.retain_loss, chunks(retain, grad_batch))
-    t1 = time.perf_counter()
-    scores = S.layer_scores(adapter, g_f, g_r, adapter.candidate_layers(bool(rank["include_layernorm"])))
-    ranking = S.rank_towers(scores, rank["alignment"])
-    layers = S.plan_layers(ranking.front_scores(), ranking.order, cfg.max_layers)
-    t2 = time.perf_counter()
-    base = evaluator.evaluate()
-    directions = S.step_directions(adapter, g_f, layers, cfg, lambda: chunks(retain, grad_batch))
-    rows, choice = S.search_layers(adapter, evaluator, directions, layers, cfg, base, kind)
-    param = dict(adapter.model.named_parameters())[choice["layer"]]
-    with torch.no_grad():
-        param.add_(S.edit_delta(param.detach(), directions[choice["layer"]], choice["rho"]))
-    t3 = time.perf_counter()
-    times = {"gradients": t1 - t0, "rank_layers": t2 - t1, "search": t3 - t2, "unlearn": t3 - t0}
-    return Outcome("ok" if choice["converged"] else "not_forgotten", {k: round(v, 3) for k, v in times.items()},
-                   details={"layer": choice["layer"], "rho": choice["rho"], "converged": choice["converged"], "evaluations": len(rows),
-                            "direction": cfg.direction})
-
-
-def _ssd(adapter, forget, retain, evaluator, params) -> Outcome:
-    cfg = as_config(B.SSDConfig, params, "ssd")
-    t0 = time.perf_counter()
-    imp_f = B.squared_gradients(adapter, adapter.forget_loss, forget, cfg.batch_size)
-    imp_r = B.squared_gradients(adapter, adapter.retain_loss, retain, cfg.batch_size)
-    selected = B.ssd(adapter, imp_f, imp_r, cfg.alpha, cfg.dampening)
-    t1 = time.perf_counter()
-    result = evaluator.evaluate()
-    t2 = time.perf_counter()
-    return Outcome("ok" if result["forget_top1"] <= 0.0 else "not_forgotten", {"unlearn": round(t1 - t0, 3), "eval": round(t2 - t1, 3)},
-                   epochs=[{"epoch": 1, "train_s": round(t1 - t0, 3), **result}], details={"selected": selected})
-
-
-def _training(name, adapter, forget, retain, evaluator, params, grad_batch) -> Outcome:
-    setup: dict = {}
-    t0 = time.perf_counter()
-    values = dict(params)
-    if name == "salun" and "mask_fraction" not in values:
-        raise UnlearnError("params.yaml salun lacks mask_fraction (SalUn's: 0.5, the top 50 % of |grad L_f|)")
-    fraction = float(values.pop("mask_fraction")) if name == "salun" else None
-    cfg = as_config(B.TrainConfig, values, name)
-    run: Callable
-    if name == "salun":
-        g_f, _, _ = S.mean_gradient(adapter, adapter.forget_loss, chunks(forget, grad_batch))
-        mask = B.saliency_mask(g_f, fraction)
-        setup = {"mask_fraction_kept": round(float(sum(int(m.sum()) for m in mask.values()) / sum(m.numel() for m in mask.values())), 6)}
-        run = lambda a, f, r, c, cb: B.salun(a, f, r, c, mask, cb)  # noqa: E731
-    else:
-        run = TRAINING[name]
+    details = setup() if setup is not None else {}
     setup_s = time.perf_counter() - t0
-    judge = EpochJudge(adapter, evaluator, time.perf_counter())
+    judge = EpochJudge(ctx.adapter, ctx.evaluator, time.perf_counter())
     try:
-        run(adapter, forget, retain, cfg, judge)
-    except B.Diverged as e:
+        train(judge)
+    except Diverged as e:
         return Outcome("failed", {"unlearn": round(setup_s + judge.train_s, 3), "eval": round(judge.eval_s, 3)}, epochs=judge.rows,
-                       details={"error": str(e), **setup})
+                       details={"error": str(e), **details})
     epoch, train_s, reached = judge.finish()
     return Outcome("ok" if reached else "not_forgotten",
                    {"setup": round(setup_s, 3), "train": round(train_s, 3), "unlearn": round(setup_s + train_s, 3), "eval": round(judge.eval_s, 3)},
-                   epoch=epoch, epochs=judge.rows, details=setup)
-
-
-def run_method(name: str, adapter: ClipAdapter, forget: B.Pairs, retain: B.Pairs, evaluator, kind: str, params: dict,
-               grad_batch: int = 128) -> Outcome:
-    """Unlearn in place with method `name` and its params section; `evaluator` holds the
-    target's validation images (the decisions); report on test images afterwards."""
-    check_method(name)
-    if name == "slug":
-        return _slug(adapter, forget, retain, evaluator, kind, params, grad_batch)
-    if name == "ssd":
-        return _ssd(adapter, forget, retain, evaluator, params)
-    return _training(name, adapter, forget, retain, evaluator, params, grad_batch)
+                   epoch=epoch, epochs=judge.rows, details=details)

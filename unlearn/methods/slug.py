@@ -1,4 +1,4 @@
-"""SLUG: Single Layer Unlearning Gradient (METHODS.md 1.2-1.4).
+"""SLUG: Single Layer Unlearning Gradient (docs/methods.md, "SLUG").
 
 One gradient pass at the base weights gives g_f = grad L_f (forget) and g_r = grad L_r (retain);
 layers are ranked by importance ||g_f,l|| / ||theta_l|| and gradient alignment
@@ -13,6 +13,11 @@ moments of the layer's inputs on the retain set (`direction: retain_precondition
 
 Sign convention: stored gradients are +grad L_f, so the edit direction always *increases* the
 forget loss (pushes each forget image away from its own caption).
+
+The sequence is written once: `compute_gradients` -> `rank` -> `search` (directions, step
+search, the chosen edit) -> `apply_edit`.  The DVC stages run these one per stage with files in
+between; `unlearn` runs them in one process (the comparison).  Everything talks to the model
+through the adapter protocol (`unlearn.models.adapter`), so it runs on every model family.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ import torch
 from tqdm import tqdm
 
 from unlearn.errors import UnlearnError
-from unlearn.io import sha256_file
 from unlearn.methods import check_direction
-from unlearn.models.inputs import input_layout, input_moments
-from unlearn.models.openclip import WEIGHTS_FILE, ClipAdapter
+from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
+from unlearn.models.adapter import Adapter, check_made_for, fingerprint, read_family
+from unlearn.models.inputs import input_moments
 
 SIGN_CONVENTION = "+grad L_f: the stored forget gradient points to higher forget loss; the edit adds it"
 log = logging.getLogger(__name__)
@@ -40,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the one gradient pass
 
-def mean_gradient(adapter: ClipAdapter, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def mean_gradient(adapter: Adapter, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str | None = None) -> tuple[dict[str, torch.Tensor], int, float]:
     """The gradient of the set-mean loss, from batch-mean losses: each batch's gradient (zeroed
     before it) is weighted by its size, the sum divided by the set size.  Returns (gradient per
@@ -84,19 +89,20 @@ class GradientRecord:
     seed: int
     forget_loss: float
     retain_loss: float
+    family: str = "open_clip"
     sign_convention: str = SIGN_CONVENTION
     forget_loss_def: str = "mean over D_f of 1 - cos(v_i, t_i), each image with its own caption"
     retain_loss_def: str = "symmetric CLIP contrastive loss (InfoNCE over each batch, scale exp(logit_scale)), batch-size-weighted mean"
 
 
 def save_gradients(directory: Path, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], record: GradientRecord) -> None:
-    meta = {"sign_convention": SIGN_CONVENTION, "model_sha256": record.model_sha256}
+    meta = {"sign_convention": SIGN_CONVENTION, "model_sha256": record.model_sha256, "family": record.family}
     safetensors.torch.save_file(forget, directory / "forget.safetensors", metadata=meta)
     safetensors.torch.save_file(retain, directory / "retain.safetensors", metadata=meta)
     (directory / "sidecar.json").write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
 
 
-def load_gradients(directory: str | Path, adapter: ClipAdapter, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+def load_gradients(directory: str | Path, adapter: Adapter, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """Forget and retain gradients checked against the model: the sidecar's model hash, the
     tensor names and shapes, and finiteness.  Any mismatch is a one-line error."""
     directory = Path(directory)
@@ -108,9 +114,7 @@ def load_gradients(directory: str | Path, adapter: ClipAdapter, model_dir: str |
     sidecar = json.loads(sidecar_path.read_text())
     if sidecar.get("sign_convention") != SIGN_CONVENTION:
         raise UnlearnError(f"{sidecar_path} has sign convention {sidecar.get('sign_convention')!r}, expected +grad L_f; recompute the gradients")
-    model_hash = sha256_file(Path(model_dir) / WEIGHTS_FILE)
-    if sidecar.get("model_sha256") != model_hash:
-        raise UnlearnError(f"gradients in {directory} were computed for another model (hash {str(sidecar.get('model_sha256'))[:12]}, model {model_hash[:12]}); re-run the gradients stage")
+    check_made_for(f"gradients in {directory}", sidecar, model_dir, "re-run the gradients stage")
     shapes = {n: tuple(p.shape) for n, p in adapter.model.named_parameters()}
     out = []
     for f in files[:2]:
@@ -141,7 +145,7 @@ class LayerScore:
     numel: int
 
 
-def layer_scores(adapter: ClipAdapter, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], candidates: Sequence[str]) -> list[LayerScore]:
+def layer_scores(adapter: Adapter, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], candidates: Sequence[str]) -> list[LayerScore]:
     params = dict(adapter.model.named_parameters())
     out = []
     for name in candidates:
@@ -185,7 +189,6 @@ def pareto_ranks(importance: Sequence[float], alignment: Sequence[float]) -> lis
     return ranks
 
 
-TOWERS = ("image", "text")
 ALIGNMENTS = ("abs", "signed")
 
 
@@ -205,13 +208,16 @@ class Ranking:
                 for t, names in self.fronts.items()}
 
 
-def rank_towers(scores: Sequence[LayerScore], alignment: str = "abs") -> Ranking:
-    """Pareto ranking per tower.  alignment "abs" ranks by |cos(g_f, g_r)| (the paper); "signed"
-    by max(cos, 0): an edit anti-aligned with g_r lowers the retain loss, so it counts as separated."""
+def rank_towers(scores: Sequence[LayerScore], towers: Sequence[str], alignment: str = "abs") -> Ranking:
+    """Pareto ranking per tower (one tower or several, in the order given).  alignment "abs"
+    ranks by |cos(g_f, g_r)| (the paper); "signed" by max(cos, 0): an edit anti-aligned with g_r
+    lowers the retain loss, so it counts as separated."""
     if alignment not in ALIGNMENTS:
         raise UnlearnError(f"unknown slug.rank.alignment {alignment!r}; use one of: {', '.join(ALIGNMENTS)}")
+    if not towers:
+        raise UnlearnError("no tower to rank: slug.rank.towers is empty")
     rows, fronts, order = {}, {}, {}
-    for t in TOWERS:
+    for t in towers:
         tower = [s for s in scores if s.tower == t]
         if not tower:
             raise UnlearnError(f"the model has no candidate layer in its {t} tower")
@@ -268,7 +274,7 @@ def precondition(grad: torch.Tensor, moment: torch.Tensor, layout: str, damping:
     return out.to(grad.dtype)
 
 
-def step_directions(adapter: ClipAdapter, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig,
+def step_directions(adapter: Adapter, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig,
                     retain_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
     """The edit direction of each layer in `layers`.  `gradient` (the paper): g_f itself.
     `retain_preconditioned`: g_f preconditioned by the second moments of the layer's inputs on
@@ -277,7 +283,7 @@ def step_directions(adapter: ClipAdapter, forget_grads: dict[str, torch.Tensor],
         return {layer: forget_grads[layer] for layer in layers}
     moments, count = input_moments(adapter, list(layers), retain_batches())
     log.info("retain input moments of %d layers over %d pairs", len(layers), count)
-    return {layer: precondition(forget_grads[layer], moments[layer].to(forget_grads[layer].device), input_layout(adapter.model, layer), cfg.damping)
+    return {layer: precondition(forget_grads[layer], moments[layer].to(forget_grads[layer].device), adapter.input_layout(layer), cfg.damping)
             for layer in layers}
 
 
@@ -335,15 +341,19 @@ def save_patch(directory: Path, layer: str, delta: torch.Tensor, meta: dict) -> 
     (directory / PATCH_META).write_text(json.dumps(meta | {"layer": layer, "shape": list(delta.shape)}, indent=2, sort_keys=True) + "\n")
 
 
-def apply_patch(adapter: ClipAdapter, directory: str | Path, model_dir: str | Path | None = None) -> dict:
+def apply_patch(adapter: Adapter, directory: str | Path, model_dir: str | Path | None = None) -> dict:
     """Add a saved one-layer edit to the model in place (edits of several concepts add up);
     returns the patch's metadata.  With `model_dir`, check that the patch was made for it."""
     directory = Path(directory)
     if not (directory / PATCH_WEIGHTS).is_file() or not (directory / PATCH_META).is_file():
         raise UnlearnError(f"{directory} is not a SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} expected): run the search stage")
     meta = json.loads((directory / PATCH_META).read_text())
-    if model_dir is not None and meta.get("base_model_sha256") != sha256_file(Path(model_dir) / WEIGHTS_FILE):
-        raise UnlearnError(f"patch {directory} was made for another base model than {model_dir}; re-run the search stage")
+    if meta.get("family", adapter.family) != adapter.family:
+        raise UnlearnError(f"patch {directory} was made for a {meta.get('family')} model, not this {adapter.family} one; "
+                           "re-run the search stage for this model (or export the patched model)")
+    if model_dir is not None:
+        check_made_for(f"patch {directory}", {"family": meta.get("family"), "model_sha256": meta.get("base_model_sha256")}, model_dir,
+                       "re-run the search stage")
     tensors = safetensors.torch.load_file(directory / PATCH_WEIGHTS)
     params = dict(adapter.model.named_parameters())
     for name, delta in tensors.items():
@@ -399,11 +409,7 @@ def forget_ok(result: dict, cfg: SearchConfig) -> bool:
     return result["forget_top1"] <= cfg.forget_top1 + 1e-9 and result["forget_top5"] <= cfg.forget_top5 + 1e-9
 
 
-def utility_score(result: dict) -> float:
-    return (result["retain_top1"] + result["utility_top1"]) / 2
-
-
-def search_layers(adapter: ClipAdapter, evaluator, directions: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict,
+def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict,
                   kind: str) -> tuple[list[dict], dict]:
     """Search rho on each layer; every evaluation becomes a row.  Per layer the edit is
     `rho_margin` times the smallest rho that passes the forget criterion (the smallest passing rho
@@ -458,3 +464,140 @@ def search_layers(adapter: ClipAdapter, evaluator, directions: dict[str, torch.T
         raise UnlearnError("no layer to search: the Pareto fronts are empty")
     best = min(rows, key=lambda r: (r["forget_top1"], r["forget_top5"], -utility_score(r), r["rho"]))
     return rows, {**best, "converged": False}
+
+
+# ---------------------------------------------------------------- the sequence, written once
+
+@dataclass(frozen=True)
+class Gradients:
+    forget: dict[str, torch.Tensor]
+    retain: dict[str, torch.Tensor]
+    n_forget: int
+    n_retain: int
+    forget_loss: float
+    retain_loss: float
+
+
+def compute_gradients(adapter: Adapter, forget_batches: Iterable, retain_batches: Iterable, progress: bool = False) -> Gradients:
+    """The one gradient pass at the current weights: +grad L_f on the forget pairs, grad L_r on
+    the retain pairs (the model in eval mode: no dropout)."""
+    adapter.model.eval()
+    g_f, n_f, l_f = mean_gradient(adapter, adapter.forget_loss, forget_batches, "forget gradient" if progress else None)
+    g_r, n_r, l_r = mean_gradient(adapter, adapter.retain_loss, retain_batches, "retain gradient" if progress else None)
+    return Gradients(g_f, g_r, n_f, n_r, l_f, l_r)
+
+
+@dataclass(frozen=True)
+class RankConfig:
+    include_layernorm: bool = False   # LayerNorm weights as candidates too
+    alignment: str = "abs"            # abs | signed (see rank_towers)
+    towers: tuple[str, ...] | list[str] | None = None  # the towers whose tensors are candidates; None: every tower of the model
+
+
+def rank_towers_of(adapter: Adapter, cfg: RankConfig) -> tuple[str, ...]:
+    """The towers to rank: `cfg.towers` checked against the model's, or all of them."""
+    if cfg.towers is None:
+        return tuple(adapter.towers)
+    towers = tuple(cfg.towers)
+    unknown = [t for t in towers if t not in adapter.towers]
+    if unknown or not towers or len(set(towers)) != len(towers):
+        raise UnlearnError(f"slug.rank.towers is {list(towers)}; this {adapter.family} model has the towers {', '.join(adapter.towers)} "
+                           "(list one or more of them, each once)")
+    return towers
+
+
+def rank(adapter: Adapter, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], cfg: RankConfig) -> Ranking:
+    """Importance and alignment of every candidate tensor of the chosen towers, ranked per tower."""
+    towers = rank_towers_of(adapter, cfg)
+    candidates = [n for n in adapter.candidate_layers(bool(cfg.include_layernorm)) if adapter.tower(n) in towers]
+    return rank_towers(layer_scores(adapter, forget, retain, candidates), towers, cfg.alignment)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """The outcome of the search: the chosen layer, its step and delta, every evaluation."""
+
+    layer: str
+    rho: float
+    delta: torch.Tensor
+    converged: bool
+    choice: dict          # the chosen evaluation's row (validation figures)
+    rows: list[dict]      # every evaluation
+    layers: list[str]     # the searched layers, in order
+    base: dict            # the unedited model on the validation images
+
+
+def search(adapter: Adapter, evaluator, forget: dict[str, torch.Tensor], front: dict, order: dict[str, list[str]], cfg: SearchConfig,
+           kind: str, retain_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> Edit:
+    """The layers to try (by Pareto rank), their edit directions, the step search on the
+    evaluator's (validation) images and the chosen edit; the model is left unedited."""
+    layers = plan_layers(front, order, cfg.max_layers)
+    base = evaluator.evaluate()
+    log.info("base model on validation: %s", base)
+    directions = step_directions(adapter, forget, layers, cfg, retain_batches)
+    rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, kind)
+    param = dict(adapter.model.named_parameters())[choice["layer"]]
+    delta = edit_delta(param.detach(), directions[choice["layer"]], choice["rho"])
+    return Edit(choice["layer"], choice["rho"], delta, bool(choice["converged"]), choice, rows, layers, base)
+
+
+def apply_edit(adapter: Adapter, layer: str, delta: torch.Tensor) -> None:
+    param = dict(adapter.model.named_parameters())[layer]
+    with torch.no_grad():
+        param.add_(delta.to(param))
+
+
+def unlearn(adapter: Adapter, forget_batches: Callable[[], Iterable], retain_batches: Callable[[], Iterable], evaluator, kind: str,
+            rank_cfg: RankConfig, search_cfg: SearchConfig) -> tuple[Edit, dict[str, float]]:
+    """SLUG in one process: gradients, ranking, search, and the edit applied in place.  Returns
+    the edit and the wall time of each phase."""
+    import time
+
+    t0 = time.perf_counter()
+    grads = compute_gradients(adapter, forget_batches(), retain_batches())
+    t1 = time.perf_counter()
+    ranking = rank(adapter, grads.forget, grads.retain, rank_cfg)
+    t2 = time.perf_counter()
+    edit = search(adapter, evaluator, grads.forget, ranking.front_scores(), ranking.order, search_cfg, kind, retain_batches)
+    apply_edit(adapter, edit.layer, edit.delta)
+    t3 = time.perf_counter()
+    return edit, {"gradients": t1 - t0, "rank_layers": t2 - t1, "search": t3 - t2, "unlearn": t3 - t0}
+
+
+def gradient_record(adapter_dir: str | Path, forget_manifest: str | Path, retain_manifest: str | Path, grads: Gradients, batch_size: int,
+                    seed: int) -> GradientRecord:
+    """The sidecar of the gradients of the model saved in `adapter_dir`."""
+    from unlearn.io import sha256_file
+
+    return GradientRecord(model_sha256=fingerprint(adapter_dir), forget_manifest_sha256=sha256_file(forget_manifest),
+                          retain_manifest_sha256=sha256_file(retain_manifest), n_forget=grads.n_forget, n_retain=grads.n_retain,
+                          batch_size=batch_size, seed=seed, forget_loss=round(grads.forget_loss, 6), retain_loss=round(grads.retain_loss, 6),
+                          family=read_family(adapter_dir)["family"])
+
+
+# ---------------------------------------------------------------- SLUG as a registered method
+
+@dataclass(frozen=True)
+class SlugConfig:
+    rank: RankConfig
+    search: SearchConfig
+
+
+def slug_config(values: dict, key: str = "slug") -> SlugConfig:
+    """params.yaml's `slug` section: `rank` and `search`."""
+    from unlearn.params import as_config
+
+    missing = [k for k in ("rank", "search") if k not in values]
+    if missing or set(values) - {"rank", "search"}:
+        raise UnlearnError(f"params.yaml {key} must hold exactly rank and search (missing {missing}, unknown {sorted(set(values) - {'rank', 'search'})}); "
+                           "copy them from the committed params.yaml")
+    return SlugConfig(as_config(RankConfig, values["rank"], f"{key}.rank"), as_config(SearchConfig, values["search"], f"{key}.search"))
+
+
+@register("slug", slug_config, "one gradient pass, Pareto ranking, a single-layer step search")
+def run(ctx: Context, cfg: SlugConfig) -> Outcome:
+    edit, times = unlearn(ctx.adapter, lambda: chunks(ctx.forget, ctx.grad_batch), lambda: chunks(ctx.retain, ctx.grad_batch), ctx.evaluator,
+                          ctx.kind, cfg.rank, cfg.search)
+    return Outcome("ok" if edit.converged else "not_forgotten", {k: round(v, 3) for k, v in times.items()},
+                   details={"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows),
+                            "direction": cfg.search.direction})

@@ -13,8 +13,7 @@ import difflib
 import json
 import logging
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from unlearn.errors import UnlearnError
+from unlearn.models.adapter import Adapter, Record, read_family
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_ARCH = "unlearn-tiny-vit"
@@ -33,49 +33,67 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 
 open_clip.add_model_config(CONFIG_DIR)  # registers the tiny architectures shipped with the project
 log = logging.getLogger(__name__)
-_CLIP_LOSS = open_clip.ClipLoss()
 
 # Tensors that are never SLUG candidates: embeddings, positional embeddings, the patch embedding,
-# the temperature (METHODS.md 1.3).  Biases and other 1-d tensors are excluded by shape.
+# the temperature (docs/methods.md, "Candidates").  Biases and other 1-d tensors are excluded by shape.
 _NOT_CANDIDATE = re.compile(r"(^|\.)(token_embedding|positional_embedding|class_embedding|conv1|logit_scale)(\.|$)")
 _VISUAL_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
 _VISUAL_TAIL = re.compile(r"^visual\.(ln_post|proj|attn_pool)")
+PROJECTIONS = ("visual.proj", "text_projection")
 
 
-@dataclass
-class ClipAdapter:
-    model: nn.Module
-    tokenizer: Any
-    preprocess: Any
-    config: dict  # {"model_name", "model_cfg", "preprocess_cfg"} as in open_clip_config.json
+class OpenClipAdapter(Adapter):
+    """An open_clip CLIP (`open_clip.CLIP`): a vision and a text tower, fused attention
+    (`in_proj_weight` holds q, k and v together), tower projections used as x @ W."""
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    family = "open_clip"
+    library = "open_clip_torch"
+    weights = (WEIGHTS_FILE,)
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.tokenizer(texts).to(self.device)
+    def __init__(self, model: nn.Module, tokenizer: Any, transform: Any, config: dict):
+        self.model, self.tokenizer, self.transform, self.config = model, tokenizer, transform, config
+
+    # ---- files
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, cache_dir: str | None = None, arch: str = "ViT-B-32", quick_gelu: bool = False,
+                        **_model_params: Any) -> OpenClipAdapter:
+        return from_pretrained(arch, pretrained, quick_gelu, cache_dir=cache_dir)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> OpenClipAdapter:
+        return load(directory, device)
+
+    def _save_files(self, directory: Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        safetensors.torch.save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+
+    # ---- inputs and encoders
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        return self.transform(image)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
 
     def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.model.encode_image(images.to(self.device), normalize=normalize)
 
-    def encode_texts(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
-        return self.model.encode_text(self.tokenize(texts), normalize=normalize)
+    def encode_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.model.encode_text(tokens.to(self.device), normalize=normalize)
 
     @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale.exp()
+    def logit_scale_param(self) -> nn.Parameter:
+        return self.model.logit_scale
 
-    # ---- what SLUG and the baselines need to know about an open_clip CLIP ----
+    # ---- tensors
 
-    @staticmethod
-    def tower(name: str) -> str:
+    def tower(self, name: str) -> str:
         """`image` for the vision tower's tensors, `text` for everything else that encodes text."""
         return "image" if name.startswith("visual.") else "text"
 
     def candidate_layers(self, include_layernorm: bool = False) -> list[str]:
-        """Parameter names SLUG may edit: weight matrices of both towers (LayerNorm weights on
-        request); no biases, embeddings, positional embeddings, patch embedding or logit_scale."""
         out = []
         for name, p in self.model.named_parameters():
             if _NOT_CANDIDATE.search(name) or name.endswith("bias"):
@@ -85,31 +103,34 @@ class ClipAdapter:
                 out.append(name)
         return out
 
+    def short_name(self, name: str) -> str:
+        """`visual.transformer.resblocks.3.mlp.c_fc.weight` -> `v3.mlp.c_fc`."""
+        parts = name.replace(".weight", "").replace("_weight", "").split(".")
+        if parts[:3] == ["visual", "transformer", "resblocks"]:
+            return f"v{parts[3]}." + ".".join(parts[4:])
+        if parts[:2] == ["transformer", "resblocks"]:
+            return f"t{parts[2]}." + ".".join(parts[3:])
+        return ".".join(parts)
+
+    def input_layout(self, name: str) -> str:
+        owner, _, leaf = name.rpartition(".")
+        if name in PROJECTIONS and isinstance(dict(self.model.named_parameters()).get(name), nn.Parameter):
+            return "matmul"
+        if leaf == "in_proj_weight" and isinstance(dict(self.model.named_modules()).get(owner), nn.MultiheadAttention):
+            return "linear"
+        return super().input_layout(name)
+
+    # ---- partial forwards
+
     def image_block_of(self, name: str) -> int | None:
-        """The first vision block an edit of `name` changes (the block count for the pooling
-        head), or None when the edit changes the text side only or everything in the image tower."""
         if (m := _VISUAL_BLOCK.match(name)) is not None:
             return int(m.group(1))
         if _VISUAL_TAIL.match(name):
             return len(self.model.visual.transformer.resblocks)
         return None
 
-    def forget_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean of (1 - cos(v_i, t_i)) over the batch, each image with its own caption."""
-        v = self.model.encode_image(images.to(self.device), normalize=True)
-        t = self.model.encode_text(tokens.to(self.device), normalize=True)
-        return (1.0 - (v * t).sum(dim=-1)).mean()
-
-    def retain_loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The symmetric CLIP contrastive loss over the batch at scale exp(logit_scale) (open_clip's)."""
-        v = self.model.encode_image(images.to(self.device), normalize=True)
-        t = self.model.encode_text(tokens.to(self.device), normalize=True)
-        return _CLIP_LOSS(v, t, self.logit_scale)
-
     @torch.no_grad()
     def image_hidden(self, images: torch.Tensor, block: int) -> torch.Tensor:
-        """The vision tower's hidden states entering `block` (batch first; the block count gives
-        the transformer's output), to resume from with `encode_images_from`."""
         visual = self.model.visual
         captured: list[torch.Tensor] = []
         handle = visual.transformer.register_forward_hook(lambda _m, _a, out: captured.append(out))
@@ -122,8 +143,8 @@ class ClipAdapter:
 
     @torch.no_grad()
     def encode_images_from(self, hidden: torch.Tensor, block: int, normalize: bool = True) -> torch.Tensor:
-        """Image embeddings from hidden states entering `block`: runs blocks block.. and the
-        pooling head through open_clip's own forward, skipping the patch embedding."""
+        """Runs blocks block.. and the pooling head through open_clip's own forward, skipping the
+        patch embedding."""
         visual = self.model.visual
         with self._only_blocks(range(block, len(visual.transformer.resblocks))), _replace_attr(visual, "_embeds", lambda _x: hidden):
             out = visual(hidden)
@@ -140,12 +161,49 @@ class ClipAdapter:
         finally:
             transformer.resblocks = full
 
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        safetensors.torch.save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+    # ---- input statistics
+
+    @contextlib.contextmanager
+    def _capture(self, layers: Sequence[str], record: Record) -> Iterator[None]:
+        """open_clip's own cases, the rest through the shared hooks:
+        - `*.attn.in_proj_weight`: the query entering the nn.MultiheadAttention (self-attention);
+        - `*.attn.out_proj.weight`: the attention's output before its output projection, read by
+          running the attention once more with that projection set to the identity (PyTorch
+          applies it inside a fused function, so no hook on `out_proj` ever fires);
+        - `visual.proj`, `text_projection`: the tower's pooled output with the projection taken out."""
+        modules = dict(self.model.named_modules())
+        shared, handles = [], []
+        with contextlib.ExitStack() as stack:
+            for name in layers:
+                owner, _, leaf = name.rpartition(".")
+                module, parent = modules.get(owner), modules.get(owner.rpartition(".")[0])
+                if name == "visual.proj" and self.input_layout(name) == "matmul":
+                    stack.enter_context(_without_param(self.model.visual, "proj"))
+                    handles.append(self.model.visual.register_forward_hook(
+                        lambda _m, _a, out: record("visual.proj", out[0] if isinstance(out, tuple) else out)))
+                elif name == "text_projection" and self.input_layout(name) == "matmul":
+                    stack.enter_context(_without_param(self.model, "text_projection"))
+                    encode = self.encode_tokens
+
+                    def encode_and_record(tokens: torch.Tensor, normalize: bool = True, encode=encode) -> torch.Tensor:
+                        out = encode(tokens, normalize=False)
+                        record("text_projection", out)
+                        return out
+
+                    stack.enter_context(_replace_attr(self, "encode_tokens", encode_and_record))
+                elif leaf == "in_proj_weight" and isinstance(module, nn.MultiheadAttention):
+                    handles.append(module.register_forward_pre_hook(
+                        lambda _m, args, kwargs, name=name: record(name, args[0] if args else kwargs["query"]), with_kwargs=True))
+                elif isinstance(parent, nn.MultiheadAttention) and module is parent.out_proj:
+                    handles.append(parent.register_forward_pre_hook(_attention_output_hook(name, record), with_kwargs=True))
+                else:
+                    shared.append(name)
+            stack.enter_context(super()._capture(shared, record))
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
 
 
 @contextlib.contextmanager
@@ -197,15 +255,15 @@ def _arch_config(arch: str, quick_gelu: bool) -> dict:
     return cfg
 
 
-def _wrap(model: nn.Module, model_name: str, model_cfg: dict) -> ClipAdapter:
+def _wrap(model: nn.Module, model_name: str, model_cfg: dict) -> OpenClipAdapter:
     model.eval()
     pp_cfg = _preprocess_cfg(model)
     preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
     config = {"model_name": model_name, "model_cfg": model_cfg, "preprocess_cfg": pp_cfg}
-    return ClipAdapter(model=model, tokenizer=open_clip.get_tokenizer(model_name), preprocess=preprocess, config=config)
+    return OpenClipAdapter(model, open_clip.get_tokenizer(model_name), preprocess, config)
 
 
-def create(arch: str, quick_gelu: bool = False, seed: int = 0) -> ClipAdapter:
+def create(arch: str, quick_gelu: bool = False, seed: int = 0) -> OpenClipAdapter:
     """A randomly initialised model of a registered architecture (seeded)."""
     cfg = _arch_config(arch, quick_gelu)
     torch.manual_seed(seed)
@@ -213,7 +271,7 @@ def create(arch: str, quick_gelu: bool = False, seed: int = 0) -> ClipAdapter:
     return _wrap(model, arch, cfg)
 
 
-def from_pretrained(arch: str, pretrained: str, quick_gelu: bool, cache_dir: str | None = None) -> ClipAdapter:
+def from_pretrained(arch: str, pretrained: str, quick_gelu: bool, cache_dir: str | None = None) -> OpenClipAdapter:
     """open_clip weights: a pretrained tag of `arch` (downloaded by open_clip) or a local
     checkpoint file (.safetensors only)."""
     cfg = _arch_config(arch, quick_gelu)
@@ -239,9 +297,12 @@ def from_pretrained(arch: str, pretrained: str, quick_gelu: bool, cache_dir: str
     return _wrap(model, arch, cfg)
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu") -> ClipAdapter:
-    """Load a model saved by `ClipAdapter.save` (open_clip's local-dir layout)."""
+def load(directory: str | Path, device: str | torch.device = "cpu") -> OpenClipAdapter:
+    """Load a model saved by `OpenClipAdapter.save` (open_clip's local-dir layout)."""
     directory = Path(directory)
+    family = read_family(directory)["family"]
+    if family != OpenClipAdapter.family:
+        raise UnlearnError(f"{directory} holds a {family} model, not open_clip; load it with unlearn.models.adapter.load")
     config_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file() or not weights.is_file():
         raise UnlearnError(f"{directory} is not a saved model ({CONFIG_FILE} + {WEIGHTS_FILE} expected): run the base_model stage")
@@ -258,3 +319,40 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> ClipAdapt
     adapter = _wrap(model.to(device), name, config["model_cfg"])
     adapter.config = config
     return adapter
+
+
+@contextlib.contextmanager
+def _without_param(module: nn.Module, name: str) -> Iterator[None]:
+    """Temporarily drop a registered parameter (open_clip then skips the projection it holds)."""
+    saved = module._parameters[name]
+    module._parameters[name] = None
+    try:
+        yield
+    finally:
+        module._parameters[name] = saved
+
+
+def _attention_output_hook(name: str, record: Record) -> Any:
+    """A forward pre-hook for an nn.MultiheadAttention that records the input of its output
+    projection: it runs the attention once more with that projection set to the identity."""
+    busy = [False]
+
+    def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
+        if busy[0]:
+            return
+        weight, bias = module.out_proj.weight, module.out_proj.bias
+        saved = weight.data, None if bias is None else bias.data
+        busy[0] = True
+        try:
+            weight.data = torch.eye(weight.shape[0], weight.shape[1], dtype=weight.dtype, device=weight.device)
+            if bias is not None:
+                bias.data = torch.zeros_like(bias.data)
+            out = module(*args, **kwargs)
+        finally:
+            weight.data = saved[0]
+            if bias is not None:
+                bias.data = saved[1]
+            busy[0] = False
+        record(name, out[0] if isinstance(out, tuple) else out)
+
+    return hook

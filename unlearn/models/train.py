@@ -1,4 +1,5 @@
-"""Contrastive (CLIP) training of a model on image-caption shards: the synthetic base model."""
+"""Contrastive (CLIP) training of a model on image-caption shards: the synthetic base model.
+Talks to the model through the adapter protocol only."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from open_clip import ClipLoss
 from tqdm import tqdm
 
 from unlearn.data.pairs import pair_batches
 from unlearn.errors import UnlearnError
-from unlearn.models.openclip import ClipAdapter
+from unlearn.models.adapter import Adapter
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ class TrainConfig:
     seed: int = 0
 
 
-def load_pairs(adapter: ClipAdapter, shard_dir: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def load_pairs(adapter: Adapter, shard_dir: str, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """All (preprocessed image, tokenized caption) pairs of the shards, in stored order."""
-    batches = list(tqdm(pair_batches(shard_dir, adapter.preprocess, adapter.tokenizer, batch_size), desc="decode shards"))
+    batches = list(tqdm(pair_batches(shard_dir, adapter.preprocess, adapter.tokenize, batch_size), desc="decode shards"))
     if not batches:
         raise UnlearnError(f"no samples in {shard_dir}")
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
@@ -42,9 +42,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_contrastive(adapter: ClipAdapter, images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig) -> list[float]:
-    """Train in place with the symmetric CLIP loss, AdamW and a warmup-cosine schedule; returns
-    the mean loss of each epoch."""
+def train_contrastive(adapter: Adapter, images: torch.Tensor, tokens: torch.Tensor, cfg: TrainConfig) -> list[float]:
+    """Train in place with the symmetric CLIP loss (the adapter's `retain_loss`), AdamW and a
+    warmup-cosine schedule, exp(logit_scale) clamped to [1, 100] after every step; returns the
+    mean loss of each epoch.  Any model family."""
     model = adapter.model
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -56,7 +57,6 @@ def train_contrastive(adapter: ClipAdapter, images: torch.Tensor, tokens: torch.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps else 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
     )
-    loss_fn = ClipLoss()
     history = []
     bar = tqdm(total=total, desc="train CLIP")
     for epoch in range(cfg.epochs):
@@ -64,16 +64,14 @@ def train_contrastive(adapter: ClipAdapter, images: torch.Tensor, tokens: torch.
         losses = []
         for step in range(steps_per_epoch):
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            img_f, txt_f, scale = model(images[idx], tokens[idx])[:3]
-            loss = loss_fn(img_f, txt_f, scale)
+            loss = adapter.retain_loss(images[idx], tokens[idx])
             if not torch.isfinite(loss):
                 raise UnlearnError(f"training loss became {loss.item()} at epoch {epoch}; lower model.train.lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            adapter.clamp_logit_scale(100.0)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")

@@ -1,0 +1,77 @@
+"""The comparison of methods (stage `compare`): per method the means over concepts (failed runs
+counted, never dropped), the table SLUG's paper reports with time and stored bytes, the rows for
+plots."""
+
+from __future__ import annotations
+
+from unlearn.eval.suite import ACCURACY_KEYS
+
+MEAN_KEYS = (*ACCURACY_KEYS, "mia")
+
+
+def mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def summarise(method: str, rows: list[dict]) -> dict:
+    """Means over the concepts whose run completed; `failed` counts the others (never dropped)."""
+    done = [r for r in rows if r["status"] != "failed"]
+    out = {"method": method, "concepts": len(rows), "completed": len(done), "failed": len(rows) - len(done),
+           "forgotten": sum(r["status"] == "ok" for r in rows)}
+    out |= {k: mean([r[k] for r in done]) for k in MEAN_KEYS}
+    out["time_s"] = {"unlearn": mean([r["time_s"]["unlearn"] for r in done]),
+                     "total": mean([r["time_s"]["unlearn"] + r["time_s"].get("eval", 0.0) for r in done])}
+    out["stored_bytes"] = mean([r["stored_bytes"] for r in done])
+    return out
+
+
+def pct(v: float | None, digits: int = 2, unit: str = "") -> str:
+    """A fraction as a percentage (– for a missing value)."""
+    return "–" if v is None else f"{100 * v:.{digits}f}{unit}"
+
+
+# (what the concepts are, utility column, retain column) by the kinds in compare.concepts
+HEADERS = {("identity",): ("identities", "ImageNet-style@1", "identity retain@1"),
+           ("object",): ("objects", "identity@1", "object retain@1"),
+           ("identity", "object"): ("concepts", "utility@1 (the other kind)", "retain@1 (same kind)")}
+
+
+def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...]) -> str:
+    what, utility, retain = HEADERS[kinds]
+    lines = [f"Mean over {len(concepts)} {what} ({', '.join(concepts)}), test images, %. "
+             "Time: unlearning wall time per concept (SLUG: gradients + ranking + search; baselines: training up to the reported epoch).", "",
+             f"| method | FA@1 | FA@5 | {utility} | {retain} | MIA | time s | stored bytes | passed (val) |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| original | {pct(base['forget_top1'])} | {pct(base['forget_top5'])} | {pct(base['utility_top1'])} | {pct(base['retain_top1'])} "
+             f"| {pct(base['mia'])} | – | – | – |"]
+    for s in summary:
+        failed = f", {s['failed']} failed" if s["failed"] else ""
+        t, stored = s["time_s"]["unlearn"], s["stored_bytes"]
+        lines.append(f"| {s['method']} | {pct(s['forget_top1'])} | {pct(s['forget_top5'])} | {pct(s['utility_top1'])} | {pct(s['retain_top1'])} "
+                     f"| {pct(s['mia'])} | {'–' if t is None else f'{t:.1f}'} | {'–' if stored is None else f'{stored:,.0f}'} "
+                     f"| {s['forgotten']}/{s['concepts']}{failed} |")
+    lines += ["", "passed (val): concepts whose run met its goal on the validation images: for SLUG a converged search "
+              "(FA@1 = 0, FA@5 <= 5 % and the utility guard), for a baseline FA@1 = 0 at some epoch."]
+    return "\n".join(lines) + "\n"
+
+
+
+
+def aggregate(results: dict[str, list[dict]], concepts: list[str], kinds: tuple[str, ...]) -> dict:
+    """From each method's per-concept rows: the summary per method, the original model's means,
+    the time of each method relative to SLUG's, flat rows for the CSV and plots, and the table."""
+    summary = [summarise(m, rows) for m, rows in results.items()]
+    any_rows = next(iter(results.values()))
+    base = {k: mean([r["base"][k] for r in any_rows]) for k in MEAN_KEYS}
+    by_method = {s["method"]: s for s in summary}
+    ratio = {}
+    if "slug" in by_method and by_method["slug"]["time_s"]["unlearn"]:
+        t_slug = by_method["slug"]["time_s"]["unlearn"]
+        ratio = {m: round(s["time_s"]["unlearn"] / t_slug, 3) for m, s in by_method.items() if m != "slug" and s["time_s"]["unlearn"] is not None}
+    flat = [{"method": s["method"], "forget_top1": s["forget_top1"], "forget_top5": s["forget_top5"], "retain_top1": s["retain_top1"],
+             "utility_top1": s["utility_top1"], "mia": s["mia"], "time_unlearn_s": s["time_s"]["unlearn"], "stored_bytes": s["stored_bytes"]}
+            for s in summary]
+    metrics = {"concepts": concepts, "base": base, "methods": by_method, "time_ratio_to_slug": ratio,
+               "rows": [{k: v for k, v in r.items() if k != "epochs"} for rows in results.values() for r in rows]}
+    return {"metrics": metrics, "flat": flat, "table": table(summary, base, concepts, kinds)}
