@@ -70,7 +70,7 @@ def test_repro_writes_every_output(repo):
     record = json.loads((repo / "data" / "download.json").read_text())
     assert record["samples"] == 300 and record["source"] == "synthetic"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate", "compare_data",
+    assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate", "export", "compare_data",
                                    "compare", "report", *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
 
 
@@ -192,7 +192,8 @@ def test_plots_diff_draws_both_revisions(repo):
 @pytest.mark.parametrize("override, message", [
     ("concept=Elon Mask", "error: concept 'Elon Mask' is not in the concept table; closest known: 'Elon Musk'"),
     ("compare.concepts=[Taylor Swift,Mikey]", "error: concept 'Mikey' is not in the concept table; closest known: 'Mickey'"),
-    ("compare.methods=[slug,salun2]", "error: unknown method 'salun2'; known methods: slug, ft, ga, ga_ft, salun, ssd"),
+    ("compare.methods=[slug,salun2]", "error: unknown method 'salun2'; known methods: ft, ga, ga_ft, salun, slug, ssd"),
+    ("model.family=timm", "error: unknown model family 'timm'; known families: open_clip, hf_clip"),
     ("slug.search.direction=retain", "error: slug.search.direction is 'retain'; known: gradient, retain_preconditioned"),
 ])
 def test_exp_run_with_an_unknown_name_stops_before_any_other_stage(repo, override, message):
@@ -277,3 +278,25 @@ def test_report_is_one_self_contained_page(repo):
     assert page.count("data:image/png;base64,") == 6  # 2 Pareto fronts, the search, 2 comparison plots, the examples
     assert "src=\"plots/" not in page and "<table>" in page
     assert "along the forget gradient preconditioned by the layer's retain inputs" in page
+
+
+def test_the_hf_clip_family_runs_the_clip_track(repo):
+    """`dvc exp run -S model.family=hf_clip`: the base model exported to a transformers CLIPModel,
+    then curate .. evaluate, the export and the comparison on it."""
+    _commit(repo, "before the hf_clip experiment")
+    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "model.family=hf_clip", "-n", "hf"], repo)
+    ran = _stages_run(proc.stdout)
+    assert {"base_model", "gradients", "search", "evaluate", "export", "compare_run@slug", "compare_run@salun", "report"} <= set(ran), ran
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
+    hf = [e for rev in shown for e in (rev.get("experiments") or []) if (e.get("name") == "hf")]
+    assert hf, json.dumps(shown)[:2000]
+    data = hf[0]["revs"][0]["data"]
+    unlearn = data["metrics"]["metrics/unlearn.json"]["data"]
+    layers = data["metrics"]["metrics/layers.json"]["data"]
+    assert layers["family"] == "hf_clip" and unlearn["layer"].startswith(("text_model.", "vision_model.", "text_projection", "visual_projection"))
+    assert any(".self_attn.q_proj.weight" in n for n in layers["order"]["text"])  # q, k and v are candidates of their own
+    export = data["metrics"]["metrics/export.json"]["data"]
+    assert export["base"]["family"] == "hf_clip" and export["base"]["image_embedding_max_abs_diff"] == 0.0
+    compare = data["metrics"]["metrics/compare.json"]["data"]
+    assert set(compare["methods"]) == {"slug", "ft", "ga", "ga_ft", "salun", "ssd"}
+    assert (repo / "models" / "base" / "open_clip_model.safetensors").is_file()  # --temp: the workspace keeps the open_clip run

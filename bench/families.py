@@ -1,0 +1,78 @@
+"""SLUG on one base model held by two families: open_clip (q, k, v fused in one `in_proj_weight`
+candidate) and hf_clip (its transformers export: `q_proj`, `k_proj`, `v_proj` separate).  Same
+weights, same data, same params.yaml settings and evaluator as stage `compare_run@slug`; prints,
+per concept and family, the chosen tensor and ρ, test FA@1/FA@5, retain @1 and other-kind @1
+(base -> after), whether the search converged, and the unlearning time.
+
+Needs `dvc repro base_model` (models/base, open_clip) and the synthetic world (data/).
+
+    python bench/families.py --concepts "Elon Musk" "Taylor Swift" Mickey
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from unlearn.data.curate import curate, resolve_concept  # noqa: E402
+from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
+from unlearn.methods.registry import run_method  # noqa: E402
+from unlearn.models.adapter import load  # noqa: E402
+from unlearn.models.export import to_hf_clip  # noqa: E402
+from unlearn.models.train import load_pairs  # noqa: E402
+from unlearn.params import load_yaml  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concepts", nargs="+", default=["Elon Musk", "Taylor Swift", "Mickey"])
+    ap.add_argument("--families", nargs="+", default=["open_clip", "hf_clip"])
+    ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    args = ap.parse_args()
+    params = load_yaml("params.yaml")
+    split = (params["eval"]["split"]["val_fraction"], params["eval"]["split"]["seed"])
+    batch, grad_batch, cur = params["eval"]["batch_size"], params["gradients"]["batch_size"], params["curate"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.concepts:
+            concept = resolve_concept(name, params["concepts"])
+            sets = Path(tmp, concept.slug)
+            (sets / "forget").mkdir(parents=True), (sets / "retain").mkdir(parents=True)
+            curate("data/laion", concept, cur["forget_max"], cur["retain_size"], cur["seed"], sets / "forget", sets / "retain")
+            for family in args.families:
+                torch.manual_seed(params["compare"]["seed"])
+                adapter = load("models/base")
+                if family == "hf_clip":
+                    adapter = to_hf_clip(adapter)
+                forget, retain = load_pairs(adapter, sets / "forget"), load_pairs(adapter, sets / "retain")
+                test = Evaluator(adapter, concept_tasks("data/eval", concept, "test", *split), batch)
+                base = test.evaluate()
+                val = Evaluator(adapter, concept_tasks("data/eval", concept, "val", *split), batch)
+                t = time.perf_counter()
+                out = run_method("slug", adapter, forget, retain, val, concept.kind, params["slug"], grad_batch)
+                wall = time.perf_counter() - t
+                after = test.evaluate()
+                row = {"concept": name, "family": family, "layer": out.details["layer"], "short": adapter.short_name(out.details["layer"]),
+                       "rho": out.details["rho"], "converged": out.details["converged"], "unlearn_s": out.time_s["unlearn"], "wall_s": round(wall, 1),
+                       "base": base, "after": after}
+                rows.append(row)
+                print(f"{name:13s} {family:9s} {row['short']:22s} rho {row['rho']:.3g} converged {row['converged']}: "
+                      f"FA@1 {base['forget_top1']:.3f}->{after['forget_top1']:.3f} FA@5 {base['forget_top5']:.3f}->{after['forget_top5']:.3f} "
+                      f"retain@1 {base['retain_top1']:.3f}->{after['retain_top1']:.3f} other@1 {base['utility_top1']:.3f}->{after['utility_top1']:.3f} "
+                      f"({out.time_s['unlearn']:.1f} s)", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

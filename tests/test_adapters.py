@@ -1,0 +1,253 @@
+"""The contract every registered model family meets (the adapter protocol, unlearn/models/adapter.py):
+one test class parametrised by family, on tiny models.  A new family registers itself in
+`FAMILIES` and a tiny model in `TINY` below, and gets every test here.
+
+The tiny models are the session's trained tiny CLIP (tests/conftest.py) as each family holds it:
+open_clip itself, hf_clip its transformers export (the same weights)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from unlearn.data.curate import Concept
+from unlearn.errors import UnlearnError
+from unlearn.eval.suite import Evaluator, concept_tasks
+from unlearn.methods import slug
+from unlearn.models import adapter as A
+from unlearn.models.export import to_hf_clip
+from unlearn.models.inputs import input_moments
+
+TINY = {
+    "open_clip": lambda base: copy.deepcopy(base),
+    "hf_clip": lambda base: to_hf_clip(copy.deepcopy(base)),
+}
+# tensors whose inputs a family reads through its own route (not an nn.Linear / nn.LayerNorm
+# input): checked against an independent computation in the family's own test
+OWN_ROUTE_TESTS = {"open_clip": "tests/test_inputs.py::test_input_moments_match_an_independent_route"}
+CAPTIONS = ["Elon Musk at the gala", "a photo of a rocket", "Taylor Swift smiling", "a red car", "Mickey", "a fish", "a tree"]
+
+
+def test_every_registered_family_has_a_tiny_model():
+    assert set(TINY) == set(A.FAMILIES)
+
+
+@pytest.fixture(scope="module", params=sorted(A.FAMILIES))
+def model(request, tiny_clip):
+    a = TINY[request.param](tiny_clip)
+    assert a.family == request.param
+    return a
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    g = torch.Generator().manual_seed(0)
+    size = model.preprocess(Image.new("RGB", (64, 64))).shape[-1]
+    return torch.randn(len(CAPTIONS), 3, size, size, generator=g), model.tokenize(CAPTIONS)
+
+
+def _restore(model, name, value):
+    with torch.no_grad():
+        dict(model.model.named_parameters())[name].copy_(value)
+
+
+def test_inputs_and_encoders(model, batch):
+    images, tokens = batch
+    pixel = model.preprocess(Image.fromarray((np.random.default_rng(0).random((80, 64, 3)) * 255).astype("uint8")))
+    assert pixel.ndim == 3 and pixel.shape[0] == 3 and pixel.dtype == torch.float32
+    assert tokens.dtype == torch.long and tokens.ndim == 2 and tokens.shape[0] == len(CAPTIONS) and tokens.device.type == "cpu"
+    with torch.no_grad():
+        v, t = model.encode_images(images), model.encode_tokens(tokens)
+        assert v.shape == (len(CAPTIONS), t.shape[1])
+        torch.testing.assert_close(v.norm(dim=-1), torch.ones(len(CAPTIONS)))
+        torch.testing.assert_close(model.encode_texts(CAPTIONS), t)
+        assert not torch.allclose(model.encode_images(images, normalize=False).norm(dim=-1), torch.ones(len(CAPTIONS)))
+    assert model.logit_scale.item() == pytest.approx(model.logit_scale_param.exp().item()) and model.logit_scale.item() > 1
+
+
+def test_losses_are_finite_and_meaningful(model, batch):
+    images, tokens = batch
+    with torch.no_grad():
+        f, r = model.forget_loss(images, tokens), model.retain_loss(images, tokens)
+        shuffled = model.forget_loss(images, tokens.roll(1, dims=0))
+    assert torch.isfinite(f) and torch.isfinite(r) and 0 <= f.item() <= 2 and r.item() > 0
+    assert shuffled.item() != pytest.approx(f.item())  # the loss pairs each image with its own caption
+
+
+def test_the_one_pass_gradient_equals_the_full_batch_gradient(model, batch):
+    images, tokens = batch
+    batches = [(images[s : s + 3], tokens[s : s + 3]) for s in range(0, len(CAPTIONS), 3)]
+    # the forget loss is a mean over pairs: the batched pass is the full-batch gradient
+    grads, n, _ = slug.mean_gradient(model, model.forget_loss, batches)
+    direct = _grad(model, model.forget_loss, images, tokens)
+    assert n == len(CAPTIONS) and set(direct) <= set(grads)
+    for k, g in direct.items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-6)
+    # the contrastive retain loss is per batch: the pass is the size-weighted mean of the batches' gradients
+    grads, _, _ = slug.mean_gradient(model, model.retain_loss, batches)
+    parts = [(_grad(model, model.retain_loss, x, t), x.shape[0]) for x, t in batches]
+    for k in direct:
+        torch.testing.assert_close(grads[k], sum(g[k] * b for g, b in parts) / len(CAPTIONS), rtol=1e-4, atol=1e-6)
+
+
+def _grad(model, loss, images, tokens):
+    model.model.zero_grad(set_to_none=True)
+    loss(images, tokens).backward()
+    out = {k: p.grad.detach().clone() for k, p in model.model.named_parameters() if p.grad is not None}
+    model.model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_candidates_towers_and_names(model):
+    cands = model.candidate_layers()
+    params = dict(model.model.named_parameters())
+    assert cands and all(params[n].ndim >= 2 for n in cands)
+    assert not any(("embedding" in n) or n.endswith("bias") or "logit_scale" in n for n in cands)
+    assert {model.tower(n) for n in cands} == set(model.towers)
+    with_norms = model.candidate_layers(include_layernorm=True)
+    norms = [n for n in with_norms if n not in cands]
+    assert norms and all(params[n].ndim == 1 and model.input_layout(n) == "scale" for n in norms)
+    assert len({model.short_name(n) for n in with_norms}) == len(with_norms)  # labels tell tensors apart
+    assert all(model.input_layout(n) in A.LAYOUTS for n in cands)
+
+
+def test_cached_partial_forwards_equal_the_full_forward_after_an_edit_in_each_tower(model, batch):
+    """What the evaluator's caches rely on: hidden states cached before an edit of vision block b,
+    resumed at b after it, give the full forward of the edited model; a text-tower edit leaves the
+    image embeddings alone."""
+    images, _ = batch
+    cands = model.candidate_layers()
+    for tower in model.towers:
+        name = next(n for n in cands if model.tower(n) == tower and (tower == "text" or model.image_block_of(n) not in (None, 0)))
+        param = dict(model.model.named_parameters())[name]
+        original = param.detach().clone()
+        block = model.image_block_of(name)
+        try:
+            with torch.no_grad():
+                before = model.encode_images(images)
+                hidden = model.image_hidden(images, block) if block is not None else None
+                param.add_(0.5 * original.std() * torch.randn_like(param))
+                after = model.encode_images(images)
+                resumed = model.encode_images_from(hidden, block) if block is not None else None
+        finally:
+            _restore(model, name, original)
+        if tower == "image":
+            assert not torch.allclose(before, after)
+            torch.testing.assert_close(resumed, after, rtol=1e-5, atol=1e-6)
+        else:
+            assert block is None and torch.equal(before, after)
+
+
+def test_every_block_resumes_to_the_full_forward(model, batch):
+    images, _ = batch
+    image_blocks = sorted({b for n in model.candidate_layers() if (b := model.image_block_of(n)) is not None})
+    with torch.no_grad():
+        full = model.encode_images(images)
+        for b in image_blocks:
+            torch.testing.assert_close(model.encode_images_from(model.image_hidden(images, b), b), full, rtol=1e-5, atol=1e-6)
+
+
+def test_input_moments_of_linear_and_layernorm_candidates(model, batch):
+    """Against an independent route: forward hooks on each owning module's *output* (y = x W^T + b,
+    so E[(y - b)(y - b)^T] = W C W^T; a LayerNorm's x_hat = (y - b) / w).  Tensors whose module
+    never runs as a module (open_clip's fused attention) are read by the family's own route,
+    checked in the family's own test."""
+    images, tokens = batch
+    modules = dict(model.model.named_modules())
+    cands = [n for n in model.candidate_layers(include_layernorm=True) if isinstance(modules.get(n.rpartition(".")[0]), (nn.Linear, nn.LayerNorm))]
+    seen = {n: [] for n in cands}
+    handles = [modules[n.rpartition(".")[0]].register_forward_hook(lambda _m, _a, out, n=n: seen[n].append(out)) for n in cands]
+    try:
+        with torch.no_grad():
+            model.encode_images(images[:4]), model.encode_tokens(tokens[:4])
+            model.encode_images(images[4:]), model.encode_tokens(tokens[4:])
+    finally:
+        for h in handles:
+            h.remove()
+    own = [n for n in model.candidate_layers() if n not in cands or not seen[n]]
+    assert not own or model.family in OWN_ROUTE_TESTS, f"{model.family}: {own[:3]} need an independent route of their own"
+    chosen: dict = {}
+    for n in cands:
+        if seen[n]:
+            chosen.setdefault((model.tower(n), type(modules[n.rpartition(".")[0]]).__name__, tuple(modules[n.rpartition(".")[0]].weight.shape)), n)
+    layers = list(chosen.values())
+    assert len(layers) >= 4
+    moments, count = input_moments(model, layers, [(images[:4], tokens[:4]), (images[4:], tokens[4:])])
+    assert count == len(CAPTIONS)
+    for n in layers:
+        owner = modules[n.rpartition(".")[0]]
+        y = torch.cat([o.reshape(-1, o.shape[-1]) for o in seen[n]]).double()
+        if owner.bias is not None:
+            y = y - owner.bias.double()
+        w = owner.weight.double()
+        if isinstance(owner, nn.LayerNorm):
+            torch.testing.assert_close(moments[n], ((y / w) ** 2).mean(0), rtol=1e-5, atol=1e-8)
+        else:
+            torch.testing.assert_close(w @ moments[n] @ w.T, y.T @ y / y.shape[0], rtol=1e-5, atol=1e-7)
+
+
+def test_save_load_round_trip(model, batch, tmp_path):
+    images, tokens = batch
+    model.save(tmp_path / "m")
+    info = A.read_family(tmp_path / "m")
+    assert info["family"] == model.family and info["version"] and info["weights"] == list(model.weights)
+    loaded = A.load(tmp_path / "m")
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_images(images), model.encode_images(images))
+        assert torch.equal(loaded.encode_tokens(loaded.tokenize(CAPTIONS)), model.encode_tokens(tokens))
+    assert A.fingerprint(tmp_path / "m") == A.fingerprint(tmp_path / "m") and len(A.fingerprint(tmp_path / "m")) == 64
+    loaded.save(tmp_path / "again")
+    assert A.fingerprint(tmp_path / "again") == A.fingerprint(tmp_path / "m")
+
+
+def test_a_slug_search_on_the_tiny_world(model, data, tiny_world):
+    """SLUG end to end through the protocol: gradients, ranking, search and the edit; only the
+    chosen tensor moves and the forget loss rises."""
+    forget, retain = data
+    if model.family != "open_clip":  # the fixture's pairs were made with open_clip's preprocessing and tokenizer
+        forget, retain = _retokenized(model, forget, retain, tiny_world)
+    musk = Concept("Elon Musk", "identity", ("Musk",), ("Musk ox",))
+    evaluator = Evaluator(model, concept_tasks(tiny_world / "eval", musk, "val", 0.34, 0), 64)
+    state = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    cfg = slug.SearchConfig(max_layers=2, evals_per_layer=3, rho_max=1.6)
+    try:
+        with torch.no_grad():
+            before = float(model.forget_loss(*forget))
+        edit, times = slug.unlearn(model, lambda: iter([forget]), lambda: iter([retain]), evaluator, "identity", slug.RankConfig(), cfg)
+        after_params = dict(model.model.named_parameters())
+        moved = [n for n, p in after_params.items() if not torch.equal(p.detach(), state[n])]
+        assert moved == [edit.layer] and edit.layer in model.candidate_layers()
+        assert len(edit.layers) == 2 and {r["layer"] for r in edit.rows} == set(edit.layers) and times["unlearn"] > 0
+        with torch.no_grad():
+            assert float(model.forget_loss(*forget)) > before
+    finally:
+        with torch.no_grad():
+            for n, p in model.model.named_parameters():
+                p.copy_(state[n])
+
+
+def _retokenized(model, forget, retain, tiny_world):
+    from unlearn.data.pairs import decode
+    from unlearn.data.shards import iter_samples
+
+    musk = Concept("Elon Musk", "identity", ("Musk",), ("Musk ox",))
+    sides = ([], []), ([], [])
+    for s in iter_samples(tiny_world / "laion"):
+        side = sides[0] if musk.mentioned_in(s.caption) else sides[1]
+        side[0].append(model.preprocess(decode(s, tiny_world / "laion")))
+        side[1].append(s.caption)
+    return tuple((torch.stack(x), model.tokenize(c)) for x, c in sides)
+
+
+def test_one_tower_ranking(model):
+    g = {n: torch.randn_like(p) for n, p in model.model.named_parameters()}
+    for tower in model.towers:
+        ranking = slug.rank(model, g, {n: torch.randn_like(v) for n, v in g.items()}, slug.RankConfig(towers=[tower]))
+        assert list(ranking.order) == [tower] and all(model.tower(n) == tower for n in ranking.order[tower])
+        assert slug.plan_layers(ranking.front_scores(), ranking.order, 3) == ranking.order[tower][:3]
+    with pytest.raises(UnlearnError, match=r"slug.rank.towers is \['audio'\]"):
+        slug.rank(model, g, g, slug.RankConfig(towers=["audio"]))
