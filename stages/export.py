@@ -13,12 +13,11 @@ from unlearn.cli import run_stage
 from unlearn.data.curate import read_manifest
 from unlearn.data.evalsets import read_celeba, read_imagenet
 from unlearn.errors import UnlearnError
-from unlearn.eval.equivalence import compare_adapters
 from unlearn.eval.zeroshot import IDENTITY_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from unlearn.io import atomic_outputs, write_json
 from unlearn.methods.slug import apply_patch
 from unlearn.models.adapter import load
-from unlearn.models.export import TOLERANCE, to_hf_clip
+from unlearn.models.export import TOLERANCE, compare_adapters, to_hf_clip
 from unlearn.params import stage_params
 
 MODEL, PATCH, EVAL, FORGET = "models/base", "models/unlearned", "data/eval", "data/forget"

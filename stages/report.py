@@ -25,6 +25,7 @@ def main() -> None:
     p = stage_params("report")
     n_examples = int(p("report.examples"))
     base, m, layers = read_json("metrics/base.json"), read_json("metrics/unlearn.json"), read_json("metrics/layers.json")
+    export = read_json("metrics/export.json")
     b = m["base"]
     rows = [(k, pct(b[k], 1, ' %'), pct(m[k], 1, ' %')) for k in ("forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5")]
     rows.append(("membership inference accuracy", f"{b['mia']['mean']:.3f}", f"{m['mia']['mean']:.3f}"))
@@ -33,12 +34,17 @@ def main() -> None:
     body = f"""
 <h1>unlearn: forgetting {html.escape(m['concept'])} ({m['kind']})</h1>
 <h2>Base model</h2>
-<p>{html.escape(str(p('model.arch')))} ({html.escape(str(p('model.pretrained')))}): identity top-1 {pct(base.get('identity_top1'), 1, ' %')}, ImageNet-style top-1 {pct(base.get('object_top1'), 1, ' %')}.</p>
+<p>{html.escape(str(p('model.family')))} model, {html.escape(str(p('model.arch')))} ({html.escape(str(p('model.pretrained')))}): identity top-1 {pct(base.get('identity_top1'), 1, ' %')}, ImageNet-style top-1 {pct(base.get('object_top1'), 1, ' %')}.</p>
 <h2>SLUG edit</h2>
 <p>Layer <code>{html.escape(m['layer'])}</code>, relative step &rho; = {m['rho']:.4g} along the {_DIRECTION[m['direction']]} ({status}).
 Unlearning took {m['time_s']['unlearn']:.1f} s (gradients + ranking + search), peak memory {m['peak_memory_mb']:.0f} MB,
 and the patch stores {m['stored_bytes']:,} bytes.</p>
 <table><tr><th>test images</th><th>base</th><th>after SLUG</th></tr>{result}</table>
+<h2>Export to transformers</h2>
+<p>models/hf/base and models/hf/unlearned (transformers CLIPModel folders, from the {html.escape(export['base']['family'])} model): largest absolute
+difference of the normalised embeddings over {export['base']['images']:,} evaluation images and {export['base']['texts']:,} texts:
+image {max(export[k]['image_embedding_max_abs_diff'] for k in ('base', 'unlearned')):.1e}, text
+{max(export[k]['text_embedding_max_abs_diff'] for k in ('base', 'unlearned')):.1e} (tolerance {export['tolerance']:.0e}).</p>
 <h2>Pareto fronts (importance against gradient alignment, {html.escape(layers['family'])} model)</h2>
 {' '.join(inline_image(f'plots/pareto/{t}.png', f'{t} tower') for t in layers['towers'])}
 <p>Front: {', '.join(html.escape(n) for t in layers['front'].values() for n in t)}</p>

@@ -10,12 +10,11 @@ import torch
 from unlearn.data.evalsets import read_celeba, read_imagenet
 from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
-from unlearn.eval.equivalence import compare_adapters
 from unlearn.eval.zeroshot import IDENTITY_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from unlearn.methods import slug
 from unlearn.models import adapter as A
 from unlearn.models import openclip as oc
-from unlearn.models.export import TOLERANCE, to_hf_clip
+from unlearn.models.export import TOLERANCE, compare_adapters, to_hf_clip
 from unlearn.models.hf_clip import HFClipAdapter
 
 
@@ -105,3 +104,20 @@ def test_hf_candidates_split_q_k_v(exported, tiny_clip):
     assert exported.short_name("text_projection.weight") == "text_projection"
     assert exported.tower("visual_projection.weight") == "image" and exported.tower("text_model.final_layer_norm.weight") == "text"
     assert exported.image_block_of("vision_model.post_layernorm.weight") == 4 and exported.image_block_of("vision_model.pre_layrnorm.weight") is None
+
+
+def test_a_hub_id_through_the_hub_cache_offline(exported, tmp_path, monkeypatch):
+    """`model.pretrained: org/name` with `model.family: hf_clip`, offline: transformers resolves the
+    id from a local huggingface_hub cache; an id not in the cache is one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "models--unlearn-test--tiny-hf-clip"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    exported.save(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    loaded = HFClipAdapter.from_pretrained("unlearn-test/tiny-hf-clip", cache_dir=str(tmp_path))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(exported.encode_images(images), loaded.encode_images(images))
+    with pytest.raises(UnlearnError, match="could not read a transformers config from 'unlearn-test/absent'"):
+        HFClipAdapter.from_pretrained("unlearn-test/absent", cache_dir=str(tmp_path))

@@ -280,6 +280,19 @@ def test_report_is_one_self_contained_page(repo):
     assert "along the forget gradient preconditioned by the layer's retain inputs" in page
 
 
+def test_export_writes_transformers_folders_equal_to_open_clip(repo):
+    import transformers
+
+    export = json.loads((repo / "metrics" / "export.json").read_text())
+    for name in ("base", "unlearned"):
+        figures = export[name]
+        assert figures["family"] == "open_clip" and figures["token_mismatches"] == 0
+        assert figures["image_embedding_max_abs_diff"] <= 1e-5 and figures["text_embedding_max_abs_diff"] <= 1e-5
+        assert transformers.CLIPModel.from_pretrained(repo / "models" / "hf" / name).config.model_type == "clip"
+    patch = json.loads((repo / "models" / "unlearned" / "patch.json").read_text())
+    assert export["patch_layer"] == patch["layer"]
+
+
 def test_the_hf_clip_family_runs_the_clip_track(repo):
     """`dvc exp run -S model.family=hf_clip`: the base model exported to a transformers CLIPModel,
     then curate .. evaluate, the export and the comparison on it."""
