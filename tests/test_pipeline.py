@@ -268,7 +268,7 @@ def test_unknown_method_is_one_line(repo):
     proc = _run([sys.executable, "-m", "stages.compare_run", "salun2"], repo, check=False)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: unknown method 'salun2'; known methods: slug, ft, ga, ga_ft, salun, ssd"]
+    assert errors == ["error: unknown method 'salun2'; known methods: ft, ga, ga_ft, salun, slug, ssd"]
 
 
 def test_report_is_one_self_contained_page(repo):
@@ -307,7 +307,8 @@ def test_the_hf_clip_family_runs_the_clip_track(repo):
     unlearn = data["metrics"]["metrics/unlearn.json"]["data"]
     layers = data["metrics"]["metrics/layers.json"]["data"]
     assert layers["family"] == "hf_clip" and unlearn["layer"].startswith(("text_model.", "vision_model.", "text_projection", "visual_projection"))
-    assert any(".self_attn.q_proj.weight" in n for n in layers["order"]["text"])  # q, k and v are candidates of their own
+    # q, k, v, out, fc1, fc2 per block (open_clip: in_proj, out_proj, c_fc, c_proj) and the projection
+    assert layers["candidates"] == {"image": 4 * 6 + 1, "text": 3 * 6 + 1}
     export = data["metrics"]["metrics/export.json"]["data"]
     assert export["base"]["family"] == "hf_clip" and export["base"]["image_embedding_max_abs_diff"] == 0.0
     compare = data["metrics"]["metrics/compare.json"]["data"]
