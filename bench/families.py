@@ -4,9 +4,14 @@ weights, same data, same params.yaml settings and evaluator as stage `compare_ru
 per concept and family, the chosen tensor and ρ, test FA@1/FA@5, retain @1 and other-kind @1
 (base -> after), whether the search converged, and the unlearning time.
 
+With `--layers`, each listed tensor is searched alone (no ranking), to see what one tensor can
+do: `--layers q_proj k_proj v_proj out_proj --block 0` searches the first text block's attention
+tensors of hf_clip (and `in_proj`/`out_proj` of open_clip), each as the whole edit.
+
 Needs `dvc repro base_model` (models/base, open_clip) and the synthetic world (data/).
 
     python bench/families.py --concepts "Elon Musk" "Taylor Swift" Mickey
+    python bench/families.py --concepts "Elon Musk" --layers q_proj k_proj v_proj in_proj out_proj --block 0
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch  # noqa: E402
 
 from unlearn.data.curate import curate, resolve_concept  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
+from unlearn.methods import slug  # noqa: E402
 from unlearn.methods.registry import run_method  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
 from unlearn.models.export import to_hf_clip  # noqa: E402
@@ -38,6 +44,8 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=["Elon Musk", "Taylor Swift", "Mickey"])
     ap.add_argument("--families", nargs="+", default=["open_clip", "hf_clip"])
     ap.add_argument("--out", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--layers", nargs="*", default=None, help="search each of these text-block tensors alone (q_proj, in_proj, out_proj, ...)")
+    ap.add_argument("--block", type=int, default=0, help="the text block of --layers")
     args = ap.parse_args()
     params = load_yaml("params.yaml")
     split = (params["eval"]["split"]["val_fraction"], params["eval"]["split"]["seed"])
@@ -58,6 +66,9 @@ def main() -> None:
                 test = Evaluator(adapter, concept_tasks("data/eval", concept, "test", *split), batch)
                 base = test.evaluate()
                 val = Evaluator(adapter, concept_tasks("data/eval", concept, "val", *split), batch)
+                if args.layers is not None:
+                    rows += _single_tensors(adapter, family, name, concept, forget, retain, val, test, base, params, grad_batch, args)
+                    continue
                 t = time.perf_counter()
                 out = run_method("slug", adapter, forget, retain, val, concept.kind, params["slug"], grad_batch)
                 wall = time.perf_counter() - t
@@ -72,6 +83,36 @@ def main() -> None:
                       f"({out.time_s['unlearn']:.1f} s)", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _single_tensors(adapter, family, name, concept, forget, retain, val, test, base, params, grad_batch, args) -> list[dict]:
+    """Each listed attention/MLP tensor of one text block searched alone, as the whole edit."""
+    from unlearn.methods.registry import chunks
+
+    prefix = {"open_clip": f"transformer.resblocks.{args.block}.attn.", "hf_clip": f"text_model.encoder.layers.{args.block}.self_attn."}[family]
+    names = {"in_proj": prefix + "in_proj_weight", "out_proj": prefix + "out_proj.weight",
+             **{p: prefix + f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj")}}
+    layers = [names[k] for k in args.layers if k in names and names[k] in adapter.candidate_layers()]
+    cfg = slug.slug_config(params["slug"])
+    grads = slug.compute_gradients(adapter, chunks(forget, grad_batch), chunks(retain, grad_batch))
+    out = []
+    for layer in layers:
+        state = dict(adapter.model.named_parameters())[layer].detach().clone()
+        edit = slug.search(adapter, val, grads.forget, {"all": {}}, {"all": [layer]}, cfg.search, concept.kind, lambda: chunks(retain, grad_batch))
+        slug.apply_edit(adapter, layer, edit.delta)
+        after = test.evaluate()
+        with torch.no_grad():
+            dict(adapter.model.named_parameters())[layer].copy_(state)
+        row = {"concept": name, "family": family, "layer": layer, "short": adapter.short_name(layer), "rho": edit.rho, "converged": edit.converged,
+               "evaluations": len(edit.rows), "validation": {k: edit.choice[k] for k in ("forget_top1", "forget_top5", "retain_top1", "utility_top1")},
+               "base": base, "after": after}
+        out.append(row)
+        v = row["validation"]
+        print(f"{name:13s} {family:9s} {row['short']:22s} alone: rho {edit.rho:.3g} passed val {edit.converged} "
+              f"(val FA@1 {v['forget_top1']:.3f} FA@5 {v['forget_top5']:.3f} retain {v['retain_top1']:.3f} other {v['utility_top1']:.3f}); "
+              f"test FA@1 {after['forget_top1']:.3f} FA@5 {after['forget_top5']:.3f} retain@1 {after['retain_top1']:.3f} other@1 {after['utility_top1']:.3f}",
+              flush=True)
+    return out
 
 
 if __name__ == "__main__":
