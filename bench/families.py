@@ -92,7 +92,10 @@ def _single_tensors(adapter, family, name, concept, forget, retain, val, test, b
     prefix = {"open_clip": f"transformer.resblocks.{args.block}.attn.", "hf_clip": f"text_model.encoder.layers.{args.block}.self_attn."}[family]
     names = {"in_proj": prefix + "in_proj_weight", "out_proj": prefix + "out_proj.weight",
              **{p: prefix + f"{p}.weight" for p in ("q_proj", "k_proj", "v_proj")}}
-    layers = [names[k] for k in args.layers if k in names and names[k] in adapter.candidate_layers()]
+    unknown = sorted(set(args.layers) - set(names))
+    if unknown:
+        raise SystemExit(f"error: unknown --layers {unknown}; use q_proj, k_proj, v_proj, in_proj, out_proj")
+    layers = [names[k] for k in args.layers if names[k] in adapter.candidate_layers()]  # q/k/v exist in hf_clip, in_proj in open_clip
     cfg = slug.slug_config(params["slug"])
     grads = slug.compute_gradients(adapter, chunks(forget, grad_batch), chunks(retain, grad_batch))
     out = []

@@ -18,6 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = S.SyntheticConfig(seed=3, image_size=64, shards=2, samples_per_shard=60, eval_per_class=3, workers=1)
 
 
+def direct_gradient(adapter, loss, images, tokens) -> dict:
+    """The gradient of one loss on one batch, straight from autograd (what the one-pass gradient
+    is compared with)."""
+    adapter.model.zero_grad(set_to_none=True)
+    loss(images, tokens).backward()
+    out = {n: p.grad.detach().clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
+    adapter.model.zero_grad(set_to_none=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """`laion/` shards and `eval/{celeba,imagenet}` of a 120-sample world."""

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tests.conftest import direct_gradient
 from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, concept_tasks
@@ -82,23 +83,16 @@ def test_the_one_pass_gradient_equals_the_full_batch_gradient(model, batch):
     batches = [(images[s : s + 3], tokens[s : s + 3]) for s in range(0, len(CAPTIONS), 3)]
     # the forget loss is a mean over pairs: the batched pass is the full-batch gradient
     grads, n, _ = slug.mean_gradient(model, model.forget_loss, batches)
-    direct = _grad(model, model.forget_loss, images, tokens)
+    direct = direct_gradient(model, model.forget_loss, images, tokens)
     assert n == len(CAPTIONS) and set(direct) <= set(grads)
     for k, g in direct.items():
         torch.testing.assert_close(grads[k], g, rtol=1e-4, atol=1e-6)
     # the contrastive retain loss is per batch: the pass is the size-weighted mean of the batches' gradients
     grads, _, _ = slug.mean_gradient(model, model.retain_loss, batches)
-    parts = [(_grad(model, model.retain_loss, x, t), x.shape[0]) for x, t in batches]
+    parts = [(direct_gradient(model, model.retain_loss, x, t), x.shape[0]) for x, t in batches]
     for k in direct:
         torch.testing.assert_close(grads[k], sum(g[k] * b for g, b in parts) / len(CAPTIONS), rtol=1e-4, atol=1e-6)
 
-
-def _grad(model, loss, images, tokens):
-    model.model.zero_grad(set_to_none=True)
-    loss(images, tokens).backward()
-    out = {k: p.grad.detach().clone() for k, p in model.model.named_parameters() if p.grad is not None}
-    model.model.zero_grad(set_to_none=True)
-    return out
 
 
 def test_candidates_towers_and_names(model):
@@ -199,9 +193,14 @@ def test_save_load_round_trip(model, batch, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.encode_images(images), model.encode_images(images))
         assert torch.equal(loaded.encode_tokens(loaded.tokenize(CAPTIONS)), model.encode_tokens(tokens))
-    assert A.fingerprint(tmp_path / "m") == A.fingerprint(tmp_path / "m") and len(A.fingerprint(tmp_path / "m")) == 64
+    assert len(A.fingerprint(tmp_path / "m")) == 64
     loaded.save(tmp_path / "again")
-    assert A.fingerprint(tmp_path / "again") == A.fingerprint(tmp_path / "m")
+    assert A.fingerprint(tmp_path / "again") == A.fingerprint(tmp_path / "m")  # same weights, same fingerprint
+    name = loaded.candidate_layers()[0]
+    with torch.no_grad():
+        dict(loaded.model.named_parameters())[name].add_(1e-3)
+    loaded.save(tmp_path / "edited")
+    assert A.fingerprint(tmp_path / "edited") != A.fingerprint(tmp_path / "m")  # any edit changes it
 
 
 def test_a_slug_search_on_the_tiny_world(model, data, tiny_world):

@@ -8,6 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from tests.conftest import direct_gradient
 from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, concept_tasks, split_part
@@ -33,18 +34,10 @@ def _batches(images, tokens, size):
     return [(images[s : s + size], tokens[s : s + size]) for s in range(0, images.shape[0], size)]
 
 
-def _direct(adapter, loss, images, tokens):
-    adapter.model.zero_grad(set_to_none=True)
-    loss(images, tokens).backward()
-    out = {n: p.grad.detach().clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
-    adapter.model.zero_grad(set_to_none=True)
-    return out
-
-
 def test_one_pass_forget_gradient_equals_the_full_batch_gradient(adapter, pairs):
     images, tokens = pairs
     grads, n, _ = slug.mean_gradient(adapter, adapter.forget_loss, _batches(images, tokens, 3))  # batches of 3, 3, 3, 2
-    direct = _direct(adapter, adapter.forget_loss, images, tokens)
+    direct = direct_gradient(adapter, adapter.forget_loss, images, tokens)
     assert n == len(CAPTIONS)
     for name, g in direct.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7)
@@ -54,7 +47,7 @@ def test_one_pass_forget_gradient_equals_the_full_batch_gradient(adapter, pairs)
 def test_one_pass_retain_gradient_equals_the_full_batch_gradient(adapter, pairs):
     images, tokens = pairs
     grads, _, loss = slug.mean_gradient(adapter, adapter.retain_loss, _batches(images, tokens, 64))
-    direct = _direct(adapter, adapter.retain_loss, images, tokens)
+    direct = direct_gradient(adapter, adapter.retain_loss, images, tokens)
     for name, g in direct.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7)
     assert loss > 0

@@ -10,7 +10,7 @@ from unlearn.models.adapter import Adapter
 def ga_ft(adapter: Adapter, forget: Pairs, retain: Pairs, cfg: TrainConfig, on_epoch: OnEpoch | None = None) -> list[float]:
     """GA+FT (GradDiff): the joint loss -L_f + alpha * L_r, one forget and one retain batch a step."""
     return train_loop(adapter, "ga_ft", cfg, joint(forget, retain, cfg.batch_size),
-                  lambda b: -adapter.forget_loss(*b[0]) + cfg.alpha * adapter.retain_loss(*b[1]), on_epoch)
+                      lambda b: -adapter.forget_loss(*b[0]) + cfg.alpha * adapter.retain_loss(*b[1]), on_epoch)
 
 
 @register("ga_ft", TrainConfig, "-L_f + alpha L_r, one forget and one retain batch a step")

@@ -122,11 +122,6 @@ def check_methods(names: list, key: str = "compare.methods") -> list[str]:
     return chosen
 
 
-def method_config(name: str, params: dict):
-    """The config of method `name` from its params section (one-line errors for bad keys)."""
-    return methods()[check_method(name)].config(params, name)
-
-
 def run_method(name: str, adapter: Adapter, forget: Pairs, retain: Pairs, evaluator, kind: str, params: dict,
                grad_batch: int = 128) -> Outcome:
     """Unlearn in place with method `name` and its params section; `evaluator` holds the

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from unlearn.errors import UnlearnError
+from unlearn.io import sha256_file
 from unlearn.methods import check_direction
 from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
 from unlearn.models.adapter import Adapter, check_made_for, fingerprint, read_family
@@ -348,7 +349,7 @@ def apply_patch(adapter: Adapter, directory: str | Path, model_dir: str | Path |
     if not (directory / PATCH_WEIGHTS).is_file() or not (directory / PATCH_META).is_file():
         raise UnlearnError(f"{directory} is not a SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} expected): run the search stage")
     meta = json.loads((directory / PATCH_META).read_text())
-    if meta.get("family", adapter.family) != adapter.family:
+    if meta.get("family", "open_clip") != adapter.family:  # patches written before families existed are open_clip's
         raise UnlearnError(f"patch {directory} was made for a {meta.get('family')} model, not this {adapter.family} one; "
                            "re-run the search stage for this model (or export the patched model)")
     if model_dir is not None:
@@ -567,8 +568,6 @@ def unlearn(adapter: Adapter, forget_batches: Callable[[], Iterable], retain_bat
 def gradient_record(adapter_dir: str | Path, forget_manifest: str | Path, retain_manifest: str | Path, grads: Gradients, batch_size: int,
                     seed: int) -> GradientRecord:
     """The sidecar of the gradients of the model saved in `adapter_dir`."""
-    from unlearn.io import sha256_file
-
     return GradientRecord(model_sha256=fingerprint(adapter_dir), forget_manifest_sha256=sha256_file(forget_manifest),
                           retain_manifest_sha256=sha256_file(retain_manifest), n_forget=grads.n_forget, n_retain=grads.n_retain,
                           batch_size=batch_size, seed=seed, forget_loss=round(grads.forget_loss, 6), retain_loss=round(grads.retain_loss, 6),

@@ -106,7 +106,7 @@ def check_made_for(what: str, recorded: dict, model_dir: str | Path, fix: str) -
     """A gradient file or patch records the family and fingerprint of its model: refuse it for
     another family or another model, naming `what` and the `fix`."""
     family = read_family(model_dir)["family"]
-    if recorded.get("family", family) != family:
+    if recorded.get("family", "open_clip") != family:  # files written before families existed are open_clip's
         raise UnlearnError(f"{what} was made for a {recorded.get('family')} model, but {model_dir} is {family}; {fix}")
     want = fingerprint(model_dir)
     if recorded.get("model_sha256") != want:

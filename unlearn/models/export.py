@@ -62,7 +62,8 @@ def _tower_config(transformer: nn.Module, what: str) -> dict:
             raise _unsupported(f"{what} blocks use {name} (layer scale or scaled attention)")
     if not isinstance(b.attn, nn.MultiheadAttention) or not b.attn._qkv_same_embed_dim or b.attn.in_proj_bias is None:
         raise _unsupported(f"{what} attention is not a standard nn.MultiheadAttention with q/k/v biases")
-    if getattr(b.mlp, "ln", nn.Identity()) is not None and not isinstance(getattr(b.mlp, "ln", nn.Identity()), nn.Identity):
+    ln = getattr(b.mlp, "ln", None)
+    if ln is not None and not isinstance(ln, nn.Identity):
         raise _unsupported(f"{what} MLP has an inner LayerNorm")
     return {"hidden_size": b.attn.embed_dim, "intermediate_size": b.mlp.c_fc.out_features, "num_hidden_layers": len(blocks),
             "num_attention_heads": b.attn.num_heads, "hidden_act": _act(b.mlp), "layer_norm_eps": b.ln_1.eps, "attention_dropout": 0.0}
@@ -122,7 +123,7 @@ def _from_open_clip(adapter: Adapter) -> HFClipAdapter:
         raise _unsupported(f"image tower {type(visual).__name__} (a ViT exports)")
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "final_ln_after_pool", False):
         raise _unsupported("the image tower is not pooled on its class token")
-    if visual.conv1.bias is not None or not isinstance(visual.patch_dropout, nn.Module) or not isinstance(visual.proj, nn.Parameter):
+    if visual.conv1.bias is not None or not isinstance(visual.proj, nn.Parameter):
         raise _unsupported("the patch embedding has a bias or the image projection is not a plain matrix")
     if getattr(model, "text_pool_type", "argmax") != "argmax" or not isinstance(model.text_projection, nn.Parameter) or model.attn_mask is None:
         raise _unsupported("the text tower is not causal, pooled at the end-of-text token, with a plain projection")
