@@ -8,7 +8,7 @@ With `--layers`, each listed tensor is searched alone (no ranking), to see what 
 do: `--layers q_proj k_proj v_proj out_proj --block 0` searches the first text block's attention
 tensors of hf_clip (and `in_proj`/`out_proj` of open_clip), each as the whole edit.
 
-Needs `dvc repro base_model` (models/base, open_clip) and the synthetic world (data/).
+Needs `dvc repro retain_set` (models/base, open_clip; the synthetic world, data/; the shared retain set, data/retain).
 
     python bench/families.py --concepts "Elon Musk" "Taylor Swift" Mickey
     python bench/families.py --concepts "Elon Musk" --layers q_proj k_proj v_proj in_proj out_proj --block 0
@@ -29,7 +29,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from unlearn.data.curate import curate, resolve_concept  # noqa: E402
+from unlearn.data.curate import curate_forget, resolve_concept  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
 from unlearn.methods import slug  # noqa: E402
 from unlearn.methods.registry import run_method  # noqa: E402
@@ -55,14 +55,14 @@ def main() -> None:
         for name in args.concepts:
             concept = resolve_concept(name, params["concepts"])
             sets = Path(tmp, concept.slug)
-            (sets / "forget").mkdir(parents=True), (sets / "retain").mkdir(parents=True)
-            curate("data/laion", concept, cur["forget_max"], cur["retain_size"], cur["seed"], sets / "forget", sets / "retain")
+            (sets / "forget").mkdir(parents=True)
+            curate_forget("data/laion", concept, cur["forget_max"], cur["seed"], sets / "forget")
             for family in args.families:
                 torch.manual_seed(params["compare"]["seed"])
                 adapter = load("models/base")
                 if family == "hf_clip":
                     adapter = to_hf_clip(adapter)
-                forget, retain = load_pairs(adapter, sets / "forget"), load_pairs(adapter, sets / "retain")
+                forget, retain = load_pairs(adapter, sets / "forget"), load_pairs(adapter, "data/retain")  # the shared retain set
                 test = Evaluator(adapter, concept_tasks("data/eval", concept, "test", *split), batch)
                 base = test.evaluate()
                 val = Evaluator(adapter, concept_tasks("data/eval", concept, "val", *split), batch)
@@ -88,6 +88,7 @@ def main() -> None:
 def _single_tensors(adapter, family, name, concept, forget, retain, val, test, base, params, grad_batch, args) -> list[dict]:
     """Each listed attention/MLP tensor of one text block searched alone, as the whole edit."""
     from unlearn.methods.registry import chunks
+    from unlearn.methods.retain_stats import compute_retain_stats
 
     prefix = {"open_clip": f"transformer.resblocks.{args.block}.attn.", "hf_clip": f"text_model.encoder.layers.{args.block}.self_attn."}[family]
     names = {"in_proj": prefix + "in_proj_weight", "out_proj": prefix + "out_proj.weight",
@@ -97,11 +98,12 @@ def _single_tensors(adapter, family, name, concept, forget, retain, val, test, b
         raise SystemExit(f"error: unknown --layers {unknown}; use q_proj, k_proj, v_proj, in_proj, out_proj")
     layers = [names[k] for k in args.layers if names[k] in adapter.candidate_layers()]  # q/k/v exist in hf_clip, in_proj in open_clip
     cfg = slug.slug_config(params["slug"])
-    grads = slug.compute_gradients(adapter, chunks(forget, grad_batch), chunks(retain, grad_batch))
+    g_f, _, _ = slug.forget_gradient(adapter, chunks(forget, grad_batch))
+    stats = compute_retain_stats(adapter, lambda: chunks(retain, grad_batch))
     out = []
     for layer in layers:
         state = dict(adapter.model.named_parameters())[layer].detach().clone()
-        edit = slug.search(adapter, val, grads.forget, {"all": {}}, {"all": [layer]}, cfg.search, concept.kind, lambda: chunks(retain, grad_batch))
+        edit = slug.search(adapter, val, g_f, {"all": {}}, {"all": [layer]}, cfg.search, concept.kind, stats.moments)
         slug.apply_edit(adapter, layer, edit.delta)
         after = test.evaluate()
         with torch.no_grad():

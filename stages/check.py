@@ -1,5 +1,6 @@
 """Stage `check`: the names params.yaml picks (`model.family`, `concept`, `compare.concepts`,
-`compare.methods`, `slug.search.direction`) are known, before any other stage runs.
+`compare.methods`, `forget_many.concepts`, `slug.search.direction`) are known, and
+`gradients.nproc` is a process count, before any other stage runs.
 
 Every stage is downstream of this one (stage `download` depends on its stamp), so
 `dvc exp run -S concept=Elon Mask` or `-S 'compare.methods=[slug,salun2]'` stops here with the
@@ -14,6 +15,7 @@ import logging
 
 from unlearn.cli import run_stage
 from unlearn.data.curate import resolve_concept, resolve_concepts
+from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs, write_json
 from unlearn.methods import check_direction
 from unlearn.methods.registry import check_methods
@@ -31,9 +33,14 @@ def main() -> None:
     concept = resolve_concept(str(p("concept")), table)
     concepts = resolve_concepts(p("compare.concepts"), table)
     methods = check_methods(p("compare.methods"))
+    resolve_concepts(p("forget_many.concepts"), table, "forget_many.concepts")
     check_direction(p("slug.search.direction"), p("slug.search.damping"))
+    nproc = p("gradients.nproc")
+    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+        raise UnlearnError(f"params.yaml gradients.nproc is {nproc!r}; it must be an integer >= 1 (1: one process; README \"Past one machine\")")
     with atomic_outputs(STAMP) as (stamp,):
-        write_json(stamp, {"checked": ["model.family", "concept", "compare.concepts", "compare.methods", "slug.search.direction"]})
+        write_json(stamp, {"checked": ["model.family", "concept", "compare.concepts", "compare.methods", "forget_many.concepts",
+                                       "slug.search.direction", "gradients.nproc"]})
     log.info("%s model; concept %s (%s); compare: %d concepts x %s", family, concept.name, concept.kind, len(concepts), ", ".join(methods))
 
 

@@ -18,7 +18,7 @@ from unlearn.methods.registry import check_methods
 from unlearn.params import stage_params
 from unlearn.plots import compare_scatter, compare_time_bars
 
-RUNS, METRICS = "metrics/compare", "metrics/compare.json"
+RUNS, METRICS, RETAIN_ONCE = "metrics/compare", "metrics/compare.json", "metrics/retain_stats.json"
 TABLE, CSV, SCATTER, TIMES = "plots/compare.md", "plots/compare.csv", "plots/compare_scatter.png", "plots/compare_time.png"
 log = logging.getLogger("compare")
 
@@ -37,7 +37,8 @@ def main() -> None:
         if [r["concept"] for r in rows] != concepts:
             raise UnlearnError(f"{path} covers {[r['concept'] for r in rows]}, not compare.concepts {concepts}; run `dvc repro compare_run@{m}`")
         results[m] = rows
-    out = aggregate(results, concepts, kinds)
+    once = read_json(RETAIN_ONCE) if "slug" in methods else None
+    out = aggregate(results, concepts, kinds, once)
     with atomic_outputs(METRICS, TABLE, CSV, SCATTER, TIMES) as (metrics, md, csv_path, scatter, times):
         write_json(metrics, out["metrics"])
         md.write_text(out["table"])

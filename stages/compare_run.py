@@ -1,6 +1,8 @@
 """Stage `compare_run@<method>`: one method on every concept of `compare.concepts`, each from
 the base model, decided on the target's validation images and reported on its test images with
-the evaluator and membership attack of stage `evaluate`.  Writes metrics/compare/<method>.json.
+the evaluator and membership attack of stage `evaluate`.  Every concept shares the retain set
+(and SLUG the retain statistics of stage `retain_stats`, whose one-time cost the comparison reports
+apart).  Writes metrics/compare/<method>.json.
 
     python -m stages.compare_run salun
 """
@@ -18,16 +20,17 @@ from unlearn.errors import UnlearnError
 from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json, write_json
+from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.registry import changed_bytes, check_method, chunks, run_method
 from unlearn.models.adapter import load
 from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
 
-MODEL, EVAL, DATA = "models/base", "data/eval", "data/compare"
+MODEL, EVAL, DATA, RETAIN, STATS = "models/base", "data/eval", "data/compare", "data/retain", "models/retain"
 log = logging.getLogger("compare_run")
 
 
-def run_concept(method: str, concept, p, device: str) -> dict:
+def run_concept(method: str, concept, p, device: str, retain_stats) -> dict:
     adapter = load(MODEL, device=device)
     base_state = {n: t.detach().cpu().clone() for n, t in adapter.model.named_parameters()}
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
@@ -37,7 +40,7 @@ def run_concept(method: str, concept, p, device: str) -> dict:
     if concept.name not in sets:
         raise UnlearnError(f"{DATA} holds no sets for {concept.name!r}; run `dvc repro compare_data`")
     where = f"{DATA}/{sets[concept.name]['dir']}"
-    forget, retain = load_pairs(adapter, f"{where}/forget"), load_pairs(adapter, f"{where}/retain")
+    forget, retain = load_pairs(adapter, f"{where}/forget"), load_pairs(adapter, RETAIN)
     val_tasks = concept_tasks(EVAL, concept, "val", *split)
     test = Evaluator(adapter, concept_tasks(EVAL, concept, "test", *split), batch_size)
     attack = ConceptAttack(adapter, EVAL, concept, split, list(chunks(forget, batch_size)), f"{where}/forget/manifest.json", folds, seeds)
@@ -46,7 +49,8 @@ def run_concept(method: str, concept, p, device: str) -> dict:
         return test.evaluate() | {"mia": attack(adapter)["mean"]}
 
     base = report()
-    outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size), concept.kind, p(method), grad_batch)
+    outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size), concept.kind, p(method), grad_batch,
+                         retain_stats)
     row = {"concept": concept.name, "method": method, "status": outcome.status, "epoch": outcome.epoch, "time_s": outcome.time_s,
            **outcome.details, "epochs": outcome.epochs, "base": base}
     if outcome.status == "failed":
@@ -67,7 +71,10 @@ def main() -> None:
     torch.manual_seed(int(p("compare.seed")))
     device = torch_device(p("model.device"))
     concepts = [resolve_concept(str(n), p("concepts")) for n in p("compare.concepts")]
-    rows = [run_concept(method, c, p, device) for c in concepts]
+    stats = None
+    if method == "slug":
+        stats = load_retain_stats(STATS, load(MODEL, device=device), MODEL, f"{RETAIN}/manifest.json")[0]
+    rows = [run_concept(method, c, p, device, stats) for c in concepts]
     with atomic_outputs(f"metrics/compare/{method}.json") as (out,):
         write_json(out, {"method": method, "params": p(method), "rows": rows, "peak_memory_mb": peak_memory_mb()})
 

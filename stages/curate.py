@@ -1,4 +1,5 @@
-"""Stage `curate`: the forget set (captions that mention `concept`) and a seeded retain set."""
+"""Stage `curate`: the forget set of `concept` (the captions that mention it).  The retain set is
+shared by every concept (stage `retain_set`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import logging
 import time
 
 from unlearn.cli import peak_memory_mb, run_stage
-from unlearn.data.curate import curate, resolve_concept, table_concepts
+from unlearn.data.curate import curate_forget, resolve_concept, table_concepts
 from unlearn.io import atomic_outputs, write_json
 from unlearn.params import stage_params
 
 SHARDS = "data/laion"
-FORGET, RETAIN, RECORD = "data/forget", "data/retain", "data/curate.json"
+FORGET, RECORD = "data/forget", "data/curate.json"
 log = logging.getLogger("curate")
 
 
@@ -20,14 +21,13 @@ def main() -> None:
     p = stage_params("curate")
     concept = resolve_concept(str(p("concept")), p("concepts"))
     solo = table_concepts(p("concepts")) if p("curate.solo") else ()
-    with atomic_outputs(FORGET, RETAIN, RECORD) as (forget_dir, retain_dir, record):
-        f, r = curate(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.retain_size")), int(p("curate.seed")), forget_dir, retain_dir,
-                  solo)
+    with atomic_outputs(FORGET, RECORD) as (forget_dir, record):
+        f = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, solo)
         write_json(record, {
-            "concept": concept.name, "kind": concept.kind, "forget": f["count"], "matched": f["matched"], "retain": r["count"],
+            "concept": concept.name, "kind": concept.kind, "forget": f["count"], "matched": f["matched"],
             "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(), "params": p.declared(),
         })
-    log.info("%s (%s): %d forget pairs, %d retain pairs", concept.name, concept.kind, f["count"], r["count"])
+    log.info("%s (%s): %d forget pairs", concept.name, concept.kind, f["count"])
 
 
 if __name__ == "__main__":

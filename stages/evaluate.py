@@ -20,6 +20,7 @@ from unlearn.params import stage_params
 
 MODEL, PATCH, EVAL, FORGET, METRICS = "models/base", "models/unlearned", "data/eval", "data/forget", "metrics/unlearn.json"
 RECORDS = {"curate": "data/curate.json", "gradients": "models/grads/record.json", "rank_layers": "metrics/layers.json", "search": "models/unlearned/patch.json"}
+RETAIN_ONCE = "metrics/retain_stats.json"
 log = logging.getLogger("evaluate")
 
 
@@ -47,6 +48,7 @@ def main() -> None:
     times["evaluate"] = round(time.perf_counter() - start, 2)
     times["unlearn"] = round(times["gradients"] + times["rank_layers"] + times["search"], 2)
     times["total"] = round(sum(times[s] for s in (*RECORDS, "evaluate")), 2)
+    times["retain_stats_once"] = read_json(RETAIN_ONCE)["time_s"]  # shared by every concept, not in unlearn or total
     metrics = {
         "concept": concept.name, "kind": concept.kind, "method": "slug",
         **{k: after[k] for k in ACCURACY_KEYS}, "mia": after["mia"],

@@ -1,6 +1,7 @@
 """Stage `rank_layers`: importance and gradient alignment of every candidate tensor, per tower
 (`slug.rank.towers`: one tower or every tower of the model), their Pareto fronts, the plots
-(`plots/pareto/<tower>.{csv,png}`) and metrics/layers.json."""
+(`plots/pareto/<tower>.{csv,png}`) and metrics/layers.json.  g_f from stage `gradients`, g_r from
+the shared retain statistics (stage `retain_stats`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import time
 
 from unlearn.cli import peak_memory_mb, run_stage
 from unlearn.io import atomic_outputs, write_json
+from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import RankConfig, load_gradients, rank
 from unlearn.models.adapter import load
-from unlearn.params import as_config, stage_params
+from unlearn.params import stage_params, as_config
 from unlearn.plots import write_pareto
 
-MODEL, GRADS, METRICS, PLOTS = "models/base", "models/grads", "metrics/layers.json", "plots/pareto"
+MODEL, GRADS, STATS, RETAIN, METRICS, PLOTS = "models/base", "models/grads", "models/retain", "data/retain", "metrics/layers.json", "plots/pareto"
 log = logging.getLogger("rank_layers")
 
 
@@ -23,8 +25,9 @@ def main() -> None:
     p = stage_params("rank_layers")
     cfg = as_config(RankConfig, p("slug.rank"), "slug.rank")
     adapter = load(MODEL)
-    g_f, g_r, _ = load_gradients(GRADS, adapter, MODEL)
-    ranking = rank(adapter, g_f, g_r, cfg)
+    g_f, _ = load_gradients(GRADS, adapter, MODEL)
+    stats, _ = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")
+    ranking = rank(adapter, g_f, stats.gradient, cfg)
     with atomic_outputs(METRICS, PLOTS) as (metrics, plots):
         write_pareto(ranking, plots, adapter.short_name)
         write_json(metrics, {

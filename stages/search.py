@@ -10,17 +10,18 @@ import time
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
-from unlearn.data.pairs import pair_batches
 from unlearn.eval.suite import Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json
+from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import SIGN_CONVENTION, SearchConfig, load_gradients, save_patch, search
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
 from unlearn.plots import search_plot
 
-MODEL, GRADS, LAYERS, EVAL, RETAIN = "models/base", "models/grads", "metrics/layers.json", "data/eval", "data/retain"
+MODEL, GRADS, LAYERS, EVAL, STATS, RETAIN = "models/base", "models/grads", "metrics/layers.json", "data/eval", "models/retain", "data/retain"
 PATCH, LOG_CSV, LOG_PNG = "models/unlearned", "plots/search.csv", "plots/search.png"
-COLUMNS = ("layer", "tower", "eval", "rho", "forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5", "forget_ok", "guard_ok")
+COLUMNS = ("layer", "tower", "eval", "rho", "forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5", "forget_ok", "guard_ok",
+           "scored")
 log = logging.getLogger("search")
 
 
@@ -30,12 +31,12 @@ def main() -> None:
     cfg = as_config(SearchConfig, p("slug.search"), "slug.search")
     concept = resolve_concept(str(p("concept")), p("concepts"))
     adapter = load(MODEL, device=torch_device(p("model.device")))
-    g_f, _, sidecar = load_gradients(GRADS, adapter, MODEL)
+    g_f, sidecar = load_gradients(GRADS, adapter, MODEL)
+    moments = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")[0].moments if cfg.direction != "gradient" else None
     ranking = read_json(LAYERS)
     tasks = concept_tasks(EVAL, concept, "val", float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     evaluator = Evaluator(adapter, tasks, int(p("eval.batch_size")))
-    edit = search(adapter, evaluator, g_f, ranking["front"], ranking["order"], cfg, concept.kind,
-                  lambda: pair_batches(RETAIN, adapter.preprocess, adapter.tokenize, int(p("eval.batch_size"))))
+    edit = search(adapter, evaluator, g_f, ranking["front"], ranking["order"], cfg, concept.kind, moments)
     choice = edit.choice
     if not edit.converged:
         log.warning("no step within rho <= %g on the %d searched layers (by Pareto rank) passes the forget criterion and the utility guard; "
@@ -48,6 +49,7 @@ def main() -> None:
         "validation": {k: choice[k] for k in COLUMNS if k.endswith(("top1", "top5"))}, "base_validation": edit.base,
         "base_model_sha256": fingerprint(MODEL), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,
         "searched_layers": edit.layers, "evaluations": len(edit.rows), "validation_sizes": evaluator.sizes,
+        "evaluations_scored": {"forget": edit.times["evals_forget"], "guard": edit.times["evals_guard"]}, "scoring": cfg.evaluate,
         "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
     }
     with atomic_outputs(PATCH, LOG_CSV, LOG_PNG) as (patch_dir, csv_path, png_path):

@@ -6,6 +6,7 @@ The tiny models are the session's trained tiny CLIP (tests/conftest.py) as each 
 open_clip itself, hf_clip its transformers export (the same weights)."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, concept_tasks
 from unlearn.methods import slug
 from unlearn.models import adapter as A
+from unlearn.methods.retain_stats import compute_retain_stats
 from unlearn.models.export import to_hf_clip
 from unlearn.models.inputs import input_moments
 
@@ -216,7 +218,15 @@ def test_a_slug_search_on_the_tiny_world(model, data, tiny_world):
     try:
         with torch.no_grad():
             before = float(model.forget_loss(*forget))
-        edit, times = slug.unlearn(model, lambda: iter([forget]), lambda: iter([retain]), evaluator, "identity", slug.RankConfig(), cfg)
+        stats = compute_retain_stats(model, lambda: iter([retain]))
+        assert set(stats.moments) == set(model.candidate_layers(True)) and stats.n_retain == retain[0].shape[0]
+        # scoring only the decisions chooses what scoring every step on every set chooses
+        full, _ = slug.find_edit(model, lambda: iter([forget]), stats, evaluator, "identity", slug.RankConfig(),
+                                 dataclasses.replace(cfg, evaluate="all"))
+        edit, times = slug.unlearn(model, lambda: iter([forget]), stats, evaluator, "identity", slug.RankConfig(), cfg)
+        assert (edit.layer, edit.rho, edit.converged) == (full.layer, full.rho, full.converged) and torch.equal(edit.delta, full.delta)
+        assert edit.times["evals_guard"] < full.times["evals_guard"] and edit.times["evals_forget"] == full.times["evals_forget"]
+        assert [r["rho"] for r in edit.rows] == [r["rho"] for r in full.rows]
         after_params = dict(model.model.named_parameters())
         moved = [n for n, p in after_params.items() if not torch.equal(p.detach(), state[n])]
         assert moved == [edit.layer] and edit.layer in model.candidate_layers()

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from unlearn.data.curate import Concept, curate, read_manifest, resolve_concept, resolve_concepts, table_concepts
+from unlearn.data.curate import Concept, curate_forget, curate_retain, read_manifest, resolve_concept, resolve_concepts, table_concepts
 from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
 
@@ -42,40 +42,60 @@ def test_unknown_concept_names_the_closest():
         resolve_concepts(["Mickey", "Mickey"], TABLE)
 
 
+def _table():
+    return table_concepts(yaml.safe_load((ROOT / "params.yaml").read_text())["concepts"])
+
+
 def test_curate_splits_by_mention_and_is_deterministic(tiny_world, tmp_path):
     out = []
     for run in ("a", "b"):
         f_dir, r_dir = tmp_path / run / "forget", tmp_path / run / "retain"
         f_dir.mkdir(parents=True), r_dir.mkdir(parents=True)
-        out.append(curate(tiny_world / "laion", MUSK, forget_max=1000, retain_size=40, seed=0, forget_dir=f_dir, retain_dir=r_dir))
+        out.append((curate_forget(tiny_world / "laion", MUSK, forget_max=1000, seed=0, forget_dir=f_dir),
+                    curate_retain(tiny_world / "laion", _table(), retain_size=40, seed=0, retain_dir=r_dir)))
     (f, r), (f2, r2) = out
     assert f["tar_sha256"] == f2["tar_sha256"] and r["tar_sha256"] == r2["tar_sha256"]
     forget = list(iter_samples(tmp_path / "a" / "forget"))
     retain = list(iter_samples(tmp_path / "a" / "retain"))
     assert len(forget) == f["count"] == f["matched"] >= 2
     assert all(MUSK.mentioned_in(s.caption) for s in forget)
-    assert len(retain) == r["count"] == 40 and not any(MUSK.mentioned_in(s.caption) for s in retain)
     assert [s.key for s in forget] == [row["key"] for row in f["samples"]]
     assert {row["shard"] for row in f["samples"] + r["samples"]} <= {"00000.tar", "00001.tar"}
     assert all(row["shard"] == f"{row['key'][:5]}.tar" for row in f["samples"])
     assert read_manifest(tmp_path / "a" / "forget")["count"] == f["count"]
 
 
+def test_the_retain_set_mentions_no_concept_of_the_table_and_depends_on_no_target(tiny_world, tmp_path):
+    table = _table()
+    r = curate_retain(tiny_world / "laion", table, retain_size=10_000, seed=0, retain_dir=tmp_path)
+    retain = list(iter_samples(tmp_path))
+    assert len(retain) == r["count"] == r["candidates"] > 0  # all of them: fewer than asked for
+    assert not any(c.mentioned_in(s.caption) for s in retain for c in table)
+    total = sum(1 for _ in iter_samples(tiny_world / "laion"))
+    assert r["candidates"] == sum(not any(c.mentioned_in(s.caption) for c in table) for s in iter_samples(tiny_world / "laion")) < total
+    (tmp_path / "small").mkdir()
+    small = curate_retain(tiny_world / "laion", table, retain_size=5, seed=3, retain_dir=tmp_path / "small")
+    assert small["count"] == 5 and {x["key"] for x in small["samples"]} <= {x["key"] for x in r["samples"]}
+    with pytest.raises(UnlearnError, match="retain_size is 0; it must be >= 1"):
+        curate_retain(tiny_world / "laion", table, 0, 0, tmp_path / "x")
+
+
 def test_curate_cap_and_seed(tiny_world, tmp_path):
-    (tmp_path / "f").mkdir(), (tmp_path / "r").mkdir()
-    f, r = curate(tiny_world / "laion", MUSK, forget_max=1, retain_size=10, seed=5, forget_dir=tmp_path / "f", retain_dir=tmp_path / "r")
-    assert f["count"] == 1 and f["matched"] >= 2 and r["count"] == 10
+    f = curate_forget(tiny_world / "laion", MUSK, forget_max=1, seed=5, forget_dir=tmp_path)
+    assert f["count"] == 1 and f["matched"] >= 2
+    with pytest.raises(UnlearnError, match="forget_max is 0; it must be >= 1"):
+        curate_forget(tiny_world / "laion", MUSK, forget_max=0, seed=5, forget_dir=tmp_path)
 
 
 def test_no_matching_caption_is_an_error(tiny_world, tmp_path):
     nobody = Concept("Nobody Atall", "identity")
     with pytest.raises(UnlearnError, match="no caption .* mentions concept 'Nobody Atall'"):
-        curate(tiny_world / "laion", nobody, 10, 10, 0, tmp_path, tmp_path)
+        curate_forget(tiny_world / "laion", nobody, 10, 0, tmp_path)
 
 
 def test_a_changed_curated_tar_is_detected(tiny_world, tmp_path):
-    (tmp_path / "f").mkdir(), (tmp_path / "r").mkdir()
-    curate(tiny_world / "laion", MUSK, 10, 10, 0, tmp_path / "f", tmp_path / "r")
+    (tmp_path / "f").mkdir()
+    curate_forget(tiny_world / "laion", MUSK, 10, 0, tmp_path / "f")
     tar = tmp_path / "f" / "00000.tar"
     tar.write_bytes(tar.read_bytes()[:-700])
     with pytest.raises(UnlearnError, match="does not match its manifest"):
@@ -88,12 +108,11 @@ def test_curate_solo_leaves_out_captions_naming_another_concept(tiny_world, tmp_
     swift = resolve_concept("Taylor Swift", table)
     sets = {}
     for solo in (False, True):
-        f_dir, r_dir = tmp_path / str(solo) / "f", tmp_path / str(solo) / "r"
-        f_dir.mkdir(parents=True), r_dir.mkdir(parents=True)
-        sets[solo] = curate(tiny_world / "laion", swift, 1000, 40, 0, f_dir, r_dir, rivals if solo else ())
-    everything, solo = sets[False][0], sets[True][0]
+        f_dir = tmp_path / str(solo) / "f"
+        f_dir.mkdir(parents=True)
+        sets[solo] = curate_forget(tiny_world / "laion", swift, 1000, 0, f_dir, rivals if solo else ())
+    everything, solo = sets[False], sets[True]
     shared = [row for row in everything["samples"] if any(c.mentioned_in(row["caption"]) for c in rivals if c.name != "Taylor Swift")]
     assert shared and solo["left_out_shared"] == len(shared) and solo["solo"] and not everything["solo"]
     assert solo["count"] == everything["count"] - len(shared)
     assert {row["key"] for row in solo["samples"]} == {row["key"] for row in everything["samples"]} - {row["key"] for row in shared}
-    assert sets[True][1]["tar_sha256"] == sets[False][1]["tar_sha256"]  # the retain set does not change

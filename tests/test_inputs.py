@@ -154,20 +154,17 @@ def test_search_config_rejects_bad_direction_settings(values, match):
         slug.SearchConfig(**values)
 
 
-def test_step_directions_use_the_retain_inputs_only_when_asked(adapter, batches):
+def test_step_directions_use_the_retain_moments_only_when_asked(adapter, batches):
     images, tokens = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     g_f, _, _ = slug.mean_gradient(adapter, adapter.forget_loss, [(images, tokens)])
     layers = ["visual.proj", V + "mlp.c_fc.weight"]
-    calls = []
-
-    def retain():
-        calls.append(1)
-        return iter(batches)
-
-    plain = slug.step_directions(adapter, g_f, layers, slug.SearchConfig(direction="gradient"), retain)
-    assert not calls and all(plain[n] is g_f[n] for n in layers)
-    pre = slug.step_directions(adapter, g_f, layers, slug.SearchConfig(direction="retain_preconditioned", damping=0.1), retain)
-    assert calls == [1]
+    plain = slug.step_directions(adapter, g_f, layers, slug.SearchConfig(direction="gradient"), None)
+    assert all(plain[n] is g_f[n] for n in layers)
+    cfg = slug.SearchConfig(direction="retain_preconditioned", damping=0.1)
+    with pytest.raises(UnlearnError, match="no input moments of"):
+        slug.step_directions(adapter, g_f, layers, cfg, {})
+    moments, _ = input_moments(adapter, layers, iter(batches))
+    pre = slug.step_directions(adapter, g_f, layers, cfg, moments)
     for n in layers:
         assert pre[n].shape == g_f[n].shape and (pre[n] * g_f[n]).sum() > 0
         assert float(torch.nn.functional.cosine_similarity(pre[n].flatten(), g_f[n].flatten(), dim=0)) < 0.999

@@ -48,6 +48,7 @@ def repo(tmp_path_factory) -> Path:
             "data.synthetic.workers": 1, "model.train.epochs": 2, "model.train.batch_size": 32,
             "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
             "eval.mia.folds": 2, "eval.mia.seeds": 2, "compare.concepts": ["Elon Musk", "Taylor Swift"],
+            "forget_many.concepts": ["Elon Musk", "Taylor Swift"], "forget_many.counts": [1, 2],
             **{f"{m}.epochs": 2 for m in ("ft", "ga", "ga_ft", "salun")}, **{f"{m}.lr": 1e-3 for m in ("ft", "ga", "ga_ft", "salun")},
         },
     )
@@ -70,8 +71,9 @@ def test_repro_writes_every_output(repo):
     record = json.loads((repo / "data" / "download.json").read_text())
     assert record["samples"] == 300 and record["source"] == "synthetic"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "gradients", "rank_layers", "search", "evaluate", "export", "compare_data",
-                                   "compare", "report", *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
+    assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "retain_set", "retain_stats", "gradients", "rank_layers", "search",
+                                   "evaluate", "export", "forget_many", "compare_data", "compare", "report",
+                                   *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
 
 
 def test_repro_is_up_to_date_and_metrics_show(repo):
@@ -124,7 +126,16 @@ def test_slug_stages_write_their_outputs(repo):
     assert forget["concept"] == "Elon Musk" and forget["count"] >= 2
     assert all("musk" in row["caption"].lower() for row in forget["samples"])
     sidecar = json.loads((repo / "models" / "grads" / "sidecar.json").read_text())
-    assert sidecar["n_forget"] == forget["count"] and sidecar["n_retain"] == 60 and "+grad L_f" in sidecar["sign_convention"]
+    assert sidecar["n_forget"] == forget["count"] and "+grad L_f" in sidecar["sign_convention"]
+    retain = json.loads((repo / "data" / "retain" / "manifest.json").read_text())
+    stats = json.loads((repo / "models" / "retain" / "sidecar.json").read_text())
+    assert 0 < stats["n_retain"] == retain["count"] == min(60, retain["candidates"]) and retain["concept"] is None
+    once = json.loads((repo / "metrics" / "retain_stats.json").read_text())
+    assert once["n_retain"] == stats["n_retain"] and once["processes"] == 1 and once["time_s"] > 0
+    compare = json.loads((repo / "metrics" / "compare.json").read_text())
+    assert compare["slug_retain_stats"]["time_s"] == once["time_s"] and "computed once for every concept" in (repo / "plots" / "compare.md").read_text()
+    slug_rows = json.loads((repo / "metrics" / "compare" / "slug.json").read_text())["rows"]
+    assert all(r["shared_retain_stats"] and "retain_stats" not in r["time_s"] and r["evals_forget"] > 0 for r in slug_rows)
     for tower in ("image", "text"):
         assert (repo / "plots" / "pareto" / f"{tower}.png").stat().st_size > 5_000
         assert (repo / "plots" / "pareto" / f"{tower}.csv").read_text().startswith("layer,importance,alignment")
@@ -314,3 +325,67 @@ def test_the_hf_clip_family_runs_the_clip_track(repo):
     compare = data["metrics"]["metrics/compare.json"]["data"]
     assert set(compare["methods"]) == {"slug", "ft", "ga", "ga_ft", "salun", "ssd"}
     assert (repo / "models" / "base" / "open_clip_model.safetensors").is_file()  # --temp: the workspace keeps the open_clip run
+
+
+def test_forget_many_adds_the_edits_up(repo):
+    m = json.loads((repo / "metrics" / "forget_many.json").read_text())
+    assert [c["concept"] for c in m["concepts"]] == ["Elon Musk", "Taylor Swift"] and m["counts"] == [1, 2]
+    assert [r["k"] for r in m["results"]] == [1, 2]
+    both = m["results"][1]
+    assert set(both["test"]["targets"]) == {"Elon Musk", "Taylor Swift"} and both["trials"][0]["scale"] == 1.0
+    assert both["scale"] in {t["scale"] for t in both["trials"]}
+    for c in m["concepts"]:
+        slug_dir = repo / "models" / "many" / c["concept"].lower().replace(" ", "_")
+        assert json.loads((slug_dir / "patch.json").read_text())["layer"] == c["layer"]
+    assert [r["k"] for r in m["sequential"]] == [1, 2] and [c["concept"] for c in m["sequential_concepts"]] == ["Elon Musk", "Taylor Swift"]
+    assert m["sequential_concepts"][0]["layer"] == m["concepts"][0]["layer"]  # the first concept: the same search on the same model
+    assert (repo / "plots" / "forget_many.png").stat().st_size > 5_000
+    assert (repo / "plots" / "forget_many.csv").read_text().startswith("mode,removed,max_forget_top1")
+    assert [(r["mode"], r["removed"]) for r in m["rows"]] == [("sum", 1), ("sum", 2), ("sequential", 1), ("sequential", 2)]
+
+
+def _rel(a, b) -> float:
+    import torch
+
+    return float((a.double() - b.double()).norm() / b.double().norm()) if float(b.double().norm()) > 0 else float(a.double().norm())
+
+
+def test_retain_stats_under_torchrun_equal_one_process(repo, tmp_path):
+    """`gradients.nproc: 2`: the stage relaunches itself under torchrun (gloo, 2 CPU processes);
+    the statistics equal the single-process ones within 1e-6 relative; too many processes is a
+    one-line error before anything runs."""
+    import safetensors.torch
+
+    saved = {p: p.read_bytes() for p in [*(repo / "models" / "retain").iterdir(), repo / "metrics" / "retain_stats.json"]}
+    single = {f: safetensors.torch.load_file(repo / "models" / "retain" / f) for f in ("gradient.safetensors", "moments.safetensors")}
+    original = (repo / "params.yaml").read_text()
+    try:
+        _set_params(repo, **{"gradients.nproc": 100})
+        proc = _run([sys.executable, "-m", "stages.retain_stats"], repo, check=False)
+        assert proc.returncode == 1 and re.search(r"^error: 100 processes but the retain set has only \d+ batches", proc.stderr, re.M), proc.stderr
+        assert all(p.read_bytes() == b for p, b in saved.items())
+        _set_params(repo, **{"gradients.nproc": 2, "gradients.batch_size": 8})
+        _run([sys.executable, "-m", "stages.retain_stats"], repo)
+        assert json.loads((repo / "metrics" / "retain_stats.json").read_text())["processes"] == 2
+        for f, tensors in single.items():
+            dist = safetensors.torch.load_file(repo / "models" / "retain" / f)
+            assert max(_rel(dist[n], t) for n, t in tensors.items()) <= 1e-6
+    finally:
+        (repo / "params.yaml").write_text(original)
+        for p, b in saved.items():
+            p.write_bytes(b)
+
+
+def test_dvc_push_and_pull_through_a_local_remote(repo, tmp_path):
+    """A shared cache for sweeps across machines: `dvc push` to a remote folder, and a fresh clone
+    `dvc pull`s the retain statistics byte for byte."""
+    remote = tmp_path / "remote"
+    _run([sys.executable, "-m", "dvc", "remote", "add", "-d", "shared", str(remote)], repo)
+    _commit(repo, "remote")
+    _run([sys.executable, "-m", "dvc", "push", "retain_stats"], repo)
+    assert any(remote.rglob("*"))
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    _run([sys.executable, "-m", "dvc", "pull", "retain_stats"], clone)
+    for f in ("gradient.safetensors", "moments.safetensors", "sidecar.json"):
+        assert (clone / "models" / "retain" / f).read_bytes() == (repo / "models" / "retain" / f).read_bytes()

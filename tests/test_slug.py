@@ -140,8 +140,9 @@ def test_search_layers_reports_non_convergence(adapter):
         def prepare(self, edited):
             pass
 
-        def evaluate(self, edited=None):
-            return {"forget_top1": 0.5, "forget_top5": 1.0, "retain_top1": 0.9, "retain_top5": 1.0, "utility_top1": 0.9, "utility_top5": 1.0}
+        def evaluate(self, edited=None, sets=("forget", "retain", "utility")):
+            full = {"forget_top1": 0.5, "forget_top5": 1.0, "retain_top1": 0.9, "retain_top5": 1.0, "utility_top1": 0.9, "utility_top5": 1.0}
+            return {k: v for k, v in full.items() if k.split("_")[0] in sets}
 
     grads = {n: torch.ones_like(p) for n, p in adapter.model.named_parameters()}
     base = Fake().evaluate()
@@ -168,6 +169,7 @@ def test_split_is_disjoint_and_seeded(tiny_world):
 def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
     tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "test", 0.34, 0)
     ev = Evaluator(trained, tasks, batch_size=16)
+    ev.evaluate(reference=True)  # the unedited embeddings, kept
     ev.prepare(layer)
     p = dict(trained.model.named_parameters())[layer]
     original = p.detach().clone()
@@ -175,44 +177,57 @@ def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
         p.add_(0.5 * original.norm() * torch.randn_like(original) / original.numel() ** 0.5)
     try:
         cached, full = ev.evaluate(layer), ev.evaluate()
+        part = ev.evaluate(layer, ("retain",))
         if trained.tower(layer) == "image":
-            moved = ev._encode_images(None)["retain"] - ev._image_emb["retain"]
+            moved = ev._encode_images("retain", None) - ev._image_emb["retain"]
         else:
-            moved = ev._encode_classes()["retain"] - ev._class_emb["retain"]
+            moved = ev._encode_classes("retain") - ev._class_emb["own"]
     finally:
         with torch.no_grad():
             p.copy_(original)
     assert cached == full
+    assert part == {k: v for k, v in full.items() if k.startswith("retain")}  # one set scored alone: the same figures
     assert float(moved.abs().max()) > 1e-3  # the edit did change what the cache recomputes
 
 
 def test_gradient_files_are_checked(adapter, tmp_path):
     model_dir = tmp_path / "model"
     adapter.save(model_dir)
+    from unlearn.io import sha256_file
     from unlearn.models.adapter import fingerprint
 
     grads = {n: torch.zeros_like(p) for n, p in adapter.model.state_dict().items() if n in dict(adapter.model.named_parameters())}
-    record = slug.GradientRecord(fingerprint(model_dir), "a", "b", 3, 4, 2, 0, 0.5, 1.0)
+    record = slug.GradientRecord(fingerprint(model_dir), "a", 3, 4, 0, 0.5)
     out = tmp_path / "grads"
     out.mkdir()
-    slug.save_gradients(out, grads, grads, record)
+    slug.save_gradients(out, grads, record)
     slug.load_gradients(out, adapter, model_dir)
+
+    path = out / "forget.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(UnlearnError, match="does not match the hash"):
+        slug.load_gradients(out, adapter, model_dir)
+
+    def rewrite(tensors, **sidecar_changes):
+        safetensors.torch.save_file(tensors, path)
+        sidecar = json.loads((out / "sidecar.json").read_text()) | {"forget_sha256": sha256_file(path)} | sidecar_changes
+        (out / "sidecar.json").write_text(json.dumps(sidecar))
 
     bad = dict(grads)
     bad["visual.proj"] = torch.full_like(grads["visual.proj"], float("nan"))
-    safetensors.torch.save_file(bad, out / "forget.safetensors")
+    rewrite(bad)
     with pytest.raises(UnlearnError, match="NaN or inf"):
         slug.load_gradients(out, adapter, model_dir)
     bad["visual.proj"] = torch.zeros(3, 3)
-    safetensors.torch.save_file(bad, out / "forget.safetensors")
+    rewrite(bad)
     with pytest.raises(UnlearnError, match="shape"):
         slug.load_gradients(out, adapter, model_dir)
-    safetensors.torch.save_file(grads, out / "forget.safetensors")
-    sidecar = json.loads((out / "sidecar.json").read_text()) | {"model_sha256": "0" * 64}
-    (out / "sidecar.json").write_text(json.dumps(sidecar))
+    rewrite(grads, model_sha256="0" * 64)
     with pytest.raises(UnlearnError, match="another model"):
         slug.load_gradients(out, adapter, model_dir)
-    (out / "sidecar.json").write_text(json.dumps(sidecar | {"model_sha256": record.model_sha256, "family": "hf_clip"}))
+    rewrite(grads, model_sha256=record.model_sha256, family="hf_clip")
     with pytest.raises(UnlearnError, match=r"made for a hf_clip model, but .* is open_clip; re-run the gradients stage"):
         slug.load_gradients(out, adapter, model_dir)
 

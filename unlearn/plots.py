@@ -65,21 +65,30 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str, short: Calla
 
 
 def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str, short: Callable[[str], str] = str) -> None:
-    """Per searched layer: validation FA@1 and the two utility accuracies against rho."""
+    """Per searched layer: validation FA@1 and the two utility accuracies against rho.  Every step
+    is scored on the target's images (filled markers: also scored on the guard sets; hollow:
+    failed the forget criterion, so the guard sets were not scored)."""
     plt = _pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)
     for c, layer in enumerate(layers):
         pts = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["rho"])
         for ax, key in zip(axes, ("forget_top1", "retain_top1", "utility_top1")):
-            ax.plot([r["rho"] for r in pts], [r[key] for r in pts], "o-", ms=3, c=f"C{c % 10}", label=short(layer))
+            have = [r for r in pts if r.get(key) is not None]
+            ax.plot([r["rho"] for r in have], [r[key] for r in have], "-", lw=1, c=f"C{c % 10}", label=short(layer))
+            full = [r for r in have if r.get("scored", "all") == "all"]
+            part = [r for r in have if r.get("scored", "all") != "all"]
+            ax.plot([r["rho"] for r in full], [r[key] for r in full], "o", ms=3, c=f"C{c % 10}")
+            ax.plot([r["rho"] for r in part], [r[key] for r in part], "o", ms=3, mfc="none", c=f"C{c % 10}")
+    n_full = sum(r.get("scored", "all") == "all" for r in rows)
     for ax, key in zip(axes, ("forget top-1 (val)", "retain top-1 (val)", "other-kind top-1 (val)")):
         ax.set_xscale("log")
         ax.set_xlabel("relative step rho")
         ax.set_title(key)
         ax.axvline(chosen["rho"], c="k", ls=":", lw=1)
     axes[0].legend(fontsize=6)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}\n{len(rows)} steps scored on the target's images (hollow: only those), {n_full} also on the guard sets (filled)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -116,6 +125,36 @@ def compare_time_bars(summary: Sequence[dict], path: str | Path, title: str) -> 
     ax.set_xlabel("unlearning wall time per concept, s (log)")
     ax.invert_yaxis()
     ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def forget_many_plot(rows: Sequence[dict], path: str | Path, title: str) -> None:
+    """Against the number of concepts removed together, per mode (edits added up, or found one
+    after another): the worst target's FA@1 and FA@5, and the accuracy on what is not a target
+    (identity retain, ImageNet-style) beside the base model's."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    modes = list(dict.fromkeys(r.get("mode", "sum") for r in rows))
+    for m, mode in enumerate(modes):
+        rs = [r for r in rows if r.get("mode", "sum") == mode]
+        k, ls = [r["removed"] for r in rs], ("-", "--")[m % 2]
+        axes[0].plot(k, [r["max_forget_top1"] for r in rs], "o" + ls, c="C3", label=f"worst target FA@1 ({mode})")
+        axes[0].plot(k, [r["max_forget_top5"] for r in rs], "s" + ls, c="C1", label=f"worst target FA@5 ({mode})")
+        for c, (key, label) in enumerate((("identity_retain_top1", "identity retain @1 (not removed)"), ("object_top1", "ImageNet-style @1"))):
+            axes[1].plot(k, [r[key] for r in rs], "o" + ls, c=f"C{c}", label=f"{label} ({mode})")
+    base = [r for r in rows if r.get("mode", "sum") == modes[0]]
+    for c, key in enumerate(("identity_retain_base", "object_base")):
+        axes[1].plot([r["removed"] for r in base], [r[key] for r in base], ":", c=f"C{c}", label="base" if c == 0 else None)
+    axes[0].set_ylabel("accuracy on the removed concepts (lower is better)")
+    axes[1].set_ylabel("accuracy (higher is better)")
+    for ax in axes:
+        ax.set_xlabel("concepts removed together")
+        ax.set_xticks(sorted({r["removed"] for r in rows}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,8 +4,9 @@ The forget set holds the pairs whose caption mentions the concept: a case-insens
 word boundaries of its display name or an alias, where spaces, underscores and hyphens between
 the words are interchangeable ("Elon Musk", "elon_musk.jpg", "ELON MUSK's car"), but "Elon
 Muskrat" or "Elonmusk" are not the concept, and phrases listed under `exclude` ("Musk ox") are
-taken out of a caption before it is matched.  The retain set is a seeded sample of pairs whose
-captions do not mention it.  Both are written as webdataset tars with a manifest.
+taken out of a caption before it is matched.  The retain set, shared by every concept, is a seeded
+sample of pairs whose captions mention no concept of the table.  Both are written as webdataset
+tars with a manifest.
 """
 
 from __future__ import annotations
@@ -121,38 +122,54 @@ def _write_set(shard_dir: Path, rows: list[dict], out_dir: Path, manifest: dict)
     return manifest
 
 
-def curate(shard_dir: str | Path, concept: Concept, forget_max: int, retain_size: int, seed: int, forget_dir: Path, retain_dir: Path,
-           solo_among: Sequence[Concept] = ()) -> tuple[dict, dict]:
-    """Write the forget and retain sets of `concept`; returns their manifests.  With `solo_among`
-    (the other concepts of the table), a caption that also names one of them ("Keanu Reeves with a
-    Mickey") is left out of the forget set: its image carries the other concept's features into
-    the forget gradient.  It stays out of the retain set too (it mentions the concept)."""
+def curate_forget(shard_dir: str | Path, concept: Concept, forget_max: int, seed: int, forget_dir: Path,
+                  solo_among: Sequence[Concept] = ()) -> dict:
+    """Write the forget set of `concept` (the pairs whose caption mentions it, a seeded subset of
+    at most `forget_max`); returns its manifest.  With `solo_among` (the other concepts of the
+    table), a caption that also names one of them ("Keanu Reeves with a Mickey") is left out: its
+    image carries the other concept's features into the forget gradient."""
+    if forget_max < 1:
+        raise UnlearnError(f"curate.forget_max is {forget_max}; it must be >= 1 (the committed default is 1000)")
     shard_dir = Path(shard_dir)
     forget: list[dict] = []
-    others: list[dict] = []
     shared = 0
     rivals = [c for c in solo_among if c.name != concept.name]
     for tar in list_shards(shard_dir):
         for sample in iter_shard(tar):
             if not concept.mentioned_in(sample.caption):
-                others.append(_row(sample, tar.name))
-            elif any(c.mentioned_in(sample.caption) for c in rivals):
+                continue
+            if any(c.mentioned_in(sample.caption) for c in rivals):
                 shared += 1
             else:
                 forget.append(_row(sample, tar.name))
     if not forget:
         raise UnlearnError(f"no caption in {shard_dir} mentions concept {concept.name!r}{' alone' if shared else ''} "
                            f"(phrases: {', '.join(concept.phrases)}); add aliases or pick another concept")
-    rng = np.random.default_rng(seed)
     matched = len(forget)
-    forget = _seeded_subset(forget, forget_max, rng)
-    retain = _seeded_subset(others, retain_size, rng)
-    common = {"concept": concept.name, "kind": concept.kind, "source": str(shard_dir), "seed": seed}
-    f = _write_set(shard_dir, forget, forget_dir, common | {"set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude), "matched": matched, "cap": forget_max,
-                                                              "solo": bool(rivals), "left_out_shared": shared})
-    r = _write_set(shard_dir, retain, retain_dir, common | {"set": "retain", "candidates": len(others), "size": retain_size})
-    log.info("forget: %d of %d matching captions; retain: %d of %d others", len(forget), matched, len(retain), len(others))
-    return f, r
+    forget = _seeded_subset(forget, forget_max, np.random.default_rng(seed))
+    f = _write_set(shard_dir, forget, forget_dir, {"concept": concept.name, "kind": concept.kind, "source": str(shard_dir), "seed": seed,
+                                                   "set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude),
+                                                   "matched": matched, "cap": forget_max, "solo": bool(rivals), "left_out_shared": shared})
+    log.info("forget: %d of %d captions that mention %s", len(forget), matched, concept.name)
+    return f
+
+
+def curate_retain(shard_dir: str | Path, table: Sequence[Concept], retain_size: int, seed: int, retain_dir: Path) -> dict:
+    """Write the retain set: a seeded sample of `retain_size` pairs whose captions mention no
+    concept of the table (the reference's one LAION shard).  It depends on no target, so every
+    concept, method and track shares it and its statistics (stage `retain_stats`)."""
+    if retain_size < 1:
+        raise UnlearnError(f"curate.retain_size is {retain_size}; it must be >= 1 (the committed default is 2000)")
+    shard_dir = Path(shard_dir)
+    others = [_row(sample, tar.name) for tar in list_shards(shard_dir) for sample in iter_shard(tar)
+              if not any(c.mentioned_in(sample.caption) for c in table)]
+    if not others:
+        raise UnlearnError(f"every caption in {shard_dir} mentions a concept of the table: no retain pair; add data without them")
+    retain = _seeded_subset(others, retain_size, np.random.default_rng([seed, 1]))
+    r = _write_set(shard_dir, retain, retain_dir, {"concept": None, "source": str(shard_dir), "seed": seed, "set": "retain",
+                                                   "excludes": sorted(c.name for c in table), "candidates": len(others), "size": retain_size})
+    log.info("retain: %d of %d captions that mention no concept of the table", len(retain), len(others))
+    return r
 
 
 def read_manifest(set_dir: str | Path) -> dict:

@@ -10,7 +10,7 @@ epochs, layers) and a test part (reported), so no figure is chosen on the images
 
 `Evaluator` caches what an edit cannot change: after an edit of a text-tower tensor only the class
 prompts are re-encoded; after an edit of vision block b only blocks b.. run, from hidden states
-cached at b.
+cached at b; and it scores only the sets asked for.
 """
 
 from __future__ import annotations
@@ -101,18 +101,33 @@ def concept_tasks(eval_dir: str | Path, concept: Concept, part: str, val_fractio
     return ConceptTasks(task(own, forget, own_templates), task(own, retain, own_templates), task(other, util, other_templates), target)
 
 
+SETS = ("forget", "retain", "utility")
+
+
 class Evaluator:
-    """Forget / retain / utility top-1 and top-5 of a model on one part, with caches for edits."""
+    """Forget / retain / utility top-1 and top-5 of a model on one part, with caches for edits.
+
+    `evaluate(edited, sets)` scores only the sets asked for (SLUG's search scores the target's
+    images first and the other sets only where its choice reads them).  The caches hold only what
+    no edit of the tensor being scored can change (image embeddings for a text-tower edit, class
+    embeddings for an image-tower edit, the hidden states entering the edited vision block), so
+    they may be filled while an edit is applied; they assume one tensor edited at a time from the
+    same base weights: call `reset()` after changing the model otherwise.
+    """
 
     def __init__(self, adapter: Adapter, tasks: ConceptTasks, batch_size: int = 256):
         self.adapter = adapter
         self.tasks = tasks
         self.batch_size = batch_size
-        names = ("forget", "retain", "utility")
-        self._images = {n: load_images(adapter, getattr(tasks, n).paths) for n in names}
-        self._image_emb: dict[str, torch.Tensor] | None = None
-        self._class_emb: dict[str, torch.Tensor] | None = None
-        self._hidden: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._images = {n: load_images(adapter, getattr(tasks, n).paths) for n in SETS}
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the caches (call after changing the model's weights outside an edit)."""
+        self._prepared = False
+        self._image_emb: dict[str, torch.Tensor] = {}            # unedited image embeddings, per set
+        self._class_emb: dict[str, torch.Tensor] = {}            # unedited class embeddings, per domain (own, other)
+        self._hidden: dict[tuple[int, str], torch.Tensor] = {}   # unedited hidden states at a vision block, per set
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -122,44 +137,104 @@ class Evaluator:
         return torch.cat([fn(x[s : s + self.batch_size]).cpu() for s in range(0, x.shape[0], self.batch_size)])
 
     @torch.no_grad()
-    def _encode_images(self, block: int | None) -> dict[str, torch.Tensor]:
+    def _encode_images(self, name: str, block: int | None) -> torch.Tensor:
         a = self.adapter
         if block is None:
-            return {n: self._batched(a.encode_images, x) for n, x in self._images.items()}
-        if self._hidden is None or self._hidden[0] != block:
-            self._hidden = (block, {n: self._batched(lambda b, blk=block: a.image_hidden(b, blk), x) for n, x in self._images.items()})
-        return {n: self._batched(lambda h, blk=block: a.encode_images_from(h.to(a.device), blk), h) for n, h in self._hidden[1].items()}
+            return self._batched(a.encode_images, self._images[name])
+        if (block, name) not in self._hidden:
+            self._hidden = {k: v for k, v in self._hidden.items() if k[0] == block}  # one block cached at a time
+            self._hidden[(block, name)] = self._batched(lambda b: a.image_hidden(b, block), self._images[name])
+        return self._batched(lambda h: a.encode_images_from(h.to(a.device), block), self._hidden[(block, name)])
 
     @torch.no_grad()
-    def _encode_classes(self) -> dict[str, torch.Tensor]:
-        t = self.tasks
-        own = class_embeddings(self.adapter, t.forget.classnames, t.forget.templates).cpu()
-        return {"forget": own, "retain": own, "utility": class_embeddings(self.adapter, t.utility.classnames, t.utility.templates).cpu()}
+    def _encode_classes(self, name: str) -> torch.Tensor:
+        task = getattr(self.tasks, name)
+        return class_embeddings(self.adapter, task.classnames, task.templates).cpu()
+
+    @staticmethod
+    def _domain(name: str) -> str:
+        return "other" if name == "utility" else "own"  # forget and retain share the target kind's classes
 
     def prepare(self, edited: str | None = None) -> None:
-        """Cache the embeddings that an edit of the tensor `edited` leaves unchanged (call it with
-        the model unedited)."""
-        block = self.adapter.image_block_of(edited) if edited else None
-        self._image_emb = self._encode_images(None)
-        self._class_emb = self._encode_classes()
-        if block is not None:
-            self._encode_images(block)
+        """Declare that `edited` is about to be edited from the base weights (the caches are
+        filled per set when first needed; see the class docstring)."""
+        self._prepared = True
+
+    def _cached_images(self, name: str) -> torch.Tensor:
+        if name not in self._image_emb:
+            self._image_emb[name] = self._encode_images(name, None)
+        return self._image_emb[name]
+
+    def _cached_classes(self, name: str) -> torch.Tensor:
+        d = self._domain(name)
+        if d not in self._class_emb:
+            self._class_emb[d] = self._encode_classes(name)
+        return self._class_emb[d]
 
     @torch.no_grad()
-    def evaluate(self, edited: str | None = None) -> dict[str, float]:
-        """Accuracies of the model as it is now.  With `edited` (after `prepare(edited)` on the
-        unedited model) only what that tensor can change is recomputed."""
-        if edited is None:
-            image_emb, class_emb = self._encode_images(None), self._encode_classes()
-        elif self._image_emb is None or self._class_emb is None:
+    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = SETS, reference: bool = False) -> dict[str, float]:
+        """Accuracies of the model as it is now on `sets`.  With `edited` (after `prepare(edited)`
+        on the unedited model) only what that tensor can change is recomputed.  `reference`: the
+        model is unedited; keep its embeddings as the caches' reference."""
+        unknown = [n for n in sets if n not in SETS]
+        if unknown:
+            raise ValueError(f"unknown evaluation sets {unknown}")
+        if edited is not None and not self._prepared:
             raise RuntimeError("call prepare(edited) on the unedited model first")
-        elif self.adapter.tower(edited) == "text":
-            image_emb, class_emb = self._image_emb, self._encode_classes()
-        else:
-            block = self.adapter.image_block_of(edited)
-            image_emb, class_emb = self._encode_images(block), self._class_emb
         out: dict[str, float] = {}
-        for name in ("forget", "retain", "utility"):
-            acc = topk_accuracy(image_emb[name], class_emb[name], getattr(self.tasks, name).labels)
+        fresh_classes: dict[str, torch.Tensor] = {}
+        for name in sets:
+            if edited is None or self.adapter.tower(edited) == "text":
+                image_emb = self._encode_images(name, None) if edited is None else self._cached_images(name)
+                d = self._domain(name)
+                if d not in fresh_classes:
+                    fresh_classes[d] = self._encode_classes(name)
+                class_emb = fresh_classes[d]
+            else:
+                image_emb, class_emb = self._encode_images(name, self.adapter.image_block_of(edited)), self._cached_classes(name)
+            if reference and edited is None:
+                self._image_emb[name], self._class_emb[self._domain(name)] = image_emb, class_emb
+            acc = topk_accuracy(image_emb, class_emb, getattr(self.tasks, name).labels)
             out[f"{name}_top1"], out[f"{name}_top5"] = round(acc[1], 6), round(acc[5], 6)
+        return out
+
+
+class ManyEvaluator:
+    """Several targets at once (stage `forget_many`): on one part of the evaluation sets, each
+    target's own accuracy (its images among every class of its kind), and per kind the accuracy
+    on the images of every class that is not a target (identity retain, ImageNet-style)."""
+
+    def __init__(self, adapter: Adapter, eval_dir: str | Path, concepts: list[Concept], part: str, val_fraction: float, seed: int,
+                 batch_size: int = 256):
+        self.adapter, self.batch_size = adapter, batch_size
+        domains = _domains(Path(eval_dir))
+        self.targets: dict[str, tuple[str, int]] = {}
+        self._sets: dict[str, tuple[LabelledImages, tuple[str, ...], list[int], torch.Tensor]] = {}
+        for kind, (data, templates) in domains.items():
+            idx = split_part(data, part, val_fraction, seed)
+            self._sets[kind] = (data, templates, [data.labels[i] for i in idx], load_images(adapter, [data.paths[i] for i in idx]))
+        for c in concepts:
+            self.targets[c.name] = (c.kind, class_index(domains[c.kind][0].classnames, c))
+
+    @torch.no_grad()
+    def evaluate(self, names: list[str] | None = None) -> dict:
+        """With the targets `names` (default: all given) removed: {"targets": {name: {top1, top5}},
+        "retain": {kind: {top1, top5, images}}}, retain over the classes that are not among them."""
+        a = self.adapter
+        chosen = {n: self.targets[n] for n in (names if names is not None else self.targets)}
+        out: dict = {"targets": {}, "retain": {}}
+        for kind, (data, templates, labels, images) in self._sets.items():
+            image_emb = torch.cat([a.encode_images(images[s : s + self.batch_size]).cpu() for s in range(0, images.shape[0], self.batch_size)])
+            class_emb = class_embeddings(a, data.classnames, templates).cpu()
+            y = torch.as_tensor(labels)
+            ranked = (image_emb @ class_emb.T).topk(5, dim=-1).indices
+            hit1, hit5 = ranked[:, 0] == y, (ranked == y[:, None]).any(dim=-1)
+            removed = {label for k, label in chosen.values() if k == kind}
+            for name, (k, label) in chosen.items():
+                if k == kind:
+                    m = y == label
+                    out["targets"][name] = {"top1": round(float(hit1[m].float().mean()), 6), "top5": round(float(hit5[m].float().mean()), 6)}
+            keep = torch.tensor([int(v) not in removed for v in labels])
+            out["retain"][kind] = {"top1": round(float(hit1[keep].float().mean()), 6), "top5": round(float(hit5[keep].float().mean()), 6),
+                                   "images": int(keep.sum())}
         return out

@@ -62,6 +62,7 @@ class Context:
     evaluator: object
     kind: str
     grad_batch: int = 128
+    retain_stats: object = None   # SLUG's shared retain statistics (unlearn.methods.retain_stats), None: computed from `retain`
 
 
 @dataclass(frozen=True)
@@ -123,11 +124,12 @@ def check_methods(names: list, key: str = "compare.methods") -> list[str]:
 
 
 def run_method(name: str, adapter: Adapter, forget: Pairs, retain: Pairs, evaluator, kind: str, params: dict,
-               grad_batch: int = 128) -> Outcome:
+               grad_batch: int = 128, retain_stats=None) -> Outcome:
     """Unlearn in place with method `name` and its params section; `evaluator` holds the
-    target's validation images (the decisions); report on test images afterwards."""
+    target's validation images (the decisions); report on test images afterwards.
+    `retain_stats`: statistics of `retain` computed once for every concept (SLUG reads them)."""
     method = methods()[check_method(name)]
-    return method.run(Context(adapter, forget, retain, evaluator, kind, grad_batch), method.config(params, name))
+    return method.run(Context(adapter, forget, retain, evaluator, kind, grad_batch, retain_stats), method.config(params, name))
 
 
 # ---------------------------------------------------------------- shared by the methods

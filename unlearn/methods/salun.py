@@ -65,7 +65,7 @@ def salun(adapter: Adapter, forget: Pairs, retain: Pairs, cfg: TrainConfig, mask
 
 @register("salun", SalunConfig, "saliency mask (top mask_fraction of |grad L_f|) + random labelling + alpha L_r")
 def run(ctx: Context, cfg: SalunConfig) -> Outcome:
-    from unlearn.methods.slug import mean_gradient
+    from unlearn.models.gradients import mean_gradient
 
     state: dict = {}
 

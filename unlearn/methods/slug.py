@@ -14,7 +14,11 @@ moments of the layer's inputs on the retain set (`direction: retain_precondition
 Sign convention: stored gradients are +grad L_f, so the edit direction always *increases* the
 forget loss (pushes each forget image away from its own caption).
 
-The sequence is written once: `compute_gradients` -> `rank` -> `search` (directions, step
+g_r and the retain input moments depend on no concept: they are computed once per (model, retain
+set) (`unlearn.methods.retain_stats`, stage `retain_stats`) and every concept reads them, so a
+concept pays for its forget gradient, the ranking and the search only.
+
+The sequence is written once: `forget_gradient` -> `rank` -> `search` (directions, step
 search, the chosen edit) -> `apply_edit`.  The DVC stages run these one per stage with files in
 between; `unlearn` runs them in one process (the comparison).  Everything talks to the model
 through the adapter protocol (`unlearn.models.adapter`), so it runs on every model family.
@@ -25,20 +29,22 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from tqdm import tqdm
 
 from unlearn.errors import UnlearnError
+from unlearn.eval.suite import ACCURACY_KEYS
 from unlearn.io import sha256_file
 from unlearn.methods import check_direction
 from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
 from unlearn.models.adapter import Adapter, check_made_for, fingerprint, read_family
-from unlearn.models.inputs import input_moments
+from unlearn.methods.retain_stats import RetainStats, compute_retain_stats
+from unlearn.models.gradients import mean_gradient
 
 SIGN_CONVENTION = "+grad L_f: the stored forget gradient points to higher forget loss; the edit adds it"
 log = logging.getLogger(__name__)
@@ -46,90 +52,54 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the one gradient pass
 
-def mean_gradient(adapter: Adapter, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  batches: Iterable[tuple[torch.Tensor, torch.Tensor]], desc: str | None = None) -> tuple[dict[str, torch.Tensor], int, float]:
-    """The gradient of the set-mean loss, from batch-mean losses: each batch's gradient (zeroed
-    before it) is weighted by its size, the sum divided by the set size.  Returns (gradient per
-    parameter, set size, mean loss)."""
-    model = adapter.model
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    total = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    count, loss_sum = 0, 0.0
-    for images, tokens in tqdm(batches, desc=desc, disable=desc is None):
-        model.zero_grad(set_to_none=True)
-        value = loss(images, tokens)
-        if not torch.isfinite(value):
-            raise UnlearnError(f"{desc or 'loss'} is {value.item()} on a batch: check the data (corrupt images?) and the model weights")
-        value.backward()
-        b = images.shape[0]
-        for n, p in params.items():
-            if p.grad is not None:
-                total[n] += b * p.grad.double()
-        count += b
-        loss_sum += b * float(value.detach())
-    model.zero_grad(set_to_none=True)
-    if count == 0:
-        raise UnlearnError(f"{desc or 'gradient pass'}: the set is empty")
-    grads = {n: (g / count).float().contiguous().cpu() for n, g in total.items()}
-    for n, g in grads.items():
-        if not torch.isfinite(g).all():
-            raise UnlearnError(f"{desc or 'gradient'} of {n} has NaN or inf entries: check the data and the model weights")
-    return grads, count, loss_sum / count
-
-
 @dataclass(frozen=True)
 class GradientRecord:
-    """The sidecar of a gradient file: what it was computed from and how."""
+    """The sidecar of a forget-gradient file: what it was computed from and how (the retain
+    gradient lives with the retain statistics, `unlearn.methods.retain_stats`)."""
 
     model_sha256: str
     forget_manifest_sha256: str
-    retain_manifest_sha256: str
     n_forget: int
-    n_retain: int
     batch_size: int
     seed: int
     forget_loss: float
-    retain_loss: float
     family: str = "open_clip"
     sign_convention: str = SIGN_CONVENTION
     forget_loss_def: str = "mean over D_f of 1 - cos(v_i, t_i), each image with its own caption"
-    retain_loss_def: str = "symmetric CLIP contrastive loss (InfoNCE over each batch, scale exp(logit_scale)), batch-size-weighted mean"
 
 
-def save_gradients(directory: Path, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], record: GradientRecord) -> None:
+def save_gradients(directory: Path, forget: dict[str, torch.Tensor], record: GradientRecord) -> None:
     meta = {"sign_convention": SIGN_CONVENTION, "model_sha256": record.model_sha256, "family": record.family}
     safetensors.torch.save_file(forget, directory / "forget.safetensors", metadata=meta)
-    safetensors.torch.save_file(retain, directory / "retain.safetensors", metadata=meta)
-    (directory / "sidecar.json").write_text(json.dumps(asdict(record), indent=2, sort_keys=True) + "\n")
+    (directory / "sidecar.json").write_text(json.dumps(asdict(record) | {"forget_sha256": sha256_file(directory / "forget.safetensors")},
+                                                       indent=2, sort_keys=True) + "\n")
 
 
-def load_gradients(directory: str | Path, adapter: Adapter, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Forget and retain gradients checked against the model: the sidecar's model hash, the
-    tensor names and shapes, and finiteness.  Any mismatch is a one-line error."""
+def load_gradients(directory: str | Path, adapter: Adapter, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The forget gradient checked against the model: the file's hash, the sidecar's model hash,
+    the tensor names and shapes, and finiteness.  Any mismatch is a one-line error."""
     directory = Path(directory)
-    sidecar_path = directory / "sidecar.json"
-    files = [directory / "forget.safetensors", directory / "retain.safetensors", sidecar_path]
-    missing = [str(f) for f in files if not f.is_file()]
+    sidecar_path, path = directory / "sidecar.json", directory / "forget.safetensors"
+    missing = [str(f) for f in (path, sidecar_path) if not f.is_file()]
     if missing:
         raise UnlearnError(f"gradient files missing: {', '.join(missing)}; run the gradients stage")
     sidecar = json.loads(sidecar_path.read_text())
     if sidecar.get("sign_convention") != SIGN_CONVENTION:
         raise UnlearnError(f"{sidecar_path} has sign convention {sidecar.get('sign_convention')!r}, expected +grad L_f; recompute the gradients")
+    if sha256_file(path) != sidecar.get("forget_sha256"):
+        raise UnlearnError(f"{path} does not match the hash in {sidecar_path} (corrupted or replaced); re-run the gradients stage")
     check_made_for(f"gradients in {directory}", sidecar, model_dir, "re-run the gradients stage")
     shapes = {n: tuple(p.shape) for n, p in adapter.model.named_parameters()}
-    out = []
-    for f in files[:2]:
-        grads = safetensors.torch.load_file(f)
-        if set(grads) != set(shapes):
-            extra, lacking = sorted(set(grads) - set(shapes)), sorted(set(shapes) - set(grads))
-            raise UnlearnError(f"{f} does not match the model's tensors (unknown {extra[:3]}, missing {lacking[:3]}); re-run the gradients stage")
-        for n, g in grads.items():
-            if tuple(g.shape) != shapes[n]:
-                raise UnlearnError(f"{f}: {n} has shape {tuple(g.shape)}, the model's is {shapes[n]}; re-run the gradients stage")
-            if not torch.isfinite(g).all():
-                raise UnlearnError(f"{f}: {n} holds NaN or inf; re-run the gradients stage (check the data for corrupt images)")
-        out.append(grads)
-    return out[0], out[1], sidecar
+    grads = safetensors.torch.load_file(path)
+    if set(grads) != set(shapes):
+        extra, lacking = sorted(set(grads) - set(shapes)), sorted(set(shapes) - set(grads))
+        raise UnlearnError(f"{path} does not match the model's tensors (unknown {extra[:3]}, missing {lacking[:3]}); re-run the gradients stage")
+    for n, g in grads.items():
+        if tuple(g.shape) != shapes[n]:
+            raise UnlearnError(f"{path}: {n} has shape {tuple(g.shape)}, the model's is {shapes[n]}; re-run the gradients stage")
+        if not torch.isfinite(g).all():
+            raise UnlearnError(f"{path}: {n} holds NaN or inf; re-run the gradients stage (check the data for corrupt images)")
+    return grads, sidecar
 
 
 # ---------------------------------------------------------------- layer ranking
@@ -276,14 +246,16 @@ def precondition(grad: torch.Tensor, moment: torch.Tensor, layout: str, damping:
 
 
 def step_directions(adapter: Adapter, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig,
-                    retain_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+                    moments: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """The edit direction of each layer in `layers`.  `gradient` (the paper): g_f itself.
     `retain_preconditioned`: g_f preconditioned by the second moments of the layer's inputs on
-    the retain set (one forward pass over it, run only for this direction; see `precondition`)."""
+    the retain set (`moments`, from the retain statistics; see `precondition`)."""
     if cfg.direction == "gradient":
         return {layer: forget_grads[layer] for layer in layers}
-    moments, count = input_moments(adapter, list(layers), retain_batches())
-    log.info("retain input moments of %d layers over %d pairs", len(layers), count)
+    lacking = [layer for layer in layers if moments is None or layer not in moments]
+    if lacking:
+        raise UnlearnError(f"the retain statistics hold no input moments of {lacking[:3]}; re-run `dvc repro retain_stats` "
+                           "(or set slug.search.direction=gradient)")
     return {layer: precondition(forget_grads[layer], moments[layer].to(forget_grads[layer].device), adapter.input_layout(layer), cfg.damping)
             for layer in layers}
 
@@ -383,9 +355,13 @@ class SearchConfig:
     rho_margin: float = 1.2        # the edit uses margin x the smallest passing rho found on validation
     direction: str = "retain_preconditioned"  # or gradient: g_f (the paper); see step_directions
     damping: float = 0.1           # lam of retain_preconditioned, as a fraction of the mean eigenvalue of C_r
+    evaluate: str = "decisions"    # decisions: retain and other-kind sets scored only where the choice reads them (see search_layers) | all
 
     def __post_init__(self) -> None:
         check_direction(self.direction, self.damping)
+        if self.evaluate not in ("decisions", "all"):
+            raise UnlearnError(f"slug.search.evaluate is {self.evaluate!r}; use decisions (score the guard sets only for steps that "
+                               "pass the forget criterion) or all")
 
 
 def interleave_fronts(fronts: dict[str, list[str]], limit: int) -> list[str]:
@@ -406,36 +382,87 @@ def guard_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> bool:
             and result[f"{obj}_top1"] >= base[f"{obj}_top1"] - cfg.max_object_drop - 1e-9)
 
 
+def retain_bound_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> bool:
+    """The guard's bound on the target kind's own retain set alone (part of `guard_ok`)."""
+    bound = cfg.max_identity_drop if kind == "identity" else cfg.max_object_drop
+    return result["retain_top1"] >= base["retain_top1"] - bound - 1e-9
+
+
 def forget_ok(result: dict, cfg: SearchConfig) -> bool:
     return result["forget_top1"] <= cfg.forget_top1 + 1e-9 and result["forget_top5"] <= cfg.forget_top5 + 1e-9
 
 
+GUARD_SETS = ("retain", "utility")
+
+
+def _fmt(v: float | None) -> str:
+    return "not scored" if v is None else f"{v:.3f}"
+
+
 def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict,
-                  kind: str) -> tuple[list[dict], dict]:
+                  kind: str, times: dict[str, float] | None = None) -> tuple[list[dict], dict]:
     """Search rho on each layer; every evaluation becomes a row.  Per layer the edit is
     `rho_margin` times the smallest rho that passes the forget criterion (the smallest passing rho
     itself when the margin step fails the guard).  The choice: among layers whose edit passes
     the forget criterion and the utility guard, those whose margin step passed first, then the
     highest mean of retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
-    the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead."""
+    the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead.
+
+    With `cfg.evaluate == "decisions"` every step is scored on the target's images, and on the
+    retain and other-kind sets only where the choice reads them: a layer's margin step when it
+    passes the forget criterion, its smallest passing step when the margin step is not kept, and,
+    when no layer passes, the steps tied for the best forget figures; and the other-kind set only
+    when the retain set's bound holds.  A step failing the forget criterion or a bound is
+    rejected whatever its other figures, and a passing step between the two is never kept, so
+    the choice is the same as with every step scored on every set (`evaluate: all`).  A row's `scored`
+    says which it got; unscored figures are None.  `times` (if given) accumulates the seconds
+    spent scoring the forget set and the guard sets, and their counts."""
     params = dict(adapter.model.named_parameters())
+    times = times if times is not None else {}
+    for k in ("eval_forget_s", "eval_guard_s", "evals_forget", "evals_guard"):
+        times.setdefault(k, 0)
     rows: list[dict] = []
     passing: list[dict] = []
+    scorers = {}
     for layer in layers:
         param = params[layer]
         original = param.detach().clone()
         step_dir = original.norm() * unit_direction(directions[layer]).to(original)
         evaluator.prepare(layer)
 
-        def evaluate(rho: float, param=param, original=original, step_dir=step_dir, layer=layer) -> dict:
+        def score(rho: float, sets: tuple[str, ...], param=param, original=original, step_dir=step_dir, layer=layer) -> dict:
+            kind_ = "forget" if sets == ("forget",) else "guard"  # guard: the retain and/or other-kind set
+            t = time.perf_counter()
             with torch.no_grad():
                 param.copy_(original + rho * step_dir)
             try:
-                return evaluator.evaluate(layer)
+                return evaluator.evaluate(layer, sets)
             finally:
                 with torch.no_grad():
                     param.copy_(original)
+                times[f"eval_{kind_}_s"] += time.perf_counter() - t
+                times[f"evals_{kind_}"] += 1
 
+        def evaluate(rho: float, score=score) -> dict:
+            result = score(rho, ("forget",))
+            if cfg.evaluate == "all":
+                return result | score(rho, GUARD_SETS) | {"scored": "all"}
+            return result | {k: None for k in ACCURACY_KEYS if not k.startswith("forget")} | {"scored": "forget"}
+
+        def complete(row: dict, full: bool = False, score=score) -> dict:
+            """Score the guard sets of a row that has only the forget figures: the target kind's
+            retain set first, the other kind's only if the retain bound holds (a row that fails
+            it is never chosen) or `full`."""
+            if row["scored"] == "forget":
+                row.update(score(row["rho"], ("retain",)), scored="retain")
+                if not retain_bound_ok(row, base, cfg, kind):
+                    row["guard_ok"] = False
+            if row["scored"] == "retain" and (full or row["guard_ok"] is None):
+                row.update(score(row["rho"], ("utility",)), scored="all")
+                row["guard_ok"] = guard_ok(row, base, cfg, kind)
+            return row
+
+        scorers[layer] = complete
         steps = search_step(evaluate, lambda r: forget_ok(r, cfg), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer, cfg.rho_tolerance)
         passed = [s for s in steps if s.forget_ok]
         if passed and cfg.rho_margin != 1.0:
@@ -444,16 +471,19 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
             result = evaluate(rho)
             steps.append(Step(rho, result, forget_ok(result, cfg)))
         layer_rows = [{"layer": layer, "tower": adapter.tower(layer), "eval": k, "rho": s.rho, **s.result,
-                       "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg, kind)} for k, s in enumerate(steps)]
+                       "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg, kind) if s.result["scored"] == "all" else None}
+                      for k, s in enumerate(steps)]
         rows.extend(layer_rows)
         if passed:
-            # the margin step if it passes both tests, else the smallest passing step
+            # the margin step if it passes both tests, else the smallest passing step: only these
+            # two can be kept, so only their guard sets are scored
             smallest = min((r for r in layer_rows[: len(layer_rows) - (cfg.rho_margin != 1.0)] if r["forget_ok"]), key=lambda r: r["rho"])
             margin = layer_rows[-1]
-            robust = cfg.rho_margin != 1.0 and margin["forget_ok"] and margin["guard_ok"]
-            final = {**(margin if robust else smallest), "margin_ok": robust}
-            log.info("%s: rho %.4g (FA@1 %.3f, FA@5 %.3f, retain %.3f, utility %.3f, forget %s, guard %s)", layer, final["rho"],
-                     final["forget_top1"], final["forget_top5"], final["retain_top1"], final["utility_top1"], final["forget_ok"], final["guard_ok"])
+            robust = cfg.rho_margin != 1.0 and margin["forget_ok"] and bool(complete(margin)["guard_ok"])
+            final = {**(margin if robust else complete(smallest)), "margin_ok": robust}
+            log.info("%s: rho %.4g (FA@1 %.3f, FA@5 %.3f, retain %s, utility %s, forget %s, guard %s)", layer, final["rho"],
+                     final["forget_top1"], final["forget_top5"], _fmt(final["retain_top1"]), _fmt(final["utility_top1"]), final["forget_ok"],
+                     final["guard_ok"])
             if final["forget_ok"] and final["guard_ok"]:
                 passing.append(final)
         else:
@@ -463,29 +493,23 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         return rows, {**choice, "converged": True}
     if not rows:
         raise UnlearnError("no layer to search: the Pareto fronts are empty")
-    best = min(rows, key=lambda r: (r["forget_top1"], r["forget_top5"], -utility_score(r), r["rho"]))
+    # no layer passes: the best step by forget figures, utility breaking ties (scored now where it was not)
+    least = min((r["forget_top1"], r["forget_top5"]) for r in rows)
+    for r in rows:
+        if (r["forget_top1"], r["forget_top5"]) == least:
+            scorers[r["layer"]](r, full=True)
+    best = min((r for r in rows if r["scored"] == "all"), key=lambda r: (r["forget_top1"], r["forget_top5"], -utility_score(r), r["rho"]))
     return rows, {**best, "converged": False}
 
 
 # ---------------------------------------------------------------- the sequence, written once
 
-@dataclass(frozen=True)
-class Gradients:
-    forget: dict[str, torch.Tensor]
-    retain: dict[str, torch.Tensor]
-    n_forget: int
-    n_retain: int
-    forget_loss: float
-    retain_loss: float
-
-
-def compute_gradients(adapter: Adapter, forget_batches: Iterable, retain_batches: Iterable, progress: bool = False) -> Gradients:
-    """The one gradient pass at the current weights: +grad L_f on the forget pairs, grad L_r on
-    the retain pairs (the model in eval mode: no dropout)."""
+def forget_gradient(adapter: Adapter, forget_batches: Iterable, progress: bool = False) -> tuple[dict[str, torch.Tensor], int, float]:
+    """The per-concept part of the one gradient pass: +grad L_f on the forget pairs at the current
+    weights (eval mode: no dropout).  Returns (gradient, pairs, mean loss).  The retain gradient
+    is shared by every concept (`retain_stats`)."""
     adapter.model.eval()
-    g_f, n_f, l_f = mean_gradient(adapter, adapter.forget_loss, forget_batches, "forget gradient" if progress else None)
-    g_r, n_r, l_r = mean_gradient(adapter, adapter.retain_loss, retain_batches, "retain gradient" if progress else None)
-    return Gradients(g_f, g_r, n_f, n_r, l_f, l_r)
+    return mean_gradient(adapter, adapter.forget_loss, forget_batches, "forget gradient" if progress else None)
 
 
 @dataclass(frozen=True)
@@ -526,20 +550,26 @@ class Edit:
     rows: list[dict]      # every evaluation
     layers: list[str]     # the searched layers, in order
     base: dict            # the unedited model on the validation images
+    times: dict           # seconds: directions, eval_forget_s / eval_guard_s (and evals_forget / evals_guard counts), base_eval
 
 
 def search(adapter: Adapter, evaluator, forget: dict[str, torch.Tensor], front: dict, order: dict[str, list[str]], cfg: SearchConfig,
-           kind: str, retain_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]) -> Edit:
+           kind: str, moments: dict[str, torch.Tensor] | None) -> Edit:
     """The layers to try (by Pareto rank), their edit directions, the step search on the
     evaluator's (validation) images and the chosen edit; the model is left unedited."""
     layers = plan_layers(front, order, cfg.max_layers)
-    base = evaluator.evaluate()
+    t0 = time.perf_counter()
+    evaluator.reset()
+    base = evaluator.evaluate(reference=True)
     log.info("base model on validation: %s", base)
-    directions = step_directions(adapter, forget, layers, cfg, retain_batches)
-    rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, kind)
+    t1 = time.perf_counter()
+    directions = step_directions(adapter, forget, layers, cfg, moments)
+    times = {"base_eval_s": t1 - t0, "directions_s": time.perf_counter() - t1}
+    rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, kind, times)
     param = dict(adapter.model.named_parameters())[choice["layer"]]
     delta = edit_delta(param.detach(), directions[choice["layer"]], choice["rho"])
-    return Edit(choice["layer"], choice["rho"], delta, bool(choice["converged"]), choice, rows, layers, base)
+    return Edit(choice["layer"], choice["rho"], delta, bool(choice["converged"]), choice, rows, layers, base,
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in times.items()})
 
 
 def apply_edit(adapter: Adapter, layer: str, delta: torch.Tensor) -> None:
@@ -548,30 +578,37 @@ def apply_edit(adapter: Adapter, layer: str, delta: torch.Tensor) -> None:
         param.add_(delta.to(param))
 
 
-def unlearn(adapter: Adapter, forget_batches: Callable[[], Iterable], retain_batches: Callable[[], Iterable], evaluator, kind: str,
-            rank_cfg: RankConfig, search_cfg: SearchConfig) -> tuple[Edit, dict[str, float]]:
-    """SLUG in one process: gradients, ranking, search, and the edit applied in place.  Returns
-    the edit and the wall time of each phase."""
-    import time
-
+def find_edit(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: RetainStats, evaluator, kind: str,
+              rank_cfg: RankConfig, search_cfg: SearchConfig) -> tuple[Edit, dict[str, float]]:
+    """SLUG for one concept, given the shared retain statistics: forget gradient, ranking and
+    search; the model is left unedited.  Returns the edit and the wall time of each phase (the
+    search's split by what it scored)."""
     t0 = time.perf_counter()
-    grads = compute_gradients(adapter, forget_batches(), retain_batches())
+    g_f, _, _ = forget_gradient(adapter, forget_batches())
     t1 = time.perf_counter()
-    ranking = rank(adapter, grads.forget, grads.retain, rank_cfg)
+    ranking = rank(adapter, g_f, retain.gradient, rank_cfg)
     t2 = time.perf_counter()
-    edit = search(adapter, evaluator, grads.forget, ranking.front_scores(), ranking.order, search_cfg, kind, retain_batches)
-    apply_edit(adapter, edit.layer, edit.delta)
+    edit = search(adapter, evaluator, g_f, ranking.front_scores(), ranking.order, search_cfg, kind, retain.moments)
     t3 = time.perf_counter()
-    return edit, {"gradients": t1 - t0, "rank_layers": t2 - t1, "search": t3 - t2, "unlearn": t3 - t0}
+    phases = {k[:-2]: v for k, v in edit.times.items() if k.endswith("_s")}
+    return edit, {"forget_gradient": t1 - t0, "rank_layers": t2 - t1, "search": t3 - t2, **phases, "unlearn": t3 - t0}
 
 
-def gradient_record(adapter_dir: str | Path, forget_manifest: str | Path, retain_manifest: str | Path, grads: Gradients, batch_size: int,
+def unlearn(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: RetainStats, evaluator, kind: str,
+            rank_cfg: RankConfig, search_cfg: SearchConfig) -> tuple[Edit, dict[str, float]]:
+    """`find_edit`, and the edit applied in place (timed with it)."""
+    t0 = time.perf_counter()
+    edit, times = find_edit(adapter, forget_batches, retain, evaluator, kind, rank_cfg, search_cfg)
+    apply_edit(adapter, edit.layer, edit.delta)
+    times["unlearn"] = time.perf_counter() - t0
+    return edit, times
+
+
+def gradient_record(adapter_dir: str | Path, forget_manifest: str | Path, n_forget: int, forget_loss: float, batch_size: int,
                     seed: int) -> GradientRecord:
-    """The sidecar of the gradients of the model saved in `adapter_dir`."""
-    return GradientRecord(model_sha256=fingerprint(adapter_dir), forget_manifest_sha256=sha256_file(forget_manifest),
-                          retain_manifest_sha256=sha256_file(retain_manifest), n_forget=grads.n_forget, n_retain=grads.n_retain,
-                          batch_size=batch_size, seed=seed, forget_loss=round(grads.forget_loss, 6), retain_loss=round(grads.retain_loss, 6),
-                          family=read_family(adapter_dir)["family"])
+    """The sidecar of the forget gradient of the model saved in `adapter_dir`."""
+    return GradientRecord(model_sha256=fingerprint(adapter_dir), forget_manifest_sha256=sha256_file(forget_manifest), n_forget=n_forget,
+                          batch_size=batch_size, seed=seed, forget_loss=round(forget_loss, 6), family=read_family(adapter_dir)["family"])
 
 
 # ---------------------------------------------------------------- SLUG as a registered method
@@ -595,8 +632,16 @@ def slug_config(values: dict, key: str = "slug") -> SlugConfig:
 
 @register("slug", slug_config, "one gradient pass, Pareto ranking, a single-layer step search")
 def run(ctx: Context, cfg: SlugConfig) -> Outcome:
-    edit, times = unlearn(ctx.adapter, lambda: chunks(ctx.forget, ctx.grad_batch), lambda: chunks(ctx.retain, ctx.grad_batch), ctx.evaluator,
-                          ctx.kind, cfg.rank, cfg.search)
+    """With `ctx.retain_stats` (the shared statistics, as in the comparison) only the per-concept
+    work is timed; without, the statistics are computed first and timed apart (`retain_stats`)."""
+    stats, t0 = ctx.retain_stats, time.perf_counter()
+    if stats is None:
+        stats = compute_retain_stats(ctx.adapter, lambda: chunks(ctx.retain, ctx.grad_batch), with_moments=cfg.search.direction != "gradient")
+    once = time.perf_counter() - t0
+    edit, times = unlearn(ctx.adapter, lambda: chunks(ctx.forget, ctx.grad_batch), stats, ctx.evaluator, ctx.kind, cfg.rank, cfg.search)
+    if ctx.retain_stats is None:
+        times["retain_stats"] = once
     return Outcome("ok" if edit.converged else "not_forgotten", {k: round(v, 3) for k, v in times.items()},
                    details={"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows),
-                            "direction": cfg.search.direction})
+                            "evals_forget": edit.times["evals_forget"], "evals_guard": edit.times["evals_guard"],
+                            "direction": cfg.search.direction, "shared_retain_stats": ctx.retain_stats is not None})

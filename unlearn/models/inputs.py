@@ -3,7 +3,7 @@ retain-preconditioned step, docs/methods.md "The edit direction").
 
 Family-independent: the adapter runs its towers and reports each tensor's input
 (`Adapter.feed_inputs`); this module sums x x^T per tensor (x_hat^2 for a LayerNorm weight) over
-every position of every pair.
+every position of every pair.  Data-parallel under torchrun (`unlearn.distributed`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from unlearn import distributed
 from unlearn.errors import UnlearnError
 from unlearn.models.adapter import Adapter
 
@@ -32,10 +33,15 @@ def input_moments(adapter: Adapter, layers: Sequence[str], batches: Iterable[tup
         sums[name] = sums[name] + m if name in sums else m
         rows[name] = rows.get(name, 0) + x.shape[0]
 
-    count = adapter.feed_inputs(list(layers), batches, add)
+    count = adapter.feed_inputs(list(layers), distributed.my_slice(batches), add)
+    distributed.check_every_rank_has_data(count, "retain input moments")
     if count == 0:
         raise UnlearnError("the retain set is empty: no input statistics for the preconditioned step")
     missing = [n for n in layers if n not in sums]
     if missing:
         raise UnlearnError(f"no input of {missing[:3]} was seen in a forward pass; set slug.search.direction=gradient for these tensors")
+    if distributed.active():
+        counts = torch.tensor([count, *(rows[n] for n in layers)], dtype=torch.float64, device=next(iter(sums.values())).device)
+        distributed.all_reduce_sum([*(sums[n] for n in layers), counts])
+        count, rows = int(counts[0].item()), {n: int(c) for n, c in zip(layers, counts[1:].tolist())}
     return {n: sums[n] / rows[n] for n in layers}, count

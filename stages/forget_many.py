@@ -1,0 +1,126 @@
+"""Stage `forget_many`: several concepts removed together by adding their single-layer edits
+(unlearn/many.py).  Each concept's edit is found by SLUG on the base model (its forget set, the
+shared retain statistics, its validation images) and saved as a patch under models/many/<concept>;
+then for every k in `forget_many.counts` the first k edits are summed, checked on validation
+(rescaled jointly if the sum breaks the forget criterion or the guard) and reported on test.
+Writes metrics/forget_many.json and plots/forget_many.{csv,png}."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from unlearn.cli import peak_memory_mb, run_stage, torch_device
+from unlearn.data.curate import curate_forget, resolve_concepts, table_concepts
+from unlearn.errors import UnlearnError
+from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
+from unlearn.io import atomic_outputs, write_json
+from unlearn.many import ConceptEdit, forget_ok_all, guard_ok_all, judge
+from unlearn.methods.registry import chunks
+from unlearn.methods.retain_stats import load_retain_stats
+from unlearn.methods.slug import apply_edit, find_edit, save_patch, slug_config
+from unlearn.models.adapter import fingerprint, load
+from unlearn.models.train import load_pairs
+from unlearn.params import stage_params
+from unlearn.plots import forget_many_plot
+
+MODEL, SHARDS, EVAL, RETAIN, STATS = "models/base", "data/laion", "data/eval", "data/retain", "models/retain"
+PATCHES, METRICS, CSV, PNG = "models/many", "metrics/forget_many.json", "plots/forget_many.csv", "plots/forget_many.png"
+log = logging.getLogger("forget_many")
+
+
+def main() -> None:
+    start = time.perf_counter()
+    p = stage_params("forget_many")
+    concepts = resolve_concepts(p("forget_many.concepts"), p("concepts"), "forget_many.concepts")
+    counts = [int(k) for k in p("forget_many.counts")]
+    if not counts or counts != sorted(set(counts)) or counts[0] < 1 or counts[-1] > len(concepts):
+        raise UnlearnError(f"forget_many.counts is {counts}; list increasing numbers from 1 to {len(concepts)} (the length of forget_many.concepts)")
+    cfg = slug_config(p("slug"))
+    split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
+    batch, grad_batch = int(p("eval.batch_size")), int(p("gradients.batch_size"))
+    solo = table_concepts(p("concepts")) if p("curate.solo") else ()
+    adapter = load(MODEL, device=torch_device(p("model.device")))
+    stats, _ = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")
+    forget_sets, evaluators = {}, {}
+    for c in concepts:
+        with tempfile.TemporaryDirectory() as tmp:
+            curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), Path(tmp), solo)
+            forget_sets[c.name] = load_pairs(adapter, tmp)
+        evaluators[c.name] = Evaluator(adapter, concept_tasks(EVAL, c, "val", *split), batch)
+    val = ManyEvaluator(adapter, EVAL, concepts, "val", *split, batch)
+    test = ManyEvaluator(adapter, EVAL, concepts, "test", *split, batch)
+    params = dict(adapter.model.named_parameters())
+    original = {n: t.detach().clone() for n, t in params.items()}
+
+    def slug_for(c):
+        forget = forget_sets[c.name]
+        return find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluators[c.name], c.kind, cfg.rank, cfg.search)
+
+    with atomic_outputs(PATCHES, METRICS, CSV, PNG) as (patches, metrics, csv_path, png):
+        # the paper's way: every edit found on the base model, the first k added up
+        edits, per_concept = [], []
+        for c in concepts:
+            edit, times = slug_for(c)
+            (patches / c.slug).mkdir()
+            save_patch(patches / c.slug, edit.layer, edit.delta, {"concept": c.name, "kind": c.kind, "rho": edit.rho, "converged": edit.converged,
+                                                                  "family": adapter.family, "base_model_sha256": fingerprint(MODEL)})
+            edits.append(ConceptEdit(c.name, edit.layer, edit.delta))
+            per_concept.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
+                                "time_s": round(times["unlearn"], 3)})
+            log.info("%s: %s rho %.4g (converged %s, %.1f s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged, times["unlearn"])
+        base = {e.layer: original[e.layer] for e in edits}
+        results = []
+        for k in counts:
+            r = judge(adapter, base, edits[:k], val, test, cfg.search)
+            results.append(r)
+            _log("sum", k, r)
+        # sequentially: each concept's edit found on the model that already holds the previous ones
+        sequential, seq_concepts = [], []
+        names_of = {k: [x.name for x in concepts[:k]] for k in counts}
+        base_val = {k: val.evaluate(names_of[k]) for k in counts}    # the unedited model, the first k as targets
+        base_test = {k: test.evaluate(names_of[k]) for k in counts}
+        for i, c in enumerate(concepts, 1):
+            edit, times = slug_for(c)
+            apply_edit(adapter, edit.layer, edit.delta)
+            seq_concepts.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
+            log.info("sequential %s: %s rho %.4g (converged %s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
+            if i in counts:
+                v, t = val.evaluate(names_of[i]), test.evaluate(names_of[i])
+                r = {"k": i, "concepts": names_of[i], "scale": 1.0, "converged": forget_ok_all(v, cfg.search) and guard_ok_all(v, base_val[i], cfg.search),
+                     "validation": v, "test": t, "base_test": base_test[i]}
+                sequential.append(r)
+                _log("sequential", i, r)
+        with torch.no_grad():
+            for n, t in params.items():
+                t.copy_(original[n])
+        rows = [{"mode": mode, "removed": r["k"], "max_forget_top1": max(v["top1"] for v in r["test"]["targets"].values()),
+                 "max_forget_top5": max(v["top5"] for v in r["test"]["targets"].values()),
+                 "identity_retain_top1": r["test"]["retain"]["identity"]["top1"], "identity_retain_base": r["base_test"]["retain"]["identity"]["top1"],
+                 "object_top1": r["test"]["retain"]["object"]["top1"], "object_base": r["base_test"]["retain"]["object"]["top1"],
+                 "scale": r["scale"], "converged": r["converged"]} for mode, rs in (("sum", results), ("sequential", sequential)) for r in rs]
+        write_json(metrics, {"concepts": per_concept, "counts": counts, "results": results, "sequential_concepts": seq_concepts,
+                             "sequential": sequential, "rows": rows,
+                             "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb()})
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        forget_many_plot(rows, png, f"the first k of {len(concepts)} concepts removed: SLUG edits added up / found one after another (test images)")
+
+
+def _log(mode: str, k: int, r: dict) -> None:
+    t = r["test"]
+    log.info("%s, %d removed (scale %.2f%s): max FA@1 %.3f, max FA@5 %.3f; retain identity@1 %.3f -> %.3f, ImageNet-style@1 %.3f -> %.3f (test)",
+             mode, k, r["scale"], "" if r["converged"] else ", NOT passing on validation", max(v["top1"] for v in t["targets"].values()),
+             max(v["top5"] for v in t["targets"].values()), r["base_test"]["retain"]["identity"]["top1"], t["retain"]["identity"]["top1"],
+             r["base_test"]["retain"]["object"]["top1"], t["retain"]["object"]["top1"])
+
+
+if __name__ == "__main__":
+    run_stage("forget_many", main)

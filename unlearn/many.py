@@ -1,0 +1,100 @@
+"""Many concepts at once (stage `forget_many`): SLUG finds each concept's one-layer edit on the
+base model independently (the shared retain statistics, each concept's own validation images);
+the edits of the first k concepts are added up and the combined model is judged on every target
+and on what is not a target.
+
+The sum is checked on validation: every target must pass the forget criterion (FA@1 <= ..,
+FA@5 <= ..) and the classes that are not targets the utility guard (identity retain and
+ImageNet-style @1 within the search's bounds of the base model).  When it does not, one common
+scale s multiplies every edit (the joint re-search): s grows (1.25, 1.5, 2) while a target is
+still recognised, or shrinks (0.9, 0.8, 0.7) while the guard fails and every target stays
+forgotten.  Every tried s is recorded; the figures on test are those of the kept s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from unlearn.eval.suite import ManyEvaluator
+from unlearn.methods.slug import SearchConfig
+
+UP, DOWN = (1.25, 1.5, 2.0), (0.9, 0.8, 0.7)
+BOUND = {"identity": "max_identity_drop", "object": "max_object_drop"}
+
+
+@dataclass(frozen=True)
+class ConceptEdit:
+    name: str
+    layer: str
+    delta: torch.Tensor
+
+
+def set_sum(adapter, base: dict[str, torch.Tensor], edits: Sequence[ConceptEdit], scale: float) -> None:
+    """The model's weights := base + scale x the sum of `edits` (edits of one layer add up)."""
+    params = dict(adapter.model.named_parameters())
+    with torch.no_grad():
+        for name in {e.layer for e in edits} | set(base):
+            params[name].copy_(base[name])
+        for e in edits:
+            params[e.layer].add_(scale * e.delta.to(params[e.layer]))
+
+
+def forget_ok_all(result: dict, cfg: SearchConfig) -> bool:
+    return all(t["top1"] <= cfg.forget_top1 + 1e-9 and t["top5"] <= cfg.forget_top5 + 1e-9 for t in result["targets"].values())
+
+
+def guard_ok_all(result: dict, base: dict, cfg: SearchConfig) -> bool:
+    return all(r["top1"] >= base["retain"][k]["top1"] - getattr(cfg, BOUND[k]) - 1e-9 for k, r in result["retain"].items())
+
+
+def combine(evaluate: Callable[[float], dict], base_val: dict, cfg: SearchConfig) -> tuple[float, list[dict]]:
+    """The common scale of the summed edits (see the module docstring) and every trial."""
+    trials = []
+
+    def trial(s: float) -> dict:
+        r = evaluate(s)
+        trials.append({"scale": s, "forget_ok": forget_ok_all(r, cfg), "guard_ok": guard_ok_all(r, base_val, cfg), **r})
+        return trials[-1]
+
+    first = trial(1.0)
+    if first["forget_ok"] and first["guard_ok"]:
+        return 1.0, trials
+    if not first["forget_ok"]:
+        for s in UP:
+            if trial(s)["forget_ok"]:
+                return s, trials
+        return UP[-1], trials
+    kept = 1.0
+    for s in DOWN:
+        t = trial(s)
+        if not t["forget_ok"]:
+            break
+        kept = s
+        if t["guard_ok"]:
+            break
+    return kept, trials
+
+
+def judge(adapter, base: dict[str, torch.Tensor], edits: Sequence[ConceptEdit], val: ManyEvaluator, test: ManyEvaluator,
+          cfg: SearchConfig) -> dict:
+    """The first len(edits) concepts removed together: base and combined figures on validation
+    (the scale decision) and test (reported).  Leaves the model at the base weights."""
+    names = [e.name for e in edits]
+    set_sum(adapter, base, edits, 0.0)
+    base_val, base_test = val.evaluate(names), test.evaluate(names)
+
+    def evaluate(s: float) -> dict:
+        set_sum(adapter, base, edits, s)
+        return val.evaluate(names)
+
+    scale, trials = combine(evaluate, base_val, cfg)
+    set_sum(adapter, base, edits, scale)
+    after = test.evaluate(names)
+    kept = next(t for t in trials if t["scale"] == scale)
+    set_sum(adapter, base, edits, 0.0)
+    return {"k": len(edits), "concepts": names, "scale": scale, "rescaled": scale != 1.0, "converged": kept["forget_ok"] and kept["guard_ok"],
+            "trials": [{k: t[k] for k in ("scale", "forget_ok", "guard_ok")} for t in trials],
+            "validation": {k: kept[k] for k in ("targets", "retain")}, "test": after, "base_test": base_test}
