@@ -66,8 +66,9 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str, short: Calla
 
 def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str, short: Callable[[str], str] = str) -> None:
     """Per searched layer: validation FA@1 and the two utility accuracies against rho.  Every step
-    is scored on the target's images (filled markers: also scored on the guard sets; hollow:
-    failed the forget criterion, so the guard sets were not scored)."""
+    is scored on the target's images (filled markers: also on the guard sets, the retain set
+    alone when it already broke its bound; hollow: only on the target's images, because the
+    choice never reads the rest)."""
     plt = _pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)
@@ -76,11 +77,11 @@ def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str
         for ax, key in zip(axes, ("forget_top1", "retain_top1", "utility_top1")):
             have = [r for r in pts if r.get(key) is not None]
             ax.plot([r["rho"] for r in have], [r[key] for r in have], "-", lw=1, c=f"C{c % 10}", label=short(layer))
-            full = [r for r in have if r.get("scored", "all") == "all"]
-            part = [r for r in have if r.get("scored", "all") != "all"]
+            full = [r for r in have if r.get("scored", "all") != "forget"]
+            part = [r for r in have if r.get("scored", "all") == "forget"]
             ax.plot([r["rho"] for r in full], [r[key] for r in full], "o", ms=3, c=f"C{c % 10}")
             ax.plot([r["rho"] for r in part], [r[key] for r in part], "o", ms=3, mfc="none", c=f"C{c % 10}")
-    n_full = sum(r.get("scored", "all") == "all" for r in rows)
+    n_full = sum(r.get("scored", "all") != "forget" for r in rows)
     for ax, key in zip(axes, ("forget top-1 (val)", "retain top-1 (val)", "other-kind top-1 (val)")):
         ax.set_xscale("log")
         ax.set_xlabel("relative step rho")
