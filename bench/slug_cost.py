@@ -78,9 +78,9 @@ def main() -> None:
     forget_gradient(adapter, chunks(forget_sets[table[0].name], grad_batch))  # warm-up: the first backward pass pays for allocation
     for c in table:
         forget = forget_sets[c.name]
-        _, floor = timed(lambda: forget_gradient(adapter, chunks(forget, grad_batch)))
+        _, floor = timed(lambda f=forget: forget_gradient(adapter, chunks(f, grad_batch)))
         evaluator = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
-        (edit, t), _ = timed(lambda: find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluator, c.kind, cfg.rank, cfg.search))
+        (edit, t), _ = timed(lambda f=forget, e=evaluator, k=c.kind: find_edit(adapter, lambda: chunks(f, grad_batch), stats, e, k, cfg.rank, cfg.search))
         kept = t["eval_guard"] / max(edit.times["evals_guard"], 1)  # one guard scoring: what a kept step costs
         row = {"concept": c.name, "pairs": int(forget[0].shape[0]), "floor_s": floor, **{f"{k}_s": v for k, v in t.items()},
                "evals_forget": edit.times["evals_forget"], "evals_guard": edit.times["evals_guard"], "kept_step_s": kept,
@@ -95,8 +95,8 @@ def main() -> None:
     for c in compare:
         forget = forget_sets[c.name]
         ev = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
-        (a, ta) = find_edit(adapter, lambda: chunks(forget, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
-        (b, tb) = find_edit(adapter, lambda: chunks(forget, grad_batch), stats, ev, c.kind, cfg.rank, all_cfg)
+        (a, ta) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
+        (b, tb) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, all_cfg)
         same = (a.layer, a.rho, a.converged) == (b.layer, b.rho, b.converged) and torch.equal(a.delta, b.delta)
         checks.append({"concept": c.name, "decisions": [a.layer, a.rho], "all": [b.layer, b.rho], "same": same,
                        "search_s_decisions": ta["search"], "search_s_all": tb["search"], "guard_evals": [a.times["evals_guard"], b.times["evals_guard"]]})
@@ -123,7 +123,7 @@ def main() -> None:
     for n in args.sizes:
         idx = torch.randint(0, all_pairs[0].shape[0], (n,), generator=g) if n > all_pairs[0].shape[0] else torch.randperm(all_pairs[0].shape[0], generator=g)[:n]
         pairs = (all_pairs[0][idx], all_pairs[1][idx])
-        _, s = timed(lambda: compute_retain_stats(adapter, lambda: chunks(pairs, grad_batch)))
+        _, s = timed(lambda x=pairs: compute_retain_stats(adapter, lambda: chunks(x, grad_batch)))
         sizes.append({"retain_pairs": n, "retain_stats_s": s})
         print(f"retain statistics over {n} pairs: {s:.2f} s")
 

@@ -20,8 +20,8 @@ from unlearn.errors import UnlearnError
 from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json, write_json
-from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.registry import changed_bytes, check_method, chunks, run_method
+from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.models.adapter import load
 from unlearn.models.train import load_pairs
 from unlearn.params import stage_params

@@ -13,7 +13,7 @@ from unlearn.io import atomic_outputs, write_json
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import RankConfig, load_gradients, rank
 from unlearn.models.adapter import load
-from unlearn.params import stage_params, as_config
+from unlearn.params import as_config, stage_params
 from unlearn.plots import write_pareto
 
 MODEL, GRADS, STATS, RETAIN, METRICS, PLOTS = "models/base", "models/grads", "models/retain", "data/retain", "metrics/layers.json", "plots/pareto"

@@ -19,8 +19,8 @@ from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, concept_tasks
 from unlearn.methods import slug
-from unlearn.models import adapter as A
 from unlearn.methods.retain_stats import compute_retain_stats
+from unlearn.models import adapter as A
 from unlearn.models.export import to_hf_clip
 from unlearn.models.inputs import input_moments
 

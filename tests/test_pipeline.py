@@ -345,7 +345,6 @@ def test_forget_many_adds_the_edits_up(repo):
 
 
 def _rel(a, b) -> float:
-    import torch
 
     return float((a.double() - b.double()).norm() / b.double().norm()) if float(b.double().norm()) > 0 else float(a.double().norm())
 

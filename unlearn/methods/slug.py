@@ -42,8 +42,8 @@ from unlearn.eval.suite import ACCURACY_KEYS
 from unlearn.io import sha256_file
 from unlearn.methods import check_direction
 from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
-from unlearn.models.adapter import Adapter, check_made_for, fingerprint, read_family
 from unlearn.methods.retain_stats import RetainStats, compute_retain_stats
+from unlearn.models.adapter import Adapter, check_made_for, fingerprint, read_family
 from unlearn.models.gradients import mean_gradient
 
 SIGN_CONVENTION = "+grad L_f: the stored forget gradient points to higher forget loss; the edit adds it"
