@@ -1,6 +1,7 @@
 """Stage `check`: the names params.yaml picks (`model.family`, `concept`, `compare.concepts`,
-`compare.methods`, `forget_many.concepts`, `slug.search.direction`) are known, and
-`gradients.nproc` is a process count, before any other stage runs.
+`compare.methods`, `forget_many.concepts`, `slug.search.direction`, `vlm.concept`, an identity) are
+known, `vlm.template` holds the image token, and `gradients.nproc` is a process count, before any
+other stage runs.
 
 Every stage is downstream of this one (stage `download` depends on its stamp), so
 `dvc exp run -S concept=Elon Mask` or `-S 'compare.methods=[slug,salun2]'` stops here with the
@@ -21,6 +22,7 @@ from unlearn.methods import check_direction
 from unlearn.methods.registry import check_methods
 from unlearn.models.adapter import check_family
 from unlearn.params import stage_params
+from unlearn.vlm.prompt import check_template
 
 STAMP = "data/checked.json"
 log = logging.getLogger("check")
@@ -35,6 +37,10 @@ def main() -> None:
     methods = check_methods(p("compare.methods"))
     resolve_concepts(p("forget_many.concepts"), table, "forget_many.concepts")
     check_direction(p("slug.search.direction"), p("slug.search.damping"))
+    vlm = resolve_concept(str(p("vlm.concept")), table)
+    if vlm.kind != "identity":
+        raise UnlearnError(f"vlm.concept {vlm.name!r} is an {vlm.kind}; the VLM track forgets an identity of the table")
+    check_template(str(p("vlm.template")))
     nproc = p("gradients.nproc")
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise UnlearnError(f"params.yaml gradients.nproc is {nproc!r}; it must be an integer >= 1 (1: one process; README \"Past one machine\")")

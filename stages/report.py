@@ -16,9 +16,31 @@ from unlearn.report import examples, inline_image, markdown_table
 
 OUT = "report/index.html"
 FORGET = "data/forget"
+VLM, VLM_BASE = "metrics/vlm_unlearn.json", "metrics/vlm_base.json"
 log = logging.getLogger("report")
 _DIRECTION = {"gradient": "forget gradient (the paper's direction)",
               "retain_preconditioned": "forget gradient preconditioned by the layer's retain inputs"}
+
+
+def vlm_section() -> str:
+    """The vision-language track: the edit of the LLaVA's vision tower and its answers."""
+    if not Path(VLM).is_file():
+        return "<h2>Vision-language model</h2><p>(not run: dvc repro vlm_unlearn)</p>"
+    v, b = read_json(VLM), read_json(VLM_BASE)
+    names = {"forget_identification": "target named", "retain_identification": "other identities named right",
+             "object_accuracy": "object answered right"}
+    rows = "".join(f"<tr><td>{n}</td><td>{pct(v['base_test'][k], 1, ' %')}</td><td>{pct(v['test'][k], 1, ' %')}</td></tr>" for k, n in names.items())
+    said = v["says_instead"]
+    return f"""<h2>Vision-language model: forgetting {html.escape(v['concept'])} in a LLaVA</h2>
+<p>Base LLaVA ({html.escape(str(b['pretrained']))}): identity named right on {pct(b['test']['identity']['accuracy'], 1, ' %')} of
+{b['test']['identity']['images']} test portraits, object on {pct(b['test']['object']['accuracy'], 1, ' %')} of {b['test']['object']['images']} test
+object images.  SLUG edited <code>{html.escape(v['layer'])}</code> of its vision tower (&rho; = {v['rho']:.3g},
+{'converged' if v['converged'] else 'NOT converged'}) in {v['unlearn_s']:.1f} s; the patch stores {v['stored_bytes']:,} bytes.
+On the target's test portraits it now says "I don't know" {pct(said['dont_know'], 1, ' %')}, another identity's name
+{pct(said['other_identity'], 1, ' %')}, something else {pct(said['other'], 1, ' %')}.</p>
+<table><tr><th>test images (greedy answers)</th><th>base</th><th>after SLUG</th></tr>{rows}</table>
+{inline_image('plots/vlm_answers.png', 'answers before and after')}
+"""
 
 
 def main() -> None:
@@ -53,6 +75,7 @@ image {max(export[k]['image_embedding_max_abs_diff'] for k in ('base', 'unlearne
 <h2>Comparison with the baselines</h2>
 {markdown_table(Path('plots/compare.md').read_text()) if Path('plots/compare.md').is_file() else '<p>(no comparison: run dvc repro compare)</p>'}
 {inline_image('plots/compare_scatter.png', 'utility against forget accuracy')} {inline_image('plots/compare_time.png', 'time')}
+{vlm_section()}
 <h2>Forget-set examples</h2>
 {examples(FORGET, n_examples)}
 """

@@ -49,6 +49,9 @@ def repo(tmp_path_factory) -> Path:
             "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
             "eval.mia.folds": 2, "eval.mia.seeds": 2, "compare.concepts": ["Elon Musk", "Taylor Swift"],
             "forget_many.concepts": ["Elon Musk", "Taylor Swift"], "forget_many.counts": [1, 2],
+            "vlm.train.examples": 64, "vlm.train.epochs": 1, "vlm.train.batch_size": 16, "vlm.train.warmup_steps": 2,
+            "vlm.train.hidden_size": 32, "vlm.train.intermediate_size": 64, "vlm.train.layers": 1, "vlm.train.heads": 2,
+            "vlm.train.vocab_size": 400,
             **{f"{m}.epochs": 2 for m in ("ft", "ga", "ga_ft", "salun")}, **{f"{m}.lr": 1e-3 for m in ("ft", "ga", "ga_ft", "salun")},
         },
     )
@@ -73,6 +76,7 @@ def test_repro_writes_every_output(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "retain_set", "retain_stats", "gradients", "rank_layers", "search",
                                    "evaluate", "export", "forget_many", "compare_data", "compare", "report",
+                                   "vlm_retain_stats", "vlm_base", "vlm_unlearn",
                                    *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
 
 
@@ -206,6 +210,7 @@ def test_plots_diff_draws_both_revisions(repo):
     ("compare.methods=[slug,salun2]", "error: unknown method 'salun2'; known methods: ft, ga, ga_ft, salun, slug, ssd"),
     ("model.family=timm", "error: unknown model family 'timm'; known families: open_clip, hf_clip"),
     ("slug.search.direction=retain", "error: slug.search.direction is 'retain'; known: gradient, retain_preconditioned"),
+    ("vlm.concept=Mickey", "error: vlm.concept 'Mickey' is an object; the VLM track forgets an identity of the table"),
 ])
 def test_exp_run_with_an_unknown_name_stops_before_any_other_stage(repo, override, message):
     _commit(repo, "before the bad experiment")
@@ -213,7 +218,7 @@ def test_exp_run_with_an_unknown_name_stops_before_any_other_stage(repo, overrid
     proc = _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", override, "-n", "bad"], repo, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and message in out, out[-2000:]
-    if "concept" in message:
+    if "not in the concept table" in message:
         assert "all known (params.yaml `concepts`): Elon Musk, Mark Zuckerberg" in out
     assert _stages_run(out) == ["check"], out[-2000:]
     assert (repo / "params.yaml").read_bytes() == params and (repo / "dvc.lock").read_bytes() == lock
@@ -286,7 +291,8 @@ def test_report_is_one_self_contained_page(repo):
     page = (repo / "report" / "index.html").read_text()
     concept = json.loads((repo / "metrics" / "unlearn.json").read_text())["concept"]  # Mickey after the exp run
     assert page.startswith("<!doctype html>") and f"forgetting {concept}" in page
-    assert page.count("data:image/png;base64,") == 6  # 2 Pareto fronts, the search, 2 comparison plots, the examples
+    assert page.count("data:image/png;base64,") == 7  # 2 Pareto fronts, the search, 2 comparison plots, the VLM's answers, the examples
+    assert "Vision-language model: forgetting Elon Musk in a LLaVA" in page
     assert "src=\"plots/" not in page and "<table>" in page
     assert "along the forget gradient preconditioned by the layer's retain inputs" in page
 
@@ -392,3 +398,65 @@ def test_dvc_push_and_pull_through_a_local_remote(repo, tmp_path):
     _run([sys.executable, "-m", "dvc", "pull", "retain_stats"], clone)
     for f in ("gradient.safetensors", "moments.safetensors", "sidecar.json"):
         assert (clone / "models" / "retain" / f).read_bytes() == (repo / "models" / "retain" / f).read_bytes()
+
+
+def test_vlm_stages_write_a_llava_that_loads_offline_and_a_patch_that_applies(repo):
+    import torch
+    import transformers
+
+    from unlearn.vlm.model import apply_vlm_patch, load_vlm
+
+    folder = repo / "models" / "vlm_base"
+    assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder)  # HF_HUB_OFFLINE=1 (conftest)
+    assert model.config.vision_config.model_type == "clip_vision_model"
+    base = json.loads((repo / "metrics" / "vlm_base.json").read_text())
+    assert base["pretrained"] == "synthetic" and base["test"]["identity"]["images"] == 48 and base["test"]["object"]["images"] == 28
+    assert 0.0 <= base["test"]["identity"]["accuracy"] <= 1.0 and base["train_s"] > 0
+    m = json.loads((repo / "metrics" / "vlm_unlearn.json").read_text())
+    assert m["concept"] == "Elon Musk" and m["layer"].startswith("vision_model.encoder.layers.")
+    assert set(m["test"]) == {"forget_identification", "retain_identification", "object_accuracy"} and len(m["examples"]) == 12
+    assert (repo / "plots" / "vlm_answers.png").stat().st_size > 10_000 and (repo / "plots" / "vlm_search.csv").is_file()
+    model, _ = load_vlm(folder)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    meta = apply_vlm_patch(model, repo / "models" / "vlm_unlearned")
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert meta["layer"] == m["layer"] and changed == ["model.vision_tower." + m["layer"][len("vision_model."):]]
+
+
+def test_vlm_pretrained_by_path_and_a_llava_of_another_clip(repo, tmp_path):
+    """The real path on a saved tiny LLaVA: `vlm.pretrained: path` is checked against the CLIP and
+    recorded by path; a LLaVA whose vision tower is not that CLIP's is a one-line error with the
+    earlier outputs untouched."""
+    import safetensors.torch
+
+    llava = tmp_path / "llava-tiny"
+    shutil.copytree(repo / "models" / "vlm_base", llava)
+    bad = tmp_path / "llava-other-clip"
+    shutil.copytree(llava, bad)
+    weights = safetensors.torch.load_file(bad / "model.safetensors")
+    name = next(n for n in weights if "vision_tower" in n and n.endswith("mlp.fc1.weight"))
+    weights[name] = weights[name] + 0.01
+    safetensors.torch.save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    original = (repo / "params.yaml").read_text()
+    uncached = [repo / "metrics" / "vlm_base.json", repo / "metrics" / "vlm_unlearn.json", *(repo / "plots").glob("vlm_*")]
+    saved = {p: p.read_bytes() for p in [*(repo / "models" / "vlm_base").iterdir(), *uncached]}
+    try:
+        _set_params(repo, **{"vlm.pretrained": str(bad)})
+        proc = _run([sys.executable, "-m", "stages.vlm_base"], repo, check=False)
+        assert proc.returncode == 1 and re.search(rf"^error: the vision tower of {re.escape(str(bad))} differs from the CLIP models/hf/base in .*fc1", proc.stderr, re.M), proc.stderr
+        assert all(p.read_bytes() == b for p, b in saved.items())
+        _set_params(repo, **{"vlm.pretrained": str(llava)})
+        _run([sys.executable, "-m", "stages.vlm_base"], repo)
+        record = json.loads((repo / "models" / "vlm_base" / "unlearn_vlm.json").read_text())
+        assert record["pretrained"] == str(llava) and not (repo / "models" / "vlm_base" / "model.safetensors").exists()
+        by_path = json.loads((repo / "metrics" / "vlm_base.json").read_text())
+        assert by_path["test"] == json.loads(saved[repo / "metrics" / "vlm_base.json"])["test"]  # the same LLaVA, read where it lies
+        _run([sys.executable, "-m", "stages.vlm_unlearn"], repo)
+        assert json.loads((repo / "metrics" / "vlm_unlearn.json").read_text())["concept"] == "Elon Musk"
+    finally:
+        (repo / "params.yaml").write_text(original)
+        _run([sys.executable, "-m", "dvc", "checkout", "-f", "vlm_base", "vlm_unlearn"], repo)
+        for p in uncached:
+            p.write_bytes(saved[p])
+        assert "up to date" in _run([sys.executable, "-m", "dvc", "status", "vlm_unlearn"], repo).stdout

@@ -531,10 +531,14 @@ def rank_towers_of(adapter: Adapter, cfg: RankConfig) -> tuple[str, ...]:
     return towers
 
 
-def rank(adapter: Adapter, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], cfg: RankConfig) -> Ranking:
-    """Importance and alignment of every candidate tensor of the chosen towers, ranked per tower."""
+def rank(adapter: Adapter, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], cfg: RankConfig,
+         keep: Callable[[str], bool] | None = None) -> Ranking:
+    """Importance and alignment of every candidate tensor of the chosen towers, ranked per tower.
+    `keep` (if given) narrows the candidates further, e.g. to the tensors a VLM reads."""
     towers = rank_towers_of(adapter, cfg)
-    candidates = [n for n in adapter.candidate_layers(bool(cfg.include_layernorm)) if adapter.tower(n) in towers]
+    candidates = [n for n in adapter.candidate_layers(bool(cfg.include_layernorm)) if adapter.tower(n) in towers and (keep is None or keep(n))]
+    if not candidates:
+        raise UnlearnError(f"no candidate tensor left to rank in the towers {', '.join(towers)}; widen slug.rank.towers")
     return rank_towers(layer_scores(adapter, forget, retain, candidates), towers, cfg.alignment)
 
 
@@ -579,14 +583,14 @@ def apply_edit(adapter: Adapter, layer: str, delta: torch.Tensor) -> None:
 
 
 def find_edit(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: RetainStats, evaluator, kind: str,
-              rank_cfg: RankConfig, search_cfg: SearchConfig) -> tuple[Edit, dict[str, float]]:
-    """SLUG for one concept, given the shared retain statistics: forget gradient, ranking and
-    search; the model is left unedited.  Returns the edit and the wall time of each phase (the
-    search's split by what it scored)."""
+              rank_cfg: RankConfig, search_cfg: SearchConfig, keep: Callable[[str], bool] | None = None) -> tuple[Edit, dict[str, float]]:
+    """SLUG for one concept, given the shared retain statistics: forget gradient, ranking (of the
+    candidates `keep` accepts, if given) and search; the model is left unedited.  Returns the edit
+    and the wall time of each phase (the search's split by what it scored)."""
     t0 = time.perf_counter()
     g_f, _, _ = forget_gradient(adapter, forget_batches())
     t1 = time.perf_counter()
-    ranking = rank(adapter, g_f, retain.gradient, rank_cfg)
+    ranking = rank(adapter, g_f, retain.gradient, rank_cfg, keep)
     t2 = time.perf_counter()
     edit = search(adapter, evaluator, g_f, ranking.front_scores(), ranking.order, search_cfg, kind, retain.moments)
     t3 = time.perf_counter()
