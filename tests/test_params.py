@@ -28,9 +28,15 @@ def _stages():
 def test_stage_reads_only_declared_params(stage):
     name, _, item = stage.partition("@")
     spec = DVC["stages"][name]["do"] if item else DVC["stages"][name]
-    module = re.fullmatch(r"python -m stages\.(\w+)( \$\{item\})?", spec["cmd"]).group(1)
+    cmd = re.fullmatch(r"python -m stages\.(\w+)( \$\{item\})?((?: --[\w-]+ \S+)*)", spec["cmd"])
+    assert cmd, f"stage {stage}: cmd {spec['cmd']!r} is not `python -m stages.NAME [--opt value ...]`"
+    module, args = cmd.group(1), dict(re.findall(r"--([\w-]+) (\S+)", cmd.group(3)))
     source = (ROOT / "stages" / f"{module}.py").read_text()
-    assert (f'stage_params(f"{name}@{{' if item else f'stage_params("{stage}")') in source
+    if "stage" in args or 'stage_params(args.stage)' in source:  # one script serving several stages, named by --stage
+        assert 'stage_params(args.stage)' in source
+        assert args.get("stage", re.search(r'add_argument\("--stage", default="(\w+)"\)', source).group(1)) == stage
+    else:
+        assert (f'stage_params(f"{name}@{{' if item else f'stage_params("{stage}")') in source
     declared = declared_params(DVC, stage)
     if item:
         assert item in declared  # the method's own params section

@@ -415,7 +415,8 @@ def test_vlm_stages_write_a_llava_that_loads_offline_and_a_patch_that_applies(re
     assert 0.0 <= base["test"]["identity"]["accuracy"] <= 1.0 and base["train_s"] > 0
     m = json.loads((repo / "metrics" / "vlm_unlearn.json").read_text())
     assert m["concept"] == "Elon Musk" and m["layer"].startswith("vision_model.encoder.layers.")
-    assert set(m["test"]) == {"forget_identification", "retain_identification", "object_accuracy"} and len(m["examples"]) == 12
+    assert set(m["test"]) == {"forget_identification", "retain_identification", "object_accuracy"} 
+    assert len(m["examples"]) == sum(min(4, n) for n in m["test_sizes"].values())  # up to 4 per set; the tiny world has fewer forget images
     assert (repo / "plots" / "vlm_answers.png").stat().st_size > 10_000 and (repo / "plots" / "vlm_search.csv").is_file()
     model, _ = load_vlm(folder)
     before = {n: p.clone() for n, p in model.named_parameters()}
