@@ -33,14 +33,15 @@ def main() -> None:
             S.contact_sheet(cfg, sheet)
             celeba = S.write_celeba(cfg, evald / "celeba")
             imagenet = S.write_imagenet(cfg, evald / "imagenet")
-            info = {"world": S.describe_world(), "celeba_images": len(celeba), "imagenet_images": len(imagenet)}
+            canvas = S.write_canvas(cfg, evald / "canvas")
+            info = {"world": S.describe_world(), "celeba_images": len(celeba), "imagenet_images": len(imagenet), "canvas_images": len(canvas)}
         else:
             from unlearn.data import laion as L
 
-            laion = {k: v for k, v in p("data.laion").items() if k not in ("celeba_dir", "imagenet_dir")}
+            laion = {k: v for k, v in p("data.laion").items() if k not in ("celeba_dir", "imagenet_dir", "canvas_dir")}
             cfg = as_config(L.LaionConfig, laion, "data.laion")
             L.download_laion(cfg, shards)
-            info = L.link_eval_sets(p("data.laion.celeba_dir"), p("data.laion.imagenet_dir"), evald)
+            info = L.link_eval_sets(p("data.laion.celeba_dir"), p("data.laion.imagenet_dir"), evald, p("data.laion.canvas_dir"))
             shard_contact_sheet(shards, sheet)
         n = count_successes(shards)
         readable = sum(1 for _ in iter_samples(shards))  # reads every shard back: a bad tar fails here

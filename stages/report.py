@@ -56,7 +56,7 @@ def main() -> None:
     body = f"""
 <h1>unlearn: forgetting {html.escape(m['concept'])} ({m['kind']})</h1>
 <h2>Base model</h2>
-<p>{html.escape(str(p('model.family')))} model, {html.escape(str(p('model.arch')))} ({html.escape(str(p('model.pretrained')))}): identity top-1 {pct(base.get('identity_top1'), 1, ' %')}, ImageNet-style top-1 {pct(base.get('object_top1'), 1, ' %')}.</p>
+<p>{html.escape(str(p('model.family')))} model, {html.escape(str(p('model.arch')))} ({html.escape(str(p('model.pretrained')))}): identity top-1 {pct(base.get('identity_top1'), 1, ' %')}, ImageNet-style top-1 {pct(base.get('object_top1'), 1, ' %')}{f", style top-1 {pct(base['style_top1'], 1, ' %')} (canvas, among the styles)" if 'style_top1' in base else ''}.</p>
 <h2>SLUG edit</h2>
 <p>Layer <code>{html.escape(m['layer'])}</code>, relative step &rho; = {m['rho']:.4g} along the {_DIRECTION[m['direction']]} ({status}).
 Unlearning took {m['time_s']['unlearn']:.1f} s (gradients + ranking + search), peak memory {m['peak_memory_mb']:.0f} MB,

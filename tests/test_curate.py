@@ -29,11 +29,46 @@ def test_word_boundary_matching(caption, expected):
     assert MUSK.mentioned_in(caption) is expected
 
 
+PIXEL_ART = Concept("Pixel Art", "style")
+
+
+@pytest.mark.parametrize(("caption", "expected"), [
+    ("An apple image in Pixel Art style.", True),
+    ("pixel art of the rocket", True),
+    ("a mug, pixel_art", True),
+    ("PIXEL-ART style illustration: tree", True),
+    ("a Pixel Artist at work", False),     # a longer word
+    ("pixel perfect art", False),
+    ("Pop Art painting of a car", False),  # another style
+])
+def test_a_style_is_matched_like_any_concept(caption, expected):
+    assert resolve_concept("Pixel Art", yaml.safe_load((ROOT / "params.yaml").read_text())["concepts"]) == PIXEL_ART
+    assert PIXEL_ART.mentioned_in(caption) is expected
+
+
+def test_every_style_of_the_world_is_a_style_concept_of_the_table():
+    from unlearn.data.world import STYLES
+
+    assert [c.name for c in _table() if c.kind == "style"] == list(STYLES)
+
+
+def test_a_style_forget_set_holds_the_styled_images(tiny_world, tmp_path):
+    samples = list(iter_samples(tiny_world / "laion"))
+    styles = [c for c in _table() if c.kind == "style"]
+    counts = {c.name: sum(c.mentioned_in(s.caption) for s in samples) for c in styles}
+    style = max(styles, key=lambda c: counts[c.name])  # the tiny world's most captioned style
+    assert counts[style.name] >= 2, counts
+    f = curate_forget(tiny_world / "laion", style, forget_max=1000, seed=0, forget_dir=tmp_path)
+    forget = list(iter_samples(tmp_path))
+    assert f["count"] == counts[style.name] == len(forget) and all(style.mentioned_in(s.caption) for s in forget)
+    assert not any(o.mentioned_in(s.caption) for s in forget for o in styles if o != style)  # one style per styled image
+
+
 def test_unknown_concept_names_the_closest():
     with pytest.raises(UnlearnError, match=r"'Elon Mask'.*closest known: 'Elon Musk'"):
         resolve_concept("Elon Mask", TABLE)
     with pytest.raises(UnlearnError, match="kind"):
-        resolve_concept("X", {"X": {"kind": "style"}})
+        resolve_concept("X", {"X": {"kind": "scene"}})
     assert resolve_concept("Mickey", TABLE) == Concept("Mickey", "object", ("Mickey Mouse",), ())
     assert [c.name for c in resolve_concepts(["Mickey", "Elon Musk"], TABLE)] == ["Mickey", "Elon Musk"]
     with pytest.raises(UnlearnError, match="compare.concepts is empty"):

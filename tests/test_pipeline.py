@@ -45,7 +45,7 @@ def repo(tmp_path_factory) -> Path:
         repo,
         **{
             "data.synthetic.shards": 2, "data.synthetic.samples_per_shard": 150, "data.synthetic.eval_per_class": 3,
-            "data.synthetic.workers": 1, "model.train.epochs": 2, "model.train.batch_size": 32,
+            "data.synthetic.canvas_per_cell": 2, "data.synthetic.workers": 1, "model.train.epochs": 2, "model.train.batch_size": 32,
             "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
             "eval.mia.folds": 2, "eval.mia.seeds": 2, "compare.concepts": ["Elon Musk", "Taylor Swift"],
             "forget_many.concepts": ["Elon Musk", "Taylor Swift"], "forget_many.counts": [1, 2],
@@ -331,6 +331,26 @@ def test_the_hf_clip_family_runs_the_clip_track(repo):
     compare = data["metrics"]["metrics/compare.json"]["data"]
     assert set(compare["methods"]) == {"slug", "ft", "ga", "ga_ft", "salun", "ssd"}
     assert (repo / "models" / "base" / "open_clip_model.safetensors").is_file()  # --temp: the workspace keeps the open_clip run
+
+
+def test_exp_run_forgets_a_style(repo):
+    """`dvc exp run -S concept=Sepia`: the forget set is the pairs whose caption names the style,
+    and the CLIP track scores it among the styles on the canvas, with the objects as utility."""
+    _commit(repo, "before the style experiment")
+    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "concept=Sepia", "-n", "sepia"], repo)
+    ran = _stages_run(proc.stdout)
+    assert {"curate", "gradients", "search", "evaluate"} <= set(ran) and not {"download", "base_model", "retain_stats"} & set(ran), ran
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
+    sepia = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == "sepia"]
+    assert sepia, json.dumps(shown)[:2000]
+    unlearn = sepia[0]["revs"][0]["data"]["metrics"]["metrics/unlearn.json"]["data"]
+    assert unlearn["concept"] == "Sepia" and unlearn["kind"] == "style"
+    # test part of 14 objects x 2 canvas images per style; the utility set is ImageNet-style (14 objects x 3 images)
+    frac = yaml.safe_load((repo / "params.yaml").read_text())["eval"]["split"]["val_fraction"]
+    per_style, per_object = 28 - round(frac * 28), 3 - round(frac * 3)
+    assert unlearn["images"] == {"forget": per_style, "retain": 7 * per_style, "utility": 14 * per_object}
+    base = json.loads((repo / "metrics" / "base.json").read_text())
+    assert base["style_images"] == 8 * 14 * 2 and 0.0 <= base["style_top1"] <= 1.0
 
 
 def test_forget_many_adds_the_edits_up(repo):

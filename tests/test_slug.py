@@ -287,3 +287,19 @@ def test_the_guard_bounds_each_evaluation_set_by_its_own_limit():
     # object target: retain = objects (2 points), utility = identities (3 points)
     assert slug.guard_ok({"retain_top1": 0.985, "utility_top1": 0.975}, base, cfg, "object")
     assert not slug.guard_ok({"retain_top1": 0.975, "utility_top1": 0.985}, base, cfg, "object")
+    # style target: retain = the other styles (max_style_drop), utility = objects (max_object_drop)
+    cfg = slug.SearchConfig(max_identity_drop=0.03, max_object_drop=0.02, max_style_drop=0.05)
+    assert slug.guard_ok({"retain_top1": 0.955, "utility_top1": 0.985}, base, cfg, "style")
+    assert not slug.guard_ok({"retain_top1": 0.945, "utility_top1": 0.985}, base, cfg, "style")
+    assert not slug.guard_ok({"retain_top1": 0.985, "utility_top1": 0.975}, base, cfg, "style")
+
+
+def test_the_forget_criterion_reads_fa5_only_for_the_kinds_that_ask_for_it():
+    cfg = slug.SearchConfig(forget_top1=0.0, forget_top5=0.05)
+    gone_from_top1 = {"forget_top1": 0.0, "forget_top5": 0.9}
+    assert slug.forget_ok(gone_from_top1, cfg, "style") and not slug.forget_ok(gone_from_top1, cfg, "identity")
+    assert not slug.forget_ok({"forget_top1": 0.02, "forget_top5": 0.9}, cfg, "style")
+    assert slug.forget_ok({"forget_top1": 0.0, "forget_top5": 0.04}, cfg, "object")
+    assert not slug.forget_ok(gone_from_top1, slug.SearchConfig(top5_kinds=("identity", "object", "style")), "style")
+    with pytest.raises(UnlearnError, match=r"top5_kinds names \['styles'\]"):
+        slug.SearchConfig(top5_kinds=("identity", "styles"))

@@ -34,11 +34,12 @@ def pct(v: float | None, digits: int = 2, unit: str = "") -> str:
 # (what the concepts are, utility column, retain column) by the kinds in compare.concepts
 HEADERS = {("identity",): ("identities", "ImageNet-style@1", "identity retain@1"),
            ("object",): ("objects", "identity@1", "object retain@1"),
-           ("identity", "object"): ("concepts", "utility@1 (the other kind)", "retain@1 (same kind)")}
+           ("style",): ("styles", "ImageNet-style@1", "style retain@1")}
+MIXED = ("concepts", "utility@1 (the other kind)", "retain@1 (same kind)")
 
 
 def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...], retain_once: dict | None = None) -> str:
-    what, utility, retain = HEADERS[kinds]
+    what, utility, retain = HEADERS.get(kinds, MIXED)
     lines = [f"Mean over {len(concepts)} {what} ({', '.join(concepts)}), test images, %. "
              "Time: unlearning wall time per concept (SLUG: forget gradient + ranking + search; baselines: training up to the reported epoch).", "",
              f"| method | FA@1 | FA@5 | {utility} | {retain} | MIA | time s | stored bytes | passed (val) |",

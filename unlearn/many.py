@@ -19,10 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from unlearn.eval.suite import ManyEvaluator
-from unlearn.methods.slug import SearchConfig
+from unlearn.methods.slug import BOUND, SearchConfig
 
 UP, DOWN = (1.25, 1.5, 2.0), (0.9, 0.8, 0.7)
-BOUND = {"identity": "max_identity_drop", "object": "max_object_drop"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,8 @@ def set_sum(adapter, base: dict[str, torch.Tensor], edits: Sequence[ConceptEdit]
 
 
 def forget_ok_all(result: dict, cfg: SearchConfig) -> bool:
-    return all(t["top1"] <= cfg.forget_top1 + 1e-9 and t["top5"] <= cfg.forget_top5 + 1e-9 for t in result["targets"].values())
+    return all(t["top1"] <= cfg.forget_top1 + 1e-9 and (t["kind"] not in cfg.top5_kinds or t["top5"] <= cfg.forget_top5 + 1e-9)
+               for t in result["targets"].values())
 
 
 def guard_ok_all(result: dict, base: dict, cfg: SearchConfig) -> bool:

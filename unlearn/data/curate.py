@@ -26,7 +26,7 @@ from unlearn.data.shards import Sample, iter_samples, iter_shard, list_shards
 from unlearn.errors import UnlearnError
 from unlearn.io import sha256_file, write_json
 
-KINDS = ("identity", "object")
+KINDS = ("identity", "object", "style")
 MANIFEST = "manifest.json"
 TAR = "00000.tar"
 log = logging.getLogger(__name__)

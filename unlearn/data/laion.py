@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from unlearn.data.canvas import read_canvas
 from unlearn.data.evalsets import read_celeba, read_imagenet
 from unlearn.errors import UnlearnError
 
@@ -92,9 +93,14 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(path, target)
 
 
-def link_eval_sets(celeba_dir: str, imagenet_dir: str, out_dir: Path) -> dict:
-    """Check real CelebA / ImageNet folders are in the expected formats and link them in."""
+def link_eval_sets(celeba_dir: str, imagenet_dir: str, out_dir: Path, canvas_dir: str | None = None) -> dict:
+    """Check real CelebA / ImageNet (and, if given, UnlearnCanvas) folders are in the expected
+    formats and link them in.  Without a canvas folder no concept of the `style` kind can be
+    evaluated (the stages that need it say so)."""
     celeba, imagenet = read_celeba(celeba_dir), read_imagenet(imagenet_dir)
+    canvas = read_canvas(canvas_dir) if canvas_dir else None
     _link_tree(Path(celeba_dir), out_dir / "celeba")
     _link_tree(Path(imagenet_dir), out_dir / "imagenet")
-    return {"celeba_images": len(celeba), "imagenet_images": len(imagenet)}
+    if canvas_dir:
+        _link_tree(Path(canvas_dir), out_dir / "canvas")
+    return {"celeba_images": len(celeba), "imagenet_images": len(imagenet), "canvas_images": len(canvas) if canvas else 0}

@@ -6,7 +6,8 @@ anonymous person, a near-miss name, or a caption-less background.  A small share
 images carry a caption that does not name them (LAION's noise).  Each sample draws from its own
 random stream `(seed, 0, shard, index)`, so shards can be generated in parallel and the same
 seed gives byte-identical files.  Evaluation images use the streams `(seed, 1, ...)` (CelebA
-style) and `(seed, 2, ...)` (ImageNet style): no evaluation image appears in training.
+style), `(seed, 2, ...)` (ImageNet style) and `(seed, 6, ...)` (the style x object canvas): no
+evaluation image appears in training.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from unlearn.data import captions as C
 from unlearn.data import render as R
+from unlearn.data.canvas import SEED_IMAGES, Canvas, folder_name, read_canvas
 from unlearn.data.evalsets import LabelledImages
 from unlearn.data.shards import write_shard
 from unlearn.data.world import (
@@ -41,6 +43,7 @@ from unlearn.data.world import (
     Face,
     check_world,
 )
+from unlearn.errors import UnlearnError
 from unlearn.plots import image_grid
 
 # Share of each sample kind in the training shards.
@@ -65,6 +68,7 @@ class SyntheticConfig:
     shards: int = 4
     samples_per_shard: int = 2000
     eval_per_class: int = 30
+    canvas_per_cell: int = 6   # held-out images per (style, object) of the canvas (UnlearnCanvas format)
     workers: int = 2
 
 
@@ -174,6 +178,22 @@ def write_imagenet(cfg: SyntheticConfig, root: Path) -> LabelledImages:
             labels.append(c)
     (root / "LOC_synset_mapping.txt").write_text("".join(f"{o.wnid} {', '.join((o.name, *o.aliases))}\n" for o in OBJECTS))
     return LabelledImages(paths, labels, [o.name for o in OBJECTS])
+
+
+def write_canvas(cfg: SyntheticConfig, root: Path) -> Canvas:
+    """The style x object canvas in UnlearnCanvas's folder format (`canvas.py`): every style of the
+    world and Seed_Images (no style) x every object, `canvas_per_cell` images each."""
+    if cfg.canvas_per_cell < 1:
+        raise UnlearnError(f"data.synthetic.canvas_per_cell is {cfg.canvas_per_cell}; use 1 or more (images per style and object)")
+    for s, style in enumerate(tqdm((None, *STYLES), desc="canvas")):
+        for o, obj in enumerate(OBJECTS):
+            folder = root / (SEED_IMAGES if style is None else folder_name(style)) / folder_name(obj.name)
+            folder.mkdir(parents=True)
+            for j in range(cfg.canvas_per_cell):
+                rng = np.random.default_rng([cfg.seed, 6, s, o, j])
+                img = R.object_image(obj, rng)
+                (folder / f"{j + 1}.jpg").write_bytes(_jpeg(img if style is None else R.apply_style(img, style, rng), cfg.image_size))
+    return read_canvas(root)
 
 
 def describe_world() -> dict:

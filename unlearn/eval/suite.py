@@ -1,10 +1,11 @@
 """The evaluator shared by SLUG's search, the evaluate stage and the baselines.
 
-For a concept of kind K (identity or object) it measures, on one part of the evaluation sets:
+For a concept of kind K (identity, object or style) it measures, on one part of the evaluation sets:
   forget   the target's own images, classified among all classes of kind K (lower is better);
   retain   the images of every other class of kind K (the target excluded from the mean);
-  utility  the evaluation set of the other kind (ImageNet-style for an identity, the identity
-           set for an object).
+  utility  the evaluation set of the other kind (ImageNet-style for an identity or a style, the
+           identity set for an object).
+A style's images are the canvas's stylised objects (`data/eval/canvas`), classified among the styles.
 Every class's images are split once, with a seed, into a validation part (used to choose steps,
 epochs, layers) and a test part (reported), so no figure is chosen on the images it reports.
 
@@ -22,10 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unlearn.data.canvas import read_canvas
 from unlearn.data.curate import Concept
 from unlearn.data.evalsets import LabelledImages, read_celeba, read_imagenet
 from unlearn.errors import UnlearnError
-from unlearn.eval.zeroshot import IDENTITY_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES, class_embeddings, load_images, topk_accuracy
+from unlearn.eval.zeroshot import (
+    IDENTITY_TEMPLATES,
+    SIMPLE_IMAGENET_TEMPLATES,
+    STYLE_TEMPLATES,
+    class_embeddings,
+    load_images,
+    topk_accuracy,
+)
 from unlearn.models.adapter import Adapter
 
 PARTS = ("val", "test")
@@ -42,11 +51,19 @@ class Task:
     templates: tuple[str, ...]
 
 
-def _domains(eval_dir: Path) -> dict[str, tuple[LabelledImages, tuple[str, ...]]]:
-    return {
-        "identity": (read_celeba(eval_dir / "celeba"), IDENTITY_TEMPLATES),
-        "object": (read_imagenet(eval_dir / "imagenet"), SIMPLE_IMAGENET_TEMPLATES),
+# The evaluation set whose accuracy guards an edit of each kind besides the kind's own (utility).
+OTHER_KIND = {"identity": "object", "object": "identity", "style": "object"}
+
+
+def _domains(eval_dir: Path, kinds: tuple[str, ...] = ("identity", "object")) -> dict[str, tuple[LabelledImages, tuple[str, ...]]]:
+    """The evaluation set and zero-shot templates of each of `kinds` (a style's set is the canvas's
+    stylised images, classified among the styles)."""
+    readers = {
+        "identity": lambda: (read_celeba(eval_dir / "celeba"), IDENTITY_TEMPLATES),
+        "object": lambda: (read_imagenet(eval_dir / "imagenet"), SIMPLE_IMAGENET_TEMPLATES),
+        "style": lambda: (read_canvas(eval_dir / "canvas").by_style(), STYLE_TEMPLATES),
     }
+    return {k: readers[k]() for k in dict.fromkeys(kinds)}
 
 
 def split_part(data: LabelledImages, part: str, val_fraction: float, seed: int) -> list[int]:
@@ -84,9 +101,9 @@ class ConceptTasks:
 
 
 def concept_tasks(eval_dir: str | Path, concept: Concept, part: str, val_fraction: float, seed: int) -> ConceptTasks:
-    domains = _domains(Path(eval_dir))
+    domains = _domains(Path(eval_dir), (concept.kind, OTHER_KIND[concept.kind]))
     own, own_templates = domains[concept.kind]
-    other, other_templates = domains["object" if concept.kind == "identity" else "identity"]
+    other, other_templates = domains[OTHER_KIND[concept.kind]]
     target = class_index(own.classnames, concept)
     own_idx = split_part(own, part, val_fraction, seed)
     forget = [i for i in own_idx if own.labels[i] == target]
@@ -207,7 +224,7 @@ class ManyEvaluator:
     def __init__(self, adapter: Adapter, eval_dir: str | Path, concepts: list[Concept], part: str, val_fraction: float, seed: int,
                  batch_size: int = 256):
         self.adapter, self.batch_size = adapter, batch_size
-        domains = _domains(Path(eval_dir))
+        domains = _domains(Path(eval_dir), ("identity", "object", *(c.kind for c in concepts)))
         self.targets: dict[str, tuple[str, int]] = {}
         self._sets: dict[str, tuple[LabelledImages, tuple[str, ...], list[int], torch.Tensor]] = {}
         for kind, (data, templates) in domains.items():
@@ -233,7 +250,7 @@ class ManyEvaluator:
             for name, (k, label) in chosen.items():
                 if k == kind:
                     m = y == label
-                    out["targets"][name] = {"top1": round(float(hit1[m].float().mean()), 6), "top5": round(float(hit5[m].float().mean()), 6)}
+                    out["targets"][name] = {"top1": round(float(hit1[m].float().mean()), 6), "top5": round(float(hit5[m].float().mean()), 6), "kind": k}
             keep = torch.tensor([int(v) not in removed for v in labels])
             out["retain"][kind] = {"top1": round(float(hit1[keep].float().mean()), 6), "top5": round(float(hit5[keep].float().mean()), 6),
                                    "images": int(keep.sum())}

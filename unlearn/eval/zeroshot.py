@@ -13,6 +13,9 @@ from unlearn.errors import UnlearnError
 from unlearn.models.adapter import Adapter
 
 IDENTITY_TEMPLATES = ("{}.",)
+# Styles, classified without naming the object drawn (the captions of the world's styled images
+# name both; these keep only the style's part).
+STYLE_TEMPLATES = ("{} art.", "{} painting.", "An image in {} style.", "{} style illustration.")
 # The 7 "simple" ImageNet templates (docs/methods.md, "Evaluation").
 SIMPLE_IMAGENET_TEMPLATES = (
     "itap of a {}.",

@@ -37,8 +37,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from unlearn.data.curate import KINDS
 from unlearn.errors import UnlearnError
-from unlearn.eval.suite import ACCURACY_KEYS
+from unlearn.eval.suite import ACCURACY_KEYS, OTHER_KIND
 from unlearn.io import sha256_file
 from unlearn.methods import check_direction
 from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
@@ -349,9 +350,11 @@ class SearchConfig:
     evals_per_layer: int = 10      # at most, per layer (the margin step comes on top)
     rho_tolerance: float = 0.05    # bisection stops once the bracket is within this fraction of the passing rho
     forget_top1: float = 0.0       # the forget criterion on the validation images: FA@1 <= ..
-    forget_top5: float = 0.05      # .. and FA@5 <= ..
+    forget_top5: float = 0.05      # .. and FA@5 <= .., for the kinds in top5_kinds
+    top5_kinds: tuple[str, ...] = ("identity", "object")  # a style is one of 8 classes (its top 5 hold most of them): FA@1 alone
     max_identity_drop: float = 0.03  # the utility guard: identity @1 and object (ImageNet-style) @1
     max_object_drop: float = 0.02    # may fall by at most these fractions from the base (validation)
+    max_style_drop: float = 0.03     # the other styles @1, when the target is a style
     rho_margin: float = 1.2        # the edit uses margin x the smallest passing rho found on validation
     direction: str = "retain_preconditioned"  # or gradient: g_f (the paper); see step_directions
     damping: float = 0.1           # lam of retain_preconditioned, as a fraction of the mean eigenvalue of C_r
@@ -359,6 +362,9 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_direction(self.direction, self.damping)
+        unknown = set(self.top5_kinds) - set(KINDS)
+        if unknown:
+            raise UnlearnError(f"slug.search.top5_kinds names {sorted(unknown)}; use kinds of the concept table ({', '.join(KINDS)})")
         if self.evaluate not in ("decisions", "all"):
             raise UnlearnError(f"slug.search.evaluate is {self.evaluate!r}; use decisions (score the guard sets only for steps that "
                                "pass the forget criterion) or all")
@@ -375,21 +381,24 @@ def interleave_fronts(fronts: dict[str, list[str]], limit: int) -> list[str]:
     return out
 
 
+BOUND = {"identity": "max_identity_drop", "object": "max_object_drop", "style": "max_style_drop"}
+
+
 def guard_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> bool:
-    """Retain is the target's own kind, utility the other kind: each set has its own bound."""
-    identity, obj = ("retain", "utility") if kind == "identity" else ("utility", "retain")
-    return (result[f"{identity}_top1"] >= base[f"{identity}_top1"] - cfg.max_identity_drop - 1e-9
-            and result[f"{obj}_top1"] >= base[f"{obj}_top1"] - cfg.max_object_drop - 1e-9)
+    """Retain is the target's own kind, utility the other kind (`OTHER_KIND`): each set has the
+    bound of its kind."""
+    utility_bound = getattr(cfg, BOUND[OTHER_KIND[kind]])
+    return retain_bound_ok(result, base, cfg, kind) and result["utility_top1"] >= base["utility_top1"] - utility_bound - 1e-9
 
 
 def retain_bound_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> bool:
     """The guard's bound on the target kind's own retain set alone (part of `guard_ok`)."""
-    bound = cfg.max_identity_drop if kind == "identity" else cfg.max_object_drop
-    return result["retain_top1"] >= base["retain_top1"] - bound - 1e-9
+    return result["retain_top1"] >= base["retain_top1"] - getattr(cfg, BOUND[kind]) - 1e-9
 
 
-def forget_ok(result: dict, cfg: SearchConfig) -> bool:
-    return result["forget_top1"] <= cfg.forget_top1 + 1e-9 and result["forget_top5"] <= cfg.forget_top5 + 1e-9
+def forget_ok(result: dict, cfg: SearchConfig, kind: str) -> bool:
+    """FA@1 <= forget_top1, and FA@5 <= forget_top5 where the kind is in `top5_kinds`."""
+    return result["forget_top1"] <= cfg.forget_top1 + 1e-9 and (kind not in cfg.top5_kinds or result["forget_top5"] <= cfg.forget_top5 + 1e-9)
 
 
 GUARD_SETS = ("retain", "utility")
@@ -463,13 +472,13 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
             return row
 
         scorers[layer] = complete
-        steps = search_step(evaluate, lambda r: forget_ok(r, cfg), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer, cfg.rho_tolerance)
+        steps = search_step(evaluate, lambda r: forget_ok(r, cfg, kind), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer, cfg.rho_tolerance)
         passed = [s for s in steps if s.forget_ok]
         if passed and cfg.rho_margin != 1.0:
             # the boundary found on a few validation images is optimistic: step a margin past it
             rho = min(s.rho for s in passed) * cfg.rho_margin
             result = evaluate(rho)
-            steps.append(Step(rho, result, forget_ok(result, cfg)))
+            steps.append(Step(rho, result, forget_ok(result, cfg, kind)))
         layer_rows = [{"layer": layer, "tower": adapter.tower(layer), "eval": k, "rho": s.rho, **s.result,
                        "forget_ok": s.forget_ok, "guard_ok": guard_ok(s.result, base, cfg, kind) if s.result["scored"] == "all" else None}
                       for k, s in enumerate(steps)]
