@@ -52,6 +52,11 @@ def repo(tmp_path_factory) -> Path:
             "vlm.train.examples": 64, "vlm.train.epochs": 1, "vlm.train.batch_size": 16, "vlm.train.warmup_steps": 2,
             "vlm.train.hidden_size": 32, "vlm.train.intermediate_size": 64, "vlm.train.layers": 1, "vlm.train.heads": 2,
             "vlm.train.vocab_size": 400,
+            "sd.judges.images_per_cell": 1, "sd.judges.steps": 20, "sd.judges.channels": [8, 16],
+            "sd.sample.steps": 2, "sd.sample.images_per_prompt": 1,
+            **{f"sd.{b}": {"images_per_cell": 1, "vae": {"channels": [8, 16], "steps": 3, "batch_size": 16},
+                           "unet": {"channels": [16, 32], "attention_head_dim": 4, "steps": 4, "batch_size": 8, "checkpoints": 2}}
+               for b in ("base", "base_small")},
             **{f"{m}.epochs": 2 for m in ("ft", "ga", "ga_ft", "salun")}, **{f"{m}.lr": 1e-3 for m in ("ft", "ga", "ga_ft", "salun")},
         },
     )
@@ -76,7 +81,7 @@ def test_repro_writes_every_output(repo):
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "retain_set", "retain_stats", "gradients", "rank_layers", "search",
                                    "evaluate", "export", "forget_many", "compare_data", "compare", "report",
-                                   "vlm_retain_stats", "vlm_base", "vlm_unlearn",
+                                   "vlm_retain_stats", "vlm_base", "vlm_unlearn", "sd_judges", "sd_base", "sd_base_small",
                                    *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
 
 
@@ -481,3 +486,25 @@ def test_vlm_pretrained_by_path_and_a_llava_of_another_clip(repo, tmp_path):
         for p in uncached:
             p.write_bytes(saved[p])
         assert "up to date" in _run([sys.executable, "-m", "dvc", "status", "vlm_unlearn"], repo).stdout
+
+
+def test_sd_stages_write_a_pipeline_that_loads_offline_and_draws_what_its_metrics_say(repo):
+    from diffusers import StableDiffusionPipeline
+
+    from unlearn.sd.data import Templates
+    from unlearn.sd.evaluate import SampleConfig, judged_accuracy
+    from unlearn.sd.judges import load_judges
+
+    judges = json.loads((repo / "metrics" / "sd_judges.json").read_text())
+    assert set(judges["held_out_real"]) == {"object", "style"} and judges["held_out_images"] == 9 * 14 * 2
+    for stage in ("sd_base", "sd_base_small"):
+        m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
+        assert m["test"]["images"] == 126 and m["judges_held_out_real"] == {a: judges["held_out_real"][a]["accuracy"] for a in ("object", "style")}
+        assert (repo / "plots" / f"{stage}.png").stat().st_size > 1000
+        assert (repo / "plots" / f"{stage}_curve.csv").read_text().splitlines()[0] == "step,train_min,object,style"
+        pipe = StableDiffusionPipeline.from_pretrained(repo / "models" / stage, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        params = yaml.safe_load((repo / "params.yaml").read_text())["sd"]
+        again, _ = judged_accuracy(pipe, load_judges(repo / "models" / "sd_judges"), Templates(**params["templates"]),
+                                   SampleConfig(**params["sample"]), 1, params["sample"]["seed"], params["image_size"])
+        assert again == m["test"]  # the saved pipeline draws (and the judges see) what the stage measured

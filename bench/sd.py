@@ -1,0 +1,88 @@
+"""The diffusion track's cost and outcome on the default world: `sd_judges` and `sd_base` (or
+`sd_base_small`) run as their stages (`python -m stages.<stage>`) in a scratch folder that links
+the pipeline's inputs, so the workspace's outputs are left as they are.
+
+Needs `dvc repro export` (models/hf/base, data/eval).  Prints the wall time of each stage, the
+split of sd_base's time (autoencoder, UNet training, sampling), the judges' accuracy on real
+held-out images, what they recognise in the drawings on the test seeds, and the accuracy against
+training minutes; writes it to --out (default bench/results/sd_<stage>.{json,md}).
+
+    python bench/sd.py                        # sd_judges + sd_base (about 45 min on 2 CPU cores)
+    python bench/sd.py --stage sd_base_small  # the config CI reproduces (about 12 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS = ("data/eval", "models/hf/base")
+
+
+def run_stage(work: Path, args: list[str], threads: int | None) -> float:
+    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads)}
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=work, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", default="sd_base", choices=["sd_base", "sd_base_small"])
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the stages (default: torch's choice)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    missing = [p for p in INPUTS if not (ROOT / p).exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: run `dvc repro export` first")
+    with tempfile.TemporaryDirectory(prefix="bench_sd_") as tmp:
+        work = Path(tmp)
+        for name in ("stages", "unlearn", "dvc.yaml", "params.yaml"):
+            (work / name).symlink_to(ROOT / name)
+        for p in INPUTS:
+            (work / p).parent.mkdir(parents=True, exist_ok=True)
+            (work / p).symlink_to(ROOT / p)
+        judges_s = run_stage(work, ["stages.sd_judges"], args.threads)
+        judges = json.loads((work / "metrics/sd_judges.json").read_text())
+        print(f"sd_judges: {judges_s:.0f} s; held-out real images: object {judges['held_out_real']['object']['accuracy']:.3f}, "
+              f"style {judges['held_out_real']['style']['accuracy']:.3f}", flush=True)
+        base_s = run_stage(work, ["stages.sd_base", "--stage", args.stage], args.threads)
+        m = json.loads((work / f"metrics/{args.stage}.json").read_text())
+        with open(work / f"plots/{args.stage}_curve.csv") as f:
+            curve = list(csv.DictReader(f))
+    rows = {"stage": args.stage, "sd_judges_s": round(judges_s, 1), "stage_s": round(base_s, 1), "judges": judges["held_out_real"],
+            "test": {a: m["test"][a]["accuracy"] for a in ("object", "style")}, "per_style": m["test"]["style"]["per_class"],
+            "autoencoder": m["autoencoder"], "vae_s": m["vae_s"], "unet_train_s": m["unet_train_s"], "sample_s": m["sample_s"],
+            "peak_memory_mb": m["peak_memory_mb"], "curve": curve, "threads": m["threads"]}
+    lines = [f"{args.stage}: {base_s / 60:.1f} min wall (autoencoder {m['vae_s'] / 60:.1f} min, UNet {m['unet_train_s'] / 60:.1f} min, "
+             f"test drawings {m['sample_s']:.0f} s), peak {m['peak_memory_mb']:.0f} MB; sd_judges {judges_s / 60:.1f} min", "",
+             "| | object | style |", "|---|---|---|",
+             f"| judges on real held-out images | {100 * judges['held_out_real']['object']['accuracy']:.1f} % | "
+             f"{100 * judges['held_out_real']['style']['accuracy']:.1f} % |",
+             f"| judges on the autoencoder's reconstructions of them | {100 * m['autoencoder']['judged_reconstructions']['object']:.1f} % | "
+             f"{100 * m['autoencoder']['judged_reconstructions']['style']:.1f} % |",
+             f"| judges on the pipeline's drawings, test seeds ({m['test']['images']}) | {100 * m['test']['object']['accuracy']:.1f} % | "
+             f"{100 * m['test']['style']['accuracy']:.1f} % |", "",
+             "| UNet step | training minutes | object (validation) | style (validation) |", "|---|---|---|---|"]
+    lines += [f"| {r['step']} | {float(r['train_min']):.1f} | {100 * float(r['object']):.1f} % | {100 * float(r['style']):.1f} % |" for r in curve]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"sd_{args.stage}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / f"sd_{args.stage}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

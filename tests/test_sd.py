@@ -1,0 +1,137 @@
+"""The diffusion track's parts on tiny configs: the canvas it draws, the judges, and a
+StableDiffusionPipeline built from the CLIP's text tower that saves and loads itself offline."""
+
+import copy
+
+import pytest
+import torch
+
+from unlearn.errors import UnlearnError
+from unlearn.models.export import to_hf_clip
+from unlearn.sd import data as D
+from unlearn.sd.evaluate import SampleConfig, answer_set, generate, judge_images
+from unlearn.sd.judges import JudgeConfig, load_judges, save_judges, train_judge
+from unlearn.sd.model import UnetConfig, VaeConfig, build_pipeline, load_pipeline, load_text_encoder, text_states
+from unlearn.sd.train import encode_latents, train_unet, train_vae
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tiny_clip, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_clip")
+    to_hf_clip(copy.deepcopy(tiny_clip)).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipeline(clip_dir):
+    """A pipeline trained for a few steps on one image per (object, style) at 16 px."""
+    images = D.render_images(0, D.TRAIN_STREAM, 1, 16)
+    x = images.as_float()
+    vae, _ = train_vae(x, VaeConfig(channels=[8, 16], steps=3, batch_size=16), seed=0)
+    latents, scale = encode_latents(vae, x)
+    vae.register_to_config(scaling_factor=scale)
+    te, tok = load_text_encoder(clip_dir)
+    templates = D.Templates()
+    prompts = [templates.prompt(o, s) for o in D.OBJECT_AXIS for s in D.STYLE_AXIS] + [""]
+    states = text_states(te, tok, prompts)
+    calls = []
+    unet, losses = train_unet(latents, images.objects * len(D.STYLE_AXIS) + images.styles, states, len(prompts) - 1,
+                              UnetConfig(channels=[16, 32], attention_head_dim=4, steps=4, batch_size=8, checkpoints=2), seed=0,
+                              checkpoint=lambda ema, step, s: calls.append(step))
+    assert calls == [2, 4] and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    return build_pipeline(vae, unet, te, tok)
+
+
+def test_templates_need_their_fields():
+    assert D.Templates().prompt("apple", "Sepia") == "An apple image in Sepia style."
+    assert D.Templates().prompt("apple", D.PHOTO) == "A photo of a apple."
+    with pytest.raises(UnlearnError, match=r"^sd.templates.style 'An \{object\} image\.' lacks \{style\}"):
+        D.Templates(style="An {object} image.")
+    with pytest.raises(UnlearnError, match=r"^sd.templates.photo 'A photo\.' lacks \{object\}"):
+        D.Templates(photo="A photo.")
+
+
+def test_rendered_canvas_is_seeded_and_labelled():
+    a, b, c = D.render_images(0, 7, 1, 16), D.render_images(0, 7, 1, 16), D.render_images(0, 8, 1, 16)
+    assert a.pixels.shape == (len(D.OBJECT_AXIS) * len(D.STYLE_AXIS), 3, 16, 16) and a.pixels.dtype == torch.uint8
+    assert torch.equal(a.pixels, b.pixels) and not torch.equal(a.pixels, c.pixels)
+    assert sorted(set(a.styles.tolist())) == list(range(len(D.STYLE_AXIS))) and a.as_float().min() >= -1
+
+
+def test_canvas_images_read_the_unlearncanvas_layout(tmp_path):
+    from unlearn.data import synthetic as S
+
+    S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "canvas")
+    images = D.canvas_images(tmp_path / "canvas", 16)
+    assert len(images) == len(D.OBJECT_AXIS) * len(D.STYLE_AXIS) and images.pixels.shape[-1] == 16
+    assert int((images.styles == D.STYLE_AXIS.index(D.PHOTO)).sum()) == len(D.OBJECT_AXIS)  # Seed_Images is the photo style
+    (tmp_path / "canvas" / "Cubism" / "apple").mkdir(parents=True)
+    (tmp_path / "canvas" / "Sepia" / "apple" / "1.jpg").rename(tmp_path / "canvas" / "Cubism" / "apple" / "1.jpg")
+    with pytest.raises(UnlearnError, match=r"style 'Cubism' / object 'apple' is not on the judges' axes"):
+        D.canvas_images(tmp_path / "canvas", 16)
+
+
+def test_judges_learn_save_load_and_refuse_a_corrupt_file(tmp_path):
+    images = D.render_images(0, D.JUDGE_STREAM, 2, 16)
+    x = images.as_float()
+    cfg = JudgeConfig(channels=[8, 16], steps=60, batch_size=64, lr=5e-3)
+    judge, losses = train_judge(x, images.styles, list(D.STYLE_AXIS), cfg)
+    assert sum(losses[-10:]) < sum(losses[:10])  # it learns
+    save_judges(tmp_path, {"style": judge}, 16, {"held_out": {}})
+    loaded = load_judges(tmp_path)
+    assert loaded.image_size == 16 and loaded["style"].classes == list(D.STYLE_AXIS)
+    assert torch.equal(loaded["style"].predict(x), judge.predict(x))
+    weights = tmp_path / "style.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(UnlearnError, match=r"style.safetensors does not load .*re-run `dvc repro sd_judges`"):
+        load_judges(tmp_path)
+    with pytest.raises(UnlearnError, match="no judges at"):
+        load_judges(tmp_path / "none")
+    with pytest.raises(UnlearnError, match=r"sd.judges.steps is 0"):
+        JudgeConfig(steps=0)
+
+
+def test_pipeline_saves_and_loads_offline_drawing_the_same(pipeline, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = SampleConfig(steps=2, images_per_prompt=1, batch_size=5)
+    prompts = ["An apple image in Sepia style.", "A photo of a car.", "", "An apple image in Neon style.", "A photo of a mug.", "A photo of a fish."]
+    before = generate(pipeline, prompts, cfg, seed=5, size=16)
+    assert before.shape == (6, 3, 16, 16) and before.min() >= -1 and before.max() <= 1
+    assert torch.equal(before[:3], generate(pipeline, prompts[:3], cfg, seed=5, size=16))  # an image depends on its position only
+    pipeline.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    assert list((tmp_path / "pipe" / "unet").glob("*.safetensors")) and (tmp_path / "pipe" / "model_index.json").exists()
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    again.set_progress_bar_config(disable=True)
+    assert torch.equal(before, generate(again, prompts, cfg, seed=5, size=16))
+    assert torch.equal(generate(load_pipeline(tmp_path / "pipe"), prompts, cfg, seed=5, size=16), before)
+
+
+def test_pipeline_folder_errors_are_one_line(pipeline, tmp_path):
+    with pytest.raises(UnlearnError, match="is not a diffusers pipeline folder"):
+        load_pipeline(tmp_path)
+    pipeline.save_pretrained(tmp_path / "pipe")
+    import shutil
+
+    shutil.rmtree(tmp_path / "pipe" / "text_encoder")
+    with pytest.raises(UnlearnError, match=r"has no text_encoder/ folder"):
+        load_pipeline(tmp_path / "pipe")
+    with pytest.raises(UnlearnError, match="no transformers CLIP at"):
+        load_text_encoder(tmp_path / "nothing")
+
+
+def test_judged_answer_set_counts_every_prompt(pipeline, tmp_path):
+    images = D.render_images(0, D.JUDGE_STREAM, 1, 16)
+    cfg = JudgeConfig(channels=[8], steps=2, batch_size=16)
+    objects, _ = train_judge(images.as_float(), images.objects, list(D.OBJECT_AXIS), cfg)
+    styles, _ = train_judge(images.as_float(), images.styles, list(D.STYLE_AXIS), cfg)
+    save_judges(tmp_path, {"object": objects, "style": styles}, 16, {})
+    judges = load_judges(tmp_path)
+    prompts, o, s = answer_set(D.Templates(), 2)
+    assert len(prompts) == len(o) == len(s) == 2 * len(D.OBJECT_AXIS) * len(D.STYLE_AXIS)
+    assert prompts[1] == D.Templates().prompt(D.OBJECT_AXIS[int(o[1])], D.STYLE_AXIS[int(s[1])]) == f"An {D.OBJECT_AXIS[0]} image in Watercolor style."
+    res = judge_images(judges, images.as_float(), images.objects, images.styles)
+    for axis in ("object", "style"):
+        pred = res[axis]["pred"]
+        truth = images.objects if axis == "object" else images.styles
+        assert res[axis]["accuracy"] == round(float((pred == truth).float().mean()), 4)

@@ -1,0 +1,142 @@
+"""The Stable Diffusion pipeline of the diffusion track: diffusers' `AutoencoderKL`,
+`UNet2DConditionModel` (cross-attention on the text encoder's hidden states) and `DDIMScheduler`,
+composed into a `StableDiffusionPipeline` whose text encoder and tokenizer are the text tower of
+the project's CLIP (its transformers export, models/hf/base), frozen as in Stable Diffusion.
+
+Saved with `save_pretrained` (safetensors, one folder per component, `model_index.json`), so
+`StableDiffusionPipeline.from_pretrained(folder)` loads it offline.  `load_pipeline` is that call
+plus the checks that make a foreign folder a one-line error.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from unlearn.errors import UnlearnError
+
+log = logging.getLogger("unlearn.sd")
+# Stable Diffusion v1's noise schedule; training uses DDPM's, sampling DDIM over the same betas.
+SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32])   # one 2x downsampling per step after the first
+    latent_channels: int = 4
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 0.002
+    kl_weight: float = 1e-4
+
+
+@dataclass(frozen=True)
+class UnetConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64])   # the first block plain, the others with cross-attention
+    attention_head_dim: int = 8
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 0.001
+    ema: float = 0.995
+    caption_dropout: float = 0.1    # share of captions replaced by "" (classifier-free guidance)
+    checkpoints: int = 8            # evaluations of the EMA weights during training (the accuracy-against-minutes curve)
+
+
+def _groups(channels: list[int]) -> int:
+    g = min(channels)
+    while any(c % g for c in channels) or g > 32:
+        g -= 1
+    return max(g, 1)
+
+
+def build_vae(cfg: VaeConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=tuple(cfg.channels), layers_per_block=1,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         latent_channels=cfg.latent_channels, norm_num_groups=_groups(cfg.channels), mid_block_add_attention=False)
+
+
+def build_unet(cfg: UnetConfig, sample_size: int, latent_channels: int, cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.channels)
+    if n < 2:
+        raise UnlearnError(f"sd unet.channels is {cfg.channels}; give at least two levels, e.g. [32, 64]")
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
+                                block_out_channels=tuple(cfg.channels), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+                                up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",), cross_attention_dim=cross_attention_dim,
+                                attention_head_dim=cfg.attention_head_dim, norm_num_groups=_groups(cfg.channels))
+
+
+def train_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**SCHEDULE)
+
+
+def sample_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def load_text_encoder(clip_dir: str | Path, device: str = "cpu"):
+    """The CLIP's text tower and tokenizer (a transformers CLIPModel folder), frozen."""
+    from transformers import CLIPTextModel, CLIPTokenizerFast
+
+    clip_dir = Path(clip_dir)
+    if not (clip_dir / "config.json").is_file():
+        raise UnlearnError(f"no transformers CLIP at {clip_dir}; run `dvc repro export` (or give a CLIPModel folder)")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the vision weights in the folder are unused here, by design
+    try:
+        te = CLIPTextModel.from_pretrained(clip_dir).to(device).eval().requires_grad_(False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return te, CLIPTokenizerFast.from_pretrained(clip_dir)
+
+
+@torch.no_grad()
+def text_states(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """The encoder's last hidden states (N, L, D) for `prompts`, padded to the tokenizer's length,
+    as StableDiffusionPipeline computes them."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def build_pipeline(vae, unet, text_encoder, tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sample_scheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(folder: str | Path, device: str = "cpu", half: bool = False):
+    """`StableDiffusionPipeline.from_pretrained(folder)` offline, with one-line errors for a folder
+    that is not a pipeline or lacks a text encoder."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise UnlearnError(f"{folder} is not a diffusers pipeline folder (no model_index.json); give a StableDiffusionPipeline folder")
+    for part in ("text_encoder", "tokenizer", "unet", "vae"):
+        if not (folder / part).is_dir():
+            raise UnlearnError(f"the pipeline at {folder} has no {part}/ folder; SLUG edits the text encoder of a full "
+                               "StableDiffusionPipeline folder")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16 if half else torch.float32, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnlearnError(f"the pipeline at {folder} does not load: {first}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
