@@ -71,8 +71,11 @@ def main() -> None:
              "| | object | style |", "|---|---|---|",
              f"| judges on real held-out images | {100 * judges['held_out_real']['object']['accuracy']:.1f} % | "
              f"{100 * judges['held_out_real']['style']['accuracy']:.1f} % |",
-             f"| judges on the autoencoder's reconstructions of them | {100 * m['autoencoder']['judged_reconstructions']['object']:.1f} % | "
-             f"{100 * m['autoencoder']['judged_reconstructions']['style']:.1f} % |",
+             f"| judges on the autoencoder's reconstructions of them | {100 * m['autoencoder']['canvas']['judged_reconstructions']['object']:.1f} % | "
+             f"{100 * m['autoencoder']['canvas']['judged_reconstructions']['style']:.1f} % |",
+             f"| judges on its reconstructions of held-out images like the training ones | "
+             f"{100 * m['autoencoder']['rendered']['judged_reconstructions']['object']:.1f} % | "
+             f"{100 * m['autoencoder']['rendered']['judged_reconstructions']['style']:.1f} % |",
              f"| judges on the pipeline's drawings, test seeds ({m['test']['images']}) | {100 * m['test']['object']['accuracy']:.1f} % | "
              f"{100 * m['test']['style']['accuracy']:.1f} % |", "",
              "| UNet step | training minutes | object (validation) | style (validation) |", "|---|---|---|---|"]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT
@@ -53,7 +54,8 @@ def repo(tmp_path_factory) -> Path:
             "vlm.train.hidden_size": 32, "vlm.train.intermediate_size": 64, "vlm.train.layers": 1, "vlm.train.heads": 2,
             "vlm.train.vocab_size": 400,
             "sd.judges.images_per_cell": 1, "sd.judges.steps": 20, "sd.judges.channels": [8, 16],
-            "sd.sample.steps": 2, "sd.sample.images_per_prompt": 1,
+            "sd.sample.steps": 2, "sd.sample.images_per_prompt": 1, "sd.search.images_per_prompt": 1, "sd.search.max_layers": 1,
+            "sd.search.evals_per_layer": 2,
             **{f"sd.{b}": {"images_per_cell": 1, "vae": {"channels": [8, 16], "steps": 3, "batch_size": 16},
                            "unet": {"channels": [16, 32], "attention_head_dim": 4, "steps": 4, "batch_size": 8, "checkpoints": 2}}
                for b in ("base", "base_small")},
@@ -82,6 +84,7 @@ def test_repro_writes_every_output(repo):
     assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "retain_set", "retain_stats", "gradients", "rank_layers", "search",
                                    "evaluate", "export", "forget_many", "compare_data", "compare", "report",
                                    "vlm_retain_stats", "vlm_base", "vlm_unlearn", "sd_judges", "sd_base", "sd_base_small",
+                                   "sd_unlearn", "sd_unlearn_small",
                                    *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
 
 
@@ -508,3 +511,22 @@ def test_sd_stages_write_a_pipeline_that_loads_offline_and_draws_what_its_metric
         again, _ = judged_accuracy(pipe, load_judges(repo / "models" / "sd_judges"), Templates(**params["templates"]),
                                    SampleConfig(**params["sample"]), 1, params["sample"]["seed"], params["image_size"])
         assert again == m["test"]  # the saved pipeline draws (and the judges see) what the stage measured
+
+
+def test_sd_unlearn_writes_a_patch_that_turns_the_base_pipeline_into_the_unlearned_one(repo):
+    from diffusers import StableDiffusionPipeline
+
+    from unlearn.sd.unlearn import apply_sd_patch
+
+    for stage, base, patch in (("sd_unlearn", "sd_base", "sd_unlearned"), ("sd_unlearn_small", "sd_base_small", "sd_unlearned_small")):
+        m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
+        assert m["concept"] == "Mickey" and m["unet_vae_unchanged"] and m["layer"].startswith("text_model.")
+        for side in ("test", "base_test"):
+            assert set(m[side]) == {"UA", "IRA", "CRA"} and all(0 <= v <= 1 for v in m[side].values())
+        assert set(m["other_names"]) == {"Mickey Mouse", "Micky"} and m["test_sizes"]["forget"] == 9
+        assert (repo / "plots" / f"{stage}.png").stat().st_size > 1000 and (repo / "plots" / f"{stage}_search.csv").exists()
+        pipe = StableDiffusionPipeline.from_pretrained(repo / "models" / base, local_files_only=True)
+        unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+        meta = apply_sd_patch(pipe, repo / "models" / patch)
+        assert meta["concept"] == "Mickey" and meta["track"] == "sd"
+        assert all(torch.equal(v, unet[k]) for k, v in pipe.unet.state_dict().items())

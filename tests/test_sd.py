@@ -135,3 +135,83 @@ def test_judged_answer_set_counts_every_prompt(pipeline, tmp_path):
         pred = res[axis]["pred"]
         truth = images.objects if axis == "object" else images.styles
         assert res[axis]["accuracy"] == round(float((pred == truth).float().mean()), 4)
+
+
+def test_target_prompts_and_other_names():
+    from unlearn.sd.unlearn import prompt_sets, target_of
+
+    t = target_of("Sepia", "style")
+    sets = prompt_sets(t, D.Templates(), 2)
+    assert len(sets["forget"][0]) == 2 * len(D.OBJECT_AXIS) and all("Sepia" in q for q in sets["forget"][0])
+    assert len(sets["rest"][0]) == 2 * len(D.OBJECT_AXIS) * (len(D.STYLE_AXIS) - 1) and not any("Sepia" in q for q in sets["rest"][0])
+    renamed = prompt_sets(t, D.Templates(), 1, "sepia-toned")["forget"][0]
+    assert all("sepia-toned style" in q for q in renamed)
+    mickey = prompt_sets(target_of("Mickey", "object"), D.Templates(), 1, "Micky")["forget"]
+    assert len(mickey[0]) == len(D.STYLE_AXIS) and mickey[0][0] == "A photo of a Micky." and set(mickey[1].tolist()) == {0}
+    with pytest.raises(UnlearnError, match=r"sd.concept 'Elon Musk' \(identity\) is not drawn by the pipeline"):
+        target_of("Elon Musk", "identity")
+
+
+def test_tied_text_encoder_edit_reaches_the_pipeline_and_nothing_else(pipeline, tiny_clip, tmp_path):
+    from unlearn.methods.slug import save_patch
+    from unlearn.sd.unlearn import apply_sd_patch, reads, tie_text_encoder, used_layers
+
+    clip = to_hf_clip(copy.deepcopy(tiny_clip))
+    pipe = copy.deepcopy(pipeline)
+    tie_text_encoder(pipe, clip.model, "the pipeline", "the CLIP")
+    n = used_layers(pipe)
+    assert n == clip.model.config.text_config.num_hidden_layers
+    cands = [c for c in clip.candidate_layers() if reads(c, n)]
+    assert cands and all(c.startswith("text_model.") for c in cands) and not reads("text_projection.weight", n)
+    assert not reads(f"text_model.encoder.layers.{n - 1}.mlp.fc1.weight", n - 1)  # a pipeline reading the penultimate layer
+    layer = next(c for c in cands if "mlp.fc2" in c)
+    frozen = {k: v.clone() for k, v in pipe.unet.state_dict().items()} | {f"vae.{k}": v.clone() for k, v in pipe.vae.state_dict().items()}
+    prompts, cfg = ["A photo of a car.", "An apple image in Neon style."], SampleConfig(steps=2, batch_size=2)
+    before = generate(pipe, prompts, cfg, seed=1, size=16)
+    delta = 0.5 * torch.randn_like(dict(clip.model.named_parameters())[layer])
+    with torch.no_grad():
+        dict(clip.model.named_parameters())[layer].add_(delta)
+    after = generate(pipe, prompts, cfg, seed=1, size=16)
+    assert not torch.equal(before, after)  # the pipeline reads the CLIP's tensor
+    assert all(torch.equal(v, frozen[k]) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(v, frozen[f"vae.{k}"]) for k, v in pipe.vae.state_dict().items())
+    # the patch applied to an untouched pipeline in one call draws the same
+    save_patch(tmp_path, layer, delta, {"track": "sd"})
+    fresh = copy.deepcopy(pipeline)
+    apply_sd_patch(fresh, tmp_path)
+    assert torch.equal(generate(fresh, prompts, cfg, seed=1, size=16), after)
+    save_patch(tmp_path, "text_model.encoder.layers.0.mlp.fc2.weight", torch.zeros(3, 3), {"track": "sd"})
+    with pytest.raises(UnlearnError, match=r"which this pipeline's text encoder lacks \(a patch for another encoder\)"):
+        apply_sd_patch(fresh, tmp_path)
+    save_patch(tmp_path, layer, delta, {"track": "clip"})
+    with pytest.raises(UnlearnError, match="is not a Stable Diffusion SLUG patch"):
+        apply_sd_patch(fresh, tmp_path)
+
+
+def test_text_encoder_of_another_clip_is_refused(pipeline):
+    from transformers import CLIPConfig, CLIPModel
+
+    from unlearn.sd.unlearn import tie_text_encoder
+
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
+    other = CLIPModel(CLIPConfig(text_config=small, vision_config=small | {"image_size": 32, "patch_size": 8}))
+    pipe = copy.deepcopy(pipeline)
+    with pytest.raises(UnlearnError, match=r"the text encoder of P does not match the CLIP C \(first difference: .*\); give the CLIPModel"):
+        tie_text_encoder(pipe, other, "P", "C")
+
+
+def test_a_pipeline_reading_fewer_layers_ties_them_and_refuses_an_edit_of_the_rest(pipeline, tiny_clip, tmp_path):
+    from unlearn.methods.slug import save_patch
+    from unlearn.sd.unlearn import apply_sd_patch, reads, tie_text_encoder, used_layers
+
+    clip = to_hf_clip(copy.deepcopy(tiny_clip))
+    pipe = copy.deepcopy(pipeline)
+    n = len(pipe.text_encoder.encoder.layers)
+    pipe.text_encoder.encoder.layers = pipe.text_encoder.encoder.layers[: n - 1]  # the penultimate layer's output, as SD 2.x
+    tie_text_encoder(pipe, clip.model, "P", "C")
+    assert used_layers(pipe) == n - 1 and pipe.text_encoder.encoder.layers[0] is clip.model.text_model.encoder.layers[0]
+    last = f"text_model.encoder.layers.{n - 1}.mlp.fc2.weight"
+    assert not reads(last, used_layers(pipe)) and reads(last.replace(f".{n - 1}.", ".0."), used_layers(pipe))
+    save_patch(tmp_path, last, torch.zeros_like(dict(clip.model.named_parameters())[last]), {"track": "sd"})
+    with pytest.raises(UnlearnError, match="which this pipeline's text encoder lacks"):
+        apply_sd_patch(pipe, tmp_path)

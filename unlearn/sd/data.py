@@ -26,7 +26,7 @@ from unlearn.errors import UnlearnError
 PHOTO = "photo"
 STYLE_AXIS: tuple[str, ...] = (PHOTO, *STYLES)
 OBJECT_AXIS: tuple[str, ...] = tuple(o.name for o in OBJECTS)
-TRAIN_STREAM, JUDGE_STREAM = 7, 8
+TRAIN_STREAM, JUDGE_STREAM, HELD_STREAM = 7, 8, 9  # HELD_STREAM: held-out images of the training distribution
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from unlearn.sd.model import UnetConfig, VaeConfig, build_unet, build_vae, train
 
 
 def train_vae(x: torch.Tensor, cfg: VaeConfig, seed: int, progress: str | None = None) -> tuple[object, list[float]]:
-    """Reconstruction (MSE) + kl_weight * KL, AdamW; `x` in [-1, 1]."""
+    """Reconstruction (MSE per pixel value) + kl_weight * KL per pixel value (the latent KL summed,
+    divided by the image's 3*S*S values), AdamW; `x` in [-1, 1]."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     vae = build_vae(cfg).to(x.device).train()
@@ -26,7 +27,7 @@ def train_vae(x: torch.Tensor, cfg: VaeConfig, seed: int, progress: str | None =
         xb = x[torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen).to(x.device)]
         post = vae.encode(xb).latent_dist
         rec = vae.decode(post.sample(generator=None)).sample
-        loss = F.mse_loss(rec, xb) + cfg.kl_weight * post.kl().mean()
+        loss = F.mse_loss(rec, xb) + cfg.kl_weight * post.kl().mean() / xb[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,174 @@
+"""SLUG on the text encoder of a Stable Diffusion pipeline, judged by what the pipeline draws.
+
+The pipeline's text encoder is the text tower of a transformers CLIPModel (the `hf_clip` adapter
+over models/hf/base): `tie_text_encoder` checks that their tensors match (names and shapes) and
+makes the pipeline read the CLIP's own tensors, so an edit SLUG applies to the CLIP is the edit of
+the pipeline, and nothing else (UNet, autoencoder) moves.  Only tensors the pipeline reads are
+candidates (`reads`): the CLIP's text projection is not, and neither are the layers after the one
+whose hidden states the pipeline takes (Stable Diffusion 2.x reads the penultimate layer).
+
+`SdEvaluator` scores a pipeline for one target (an object or a style) on one set of seeds, under
+the keys SLUG's search reads:
+- forget (`forget_top1`): the prompts naming the target (every style for an object, every object
+  for a style), the share of drawings the target axis's judge assigns to the target;
+- retain (`retain_top1`): the prompts of every other concept of the target's axis, the judge's
+  accuracy on that axis (IRA);
+- utility (`utility_top1`): the same drawings, the other axis's judge accuracy (CRA).
+A drawing has no top 5, so `_top5` repeats `_top1`.  UA = 1 - forget.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from unlearn.errors import UnlearnError
+from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, Templates
+from unlearn.sd.evaluate import SampleConfig, generate
+from unlearn.sd.judges import Judges
+
+
+def tie_text_encoder(pipe, clip_model, pipe_name: str, clip_name: str) -> None:
+    """Make the pipeline's text encoder read the CLIP's text tower: the same tensors (names
+    relative to the tower, shapes; checked), its modules replaced by the CLIP's own."""
+    te = pipe.text_encoder
+    if te is None:
+        raise UnlearnError(f"the pipeline {pipe_name} has no text encoder; SLUG edits the text encoder of a full pipeline")
+    tower = clip_model.text_model
+    theirs = {n: p.shape for n, p in te.named_parameters()}
+    ours = {n: p.shape for n, p in tower.named_parameters()}
+    n_pipe = len(te.encoder.layers)
+    # a pipeline may hold only the first layers of the CLIP's encoder (SD 2.x's converted encoders
+    # stop at the penultimate layer): the CLIP's later layers are then not read, and not tied
+    beyond = {n for n in ours if ".layers." in n and int(n.split(".layers.")[1].split(".")[0]) >= n_pipe}
+    mismatch = sorted(set(theirs) ^ (set(ours) - beyond)) or [n for n in theirs if theirs[n] != ours[n]]
+    if mismatch:
+        raise UnlearnError(f"the text encoder of {pipe_name} does not match the CLIP {clip_name} (first difference: {mismatch[0]}); "
+                           "give the CLIPModel whose text tower the pipeline uses (openai/clip-vit-large-patch14 for SD v1.x)")
+    te.embeddings, te.final_layer_norm = tower.embeddings, tower.final_layer_norm
+    for i in range(n_pipe):
+        te.encoder.layers[i] = tower.encoder.layers[i]
+
+
+def pipeline_name(clip_name: str) -> str:
+    """A CLIPModel tensor name as the pipeline's text encoder (a CLIPTextModel) names it."""
+    return clip_name.removeprefix("text_model.")
+
+
+def used_layers(pipe) -> int:
+    """How many of the CLIP's encoder layers feed what the pipeline reads: those its text encoder
+    holds (all for SD 1.x; SD 2.x's stops before the last), fewer with a `clip_skip`."""
+    n = len(pipe.text_encoder.encoder.layers)
+    skip = getattr(pipe, "_clip_skip", None) or 0
+    return n - skip
+
+
+def reads(name: str, n_used: int) -> bool:
+    """The CLIP tensor `name` changes what the pipeline draws: a text-tower tensor, and for an
+    encoder layer one of the first `n_used` (the final LayerNorm is applied either way)."""
+    if not name.startswith("text_model."):
+        return False  # the vision tower, the projections, the logit scale
+    if ".encoder.layers." in name:
+        return int(name.split(".encoder.layers.")[1].split(".")[0]) < n_used
+    return True
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    axis: str  # "object" | "style"
+
+    @property
+    def other(self) -> str:
+        return "style" if self.axis == "object" else "object"
+
+
+def target_of(name: str, kind: str) -> Target:
+    if kind == "object" and name in OBJECT_AXIS:
+        return Target(name, "object")
+    if kind == "style" and name in STYLE_AXIS:
+        return Target(name, "style")
+    raise UnlearnError(f"sd.concept {name!r} ({kind}) is not drawn by the pipeline; use an object ({', '.join(OBJECT_AXIS)}) or a style "
+                       f"({', '.join(STYLE_AXIS[1:])}) of the concept table")
+
+
+def prompt_sets(target: Target, templates: Templates, per_prompt: int, name_as: str | None = None) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """forget: the prompts naming the target (written `name_as` if given: an alias or a
+    misspelling); rest: every other cell.  Each: (prompts, object index, style index)."""
+    cells = [(o, s) for o in range(len(OBJECT_AXIS)) for s in range(len(STYLE_AXIS))]
+    t = (OBJECT_AXIS if target.axis == "object" else STYLE_AXIS).index(target.name)
+    named = [c for c in cells if c[0 if target.axis == "object" else 1] == t]
+    rest = [c for c in cells if c not in named]
+
+    def build(cs, rename):
+        cs = cs * per_prompt
+        prompts = [templates.prompt(rename if (rename and target.axis == "object") else OBJECT_AXIS[o],
+                                    rename if (rename and target.axis == "style") else STYLE_AXIS[s]) for o, s in cs]
+        return prompts, torch.tensor([o for o, _ in cs]), torch.tensor([s for _, s in cs])
+
+    return {"forget": build(named, name_as), "rest": build(rest, None)}
+
+
+class SdEvaluator:
+    """The search's evaluator over a pipeline (see the module doc); every call draws afresh."""
+
+    def __init__(self, pipe, judges: Judges, target: Target, templates: Templates, sample: SampleConfig, per_prompt: int, seed: int, size: int,
+                 name_as: str | None = None):
+        self.pipe, self.judges, self.target, self.sample, self.seed, self.size = pipe, judges, target, sample, seed, size
+        self.sets = prompt_sets(target, templates, per_prompt, name_as)
+        self.images: dict[str, torch.Tensor] = {}
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"forget": len(self.sets["forget"][0]), "retain": len(self.sets["rest"][0]), "utility": len(self.sets["rest"][0])}
+
+    def reset(self) -> None:
+        pass
+
+    def prepare(self, edited: str | None = None) -> None:
+        pass
+
+    def labels(self, which: str, axis: str) -> torch.Tensor:
+        _, o, s = self.sets[which]
+        return o if axis == "object" else s
+
+    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = ("forget", "retain", "utility"), reference: bool = False) -> dict[str, float]:
+        out: dict[str, float] = {}
+        t = self.target
+        if "forget" in sets:
+            x = self.images["forget"] = generate(self.pipe, self.sets["forget"][0], self.sample, self.seed, self.size)
+            pred = self.judges[t.axis].predict(x)
+            out["forget_top1"] = out["forget_top5"] = float((pred == self.labels("forget", t.axis)).float().mean())
+        if "retain" in sets or "utility" in sets:
+            x = self.images["rest"] = generate(self.pipe, self.sets["rest"][0], self.sample, self.seed + 1, self.size)
+            for key, axis in (("retain", t.axis), ("utility", t.other)):
+                if key in sets:
+                    pred = self.judges[axis].predict(x)
+                    out[f"{key}_top1"] = out[f"{key}_top5"] = float((pred == self.labels("rest", axis)).float().mean())
+        return out
+
+
+def apply_sd_patch(pipe, directory: str | Path) -> dict:
+    """Add a saved SLUG patch (stage `sd_unlearn`) to a pipeline's text encoder in place: the one
+    call that turns the base pipeline into the unlearned one.  Returns the patch's metadata."""
+    import safetensors.torch
+
+    from unlearn.methods.slug import PATCH_META, PATCH_WEIGHTS
+
+    directory = Path(directory)
+    meta = json.loads((directory / PATCH_META).read_text()) if (directory / PATCH_META).is_file() else {}
+    if not (directory / PATCH_WEIGHTS).is_file() or meta.get("track") != "sd":
+        raise UnlearnError(f"{directory} is not a Stable Diffusion SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} of track sd); "
+                           "run `dvc repro sd_unlearn`")
+    delta = safetensors.torch.load_file(directory / PATCH_WEIGHTS)[meta["layer"]]
+    params = dict(pipe.text_encoder.named_parameters())
+    name = pipeline_name(meta["layer"])
+    if name not in params or params[name].shape != delta.shape:
+        raise UnlearnError(f"the patch {directory} edits {meta['layer']} {list(delta.shape)}, which this pipeline's text encoder lacks "
+                           "(a patch for another encoder); apply it to the pipeline it was made for")
+    with torch.no_grad():
+        params[name].add_(delta.to(params[name]))
+    return meta
