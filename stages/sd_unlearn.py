@@ -3,7 +3,8 @@
 forget gradient comes from the CLIP whose text tower is the pipeline's text encoder
 (models/hf/base, the `hf_clip` adapter) on the concept's forget pairs (curated from the shards as
 `curate` does); the retain statistics are that CLIP's (models/vlm_retain, stage
-`vlm_retain_stats`); only text tensors the pipeline reads are candidates; the step search is
+`vlm_retain_stats`), their input moments mixed with those of the pipeline's own prompts of the
+other concepts (`sd.search.prompt_moments`); only text tensors the pipeline reads are candidates; the step search is
 judged by the judges on what the pipeline draws for validation seeds (`unlearn.sd.unlearn`).
 The UNet and the autoencoder are never touched (checked).  Out: the one-layer patch
 (models/sd_unlearned[_small], applied with `unlearn.sd.unlearn.apply_sd_patch`), metrics/<stage>.json on the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import tempfile
 import time
@@ -36,7 +38,7 @@ from unlearn.sd.evaluate import SampleConfig
 from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
 from unlearn.sd.model import load_pipeline
-from unlearn.sd.unlearn import SdEvaluator, reads, target_of, tie_text_encoder, used_layers
+from unlearn.sd.unlearn import SdEvaluator, mix_prompt_moments, reads, retain_prompts, target_of, tie_text_encoder, used_layers
 
 CLIP, JUDGES, SHARDS, STATS, RETAIN, CANVAS = "models/hf/base", "models/sd_judges", "data/laion", "models/vlm_retain", "data/retain", "data/eval/canvas"
 COLUMNS = ("layer", "tower", "eval", "rho", "forget_top1", "retain_top1", "utility_top1", "forget_ok", "guard_ok", "scored")
@@ -59,7 +61,7 @@ def main() -> None:
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     ss = dict(p("sd.search"))
-    known = {"forget_rate", "max_drop", "images_per_prompt", "max_layers", "evals_per_layer", "damping"}
+    known = {"forget_rate", "max_drop", "images_per_prompt", "forget_images_per_prompt", "max_layers", "evals_per_layer", "damping", "prompt_moments"}
     if set(ss) != known:
         raise UnlearnError(f"sd.search has keys {sorted(ss)}; it needs exactly {sorted(known)} (copy them from the committed params.yaml)")
     cfg = as_config(SearchConfig, {**p("slug.search"), "forget_top1": ss["forget_rate"], "forget_top5": ss["forget_rate"],
@@ -77,7 +79,9 @@ def main() -> None:
     judges = load_judges(JUDGES)
     size = judges.image_size
     retain, _ = load_retain_stats(STATS, clip, CLIP, f"{RETAIN}/manifest.json")
-    val = SdEvaluator(pipe, judges, target, templates, sample, int(ss["images_per_prompt"]), sample.seed + VALIDATION, size)
+    retain = dataclasses.replace(retain, moments=mix_prompt_moments(clip, retain.moments, retain_prompts(target, templates), float(ss["prompt_moments"])))
+    val = SdEvaluator(pipe, judges, target, templates, sample, int(ss["images_per_prompt"]), sample.seed + VALIDATION, size,
+                      forget_per_prompt=int(ss["forget_images_per_prompt"]))
     test = SdEvaluator(pipe, judges, target, templates, sample, sample.images_per_prompt, sample.seed, size)
     aliases = {n: SdEvaluator(pipe, judges, target, templates, sample, sample.images_per_prompt, sample.seed, size, name_as=n) for n in other_names}
     t0 = time.perf_counter()
@@ -137,7 +141,7 @@ def main() -> None:
         "frechet_judges": fid | {"note": "Frechet distance in the judges' feature space, drawings without the target against real held-out images; "
                                           "not comparable with published FIDs"},
         "neighbours": {n: {"base": recognised(pred_base, n), "after": recognised(pred_after, n)} for n in neighbours},
-        "unet_vae_unchanged": True, "unlearn_s": round(unlearn_s, 2), "phases_s": {k: round(v, 2) for k, v in times.items()},
+        "unet_vae_unchanged": not moved, "prompt_moments": float(ss["prompt_moments"]), "retain_prompts": len(retain_prompts(target, templates)), "unlearn_s": round(unlearn_s, 2), "phases_s": {k: round(v, 2) for k, v in times.items()},
         "base_scoring_s": round(base_eval_s, 2), "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
         "sampler": {"scheduler": "DDIM", **sample.__dict__}, "threads": torch.get_num_threads(),
     }

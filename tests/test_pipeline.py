@@ -54,7 +54,7 @@ def repo(tmp_path_factory) -> Path:
             "vlm.train.hidden_size": 32, "vlm.train.intermediate_size": 64, "vlm.train.layers": 1, "vlm.train.heads": 2,
             "vlm.train.vocab_size": 400,
             "sd.judges.images_per_cell": 1, "sd.judges.steps": 20, "sd.judges.channels": [8, 16],
-            "sd.sample.steps": 2, "sd.sample.images_per_prompt": 1, "sd.search.images_per_prompt": 1, "sd.search.max_layers": 1,
+            "sd.sample.steps": 2, "sd.sample.images_per_prompt": 1, "sd.search.images_per_prompt": 1, "sd.search.forget_images_per_prompt": 1, "sd.search.max_layers": 1,
             "sd.search.evals_per_layer": 2,
             **{f"sd.{b}": {"images_per_cell": 1, "vae": {"channels": [8, 16], "steps": 3, "batch_size": 16},
                            "unet": {"channels": [16, 32], "attention_head_dim": 4, "steps": 4, "batch_size": 8, "checkpoints": 2}}
@@ -530,3 +530,34 @@ def test_sd_unlearn_writes_a_patch_that_turns_the_base_pipeline_into_the_unlearn
         meta = apply_sd_patch(pipe, repo / "models" / patch)
         assert meta["concept"] == "Mickey" and meta["track"] == "sd"
         assert all(torch.equal(v, unet[k]) for k, v in pipe.unet.state_dict().items())
+
+
+SD_BAD = [
+    ({"sd.templates.style": "An {object} image."}, r"error: sd.templates.style 'An {object} image.' lacks {style}; write it with every field"),
+    ({"sd.concept": "Elon Musk"}, r"error: sd.concept 'Elon Musk' \(identity\) is not drawn by the pipeline; use an object"),
+    ({"sd.concept": "Mickie"}, r"error: concept 'Mickie' is not in the concept table; closest known: 'Mickey'"),
+    ({"sd.search.prompt_moments": 2}, r"error: sd.search.prompt_moments is 2.0; give a weight in \[0, 1\]"),
+    ("text_encoder", r"error: the pipeline at models/sd_base_small has no text_encoder/ folder; SLUG edits the text encoder"),
+]
+
+
+@pytest.mark.parametrize("bad,message", SD_BAD, ids=["template", "identity", "unknown", "moments", "no-text-encoder"])
+def test_sd_unlearn_bad_input_is_one_line_and_keeps_outputs(repo, bad, message):
+    outputs = [repo / "metrics" / "sd_unlearn_small.json", *sorted((repo / "models" / "sd_unlearned_small").iterdir()),
+               repo / "plots" / "sd_unlearn_small.png", repo / "plots" / "sd_unlearn_small_search.csv"]
+    before = {p: p.read_bytes() for p in outputs}
+    original = (repo / "params.yaml").read_text()
+    folder = repo / "models" / "sd_base_small" / "text_encoder"
+    try:
+        if bad == "text_encoder":
+            folder.rename(folder.with_name("moved_away"))
+        else:
+            _set_params(repo, **bad)
+        proc = _run([sys.executable, "-m", "stages.sd_unlearn", "--stage", "sd_unlearn_small"], repo, check=False, HF_HUB_OFFLINE="1")
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1 and re.match(message, errors[0]), proc.stderr[-2000:]
+        assert {p: p.read_bytes() for p in outputs} == before and not list(repo.glob("**/.*tmp*"))
+    finally:
+        (repo / "params.yaml").write_text(original)
+        if folder.with_name("moved_away").exists():
+            folder.with_name("moved_away").rename(folder)

@@ -150,6 +150,27 @@ def test_target_prompts_and_other_names():
     assert len(mickey[0]) == len(D.STYLE_AXIS) and mickey[0][0] == "A photo of a Micky." and set(mickey[1].tolist()) == {0}
     with pytest.raises(UnlearnError, match=r"sd.concept 'Elon Musk' \(identity\) is not drawn by the pipeline"):
         target_of("Elon Musk", "identity")
+    more = prompt_sets(target_of("Mickey", "object"), D.Templates(), 1, forget_per_prompt=4)
+    assert len(more["forget"][0]) == 4 * len(D.STYLE_AXIS) and len(more["rest"][0]) == (len(D.OBJECT_AXIS) - 1) * len(D.STYLE_AXIS)
+
+
+def test_prompt_moments_mix_into_the_text_tensors_only(tiny_clip):
+    from unlearn.models.inputs import input_moments
+    from unlearn.sd.unlearn import mix_prompt_moments, retain_prompts, target_of
+
+    clip = to_hf_clip(copy.deepcopy(tiny_clip))
+    prompts = retain_prompts(target_of("Mickey", "object"), D.Templates())
+    assert "" in prompts and not any("Mickey" in q for q in prompts) and len(prompts) == (len(D.OBJECT_AXIS) - 1) * len(D.STYLE_AXIS) + 1
+    text = next(c for c in clip.candidate_layers() if c.startswith("text_model.") and "fc2" in c)
+    image = next(c for c in clip.candidate_layers() if c.startswith("vision_model.") and "fc2" in c)
+    captions = {n: torch.eye(dict(clip.model.named_parameters())[n].shape[1], dtype=torch.float64) for n in (text, image)}
+    ours, _ = input_moments(clip, [text], [(torch.zeros(len(prompts), 3, 1, 1), clip.tokenize(prompts))])
+    mixed = mix_prompt_moments(clip, captions, prompts, 0.25)
+    assert torch.allclose(mixed[text], 0.75 * captions[text] + 0.25 * ours[text]) and not torch.allclose(mixed[text], captions[text])
+    assert mixed[image] is captions[image]  # the vision tower is not what the pipeline reads
+    assert mix_prompt_moments(clip, captions, prompts, 0.0) is captions
+    with pytest.raises(UnlearnError, match=r"sd.search.prompt_moments is 1.5; give a weight in \[0, 1\]"):
+        mix_prompt_moments(clip, captions, prompts, 1.5)
 
 
 def test_tied_text_encoder_edit_reaches_the_pipeline_and_nothing_else(pipeline, tiny_clip, tmp_path):

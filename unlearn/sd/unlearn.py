@@ -95,30 +95,55 @@ def target_of(name: str, kind: str) -> Target:
                        f"({', '.join(STYLE_AXIS[1:])}) of the concept table")
 
 
-def prompt_sets(target: Target, templates: Templates, per_prompt: int, name_as: str | None = None) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
+def prompt_sets(target: Target, templates: Templates, per_prompt: int, name_as: str | None = None,
+                forget_per_prompt: int | None = None) -> dict[str, tuple[list[str], torch.Tensor, torch.Tensor]]:
     """forget: the prompts naming the target (written `name_as` if given: an alias or a
-    misspelling); rest: every other cell.  Each: (prompts, object index, style index)."""
+    misspelling), `forget_per_prompt` times (default `per_prompt`); rest: every other cell,
+    `per_prompt` times.  Each: (prompts, object index, style index)."""
     cells = [(o, s) for o in range(len(OBJECT_AXIS)) for s in range(len(STYLE_AXIS))]
     t = (OBJECT_AXIS if target.axis == "object" else STYLE_AXIS).index(target.name)
     named = [c for c in cells if c[0 if target.axis == "object" else 1] == t]
     rest = [c for c in cells if c not in named]
 
-    def build(cs, rename):
-        cs = cs * per_prompt
+    def build(cs, rename, times):
+        cs = cs * times
         prompts = [templates.prompt(rename if (rename and target.axis == "object") else OBJECT_AXIS[o],
                                     rename if (rename and target.axis == "style") else STYLE_AXIS[s]) for o, s in cs]
         return prompts, torch.tensor([o for o, _ in cs]), torch.tensor([s for _, s in cs])
 
-    return {"forget": build(named, name_as), "rest": build(rest, None)}
+    return {"forget": build(named, name_as, forget_per_prompt or per_prompt), "rest": build(rest, None, per_prompt)}
+
+
+def retain_prompts(target: Target, templates: Templates) -> list[str]:
+    """The prompts the pipeline is used with, except those naming the target: every other cell
+    once, and the empty prompt (classifier-free guidance encodes it for every drawing)."""
+    return sorted(set(prompt_sets(target, templates, 1)["rest"][0])) + [""]
+
+
+def mix_prompt_moments(clip, moments: dict[str, torch.Tensor], prompts: list[str], weight: float) -> dict[str, torch.Tensor]:
+    """The retain input moments of the text-tower tensors in `moments`, mixed with those of
+    `prompts`: (1 - weight) C_captions + weight C_prompts (every token position, padding included,
+    as the pipeline reads them).  The captions' moments alone protect what the CLIP reads; a
+    pipeline reads its own prompts, which the captions may not cover (README "Stable Diffusion")."""
+    if not 0 <= weight <= 1:
+        raise UnlearnError(f"sd.search.prompt_moments is {weight}; give a weight in [0, 1] (0: the retain captions alone)")
+    if weight == 0:
+        return moments
+    from unlearn.models.inputs import input_moments
+
+    text = [n for n in moments if n.startswith("text_model.")]
+    tokens = clip.tokenize(prompts)
+    ours, _ = input_moments(clip, text, [(torch.zeros(len(prompts), 3, 1, 1), tokens)])
+    return {**moments, **{n: (1 - weight) * moments[n] + weight * ours[n].to(moments[n]) for n in text}}
 
 
 class SdEvaluator:
     """The search's evaluator over a pipeline (see the module doc); every call draws afresh."""
 
     def __init__(self, pipe, judges: Judges, target: Target, templates: Templates, sample: SampleConfig, per_prompt: int, seed: int, size: int,
-                 name_as: str | None = None):
+                 name_as: str | None = None, forget_per_prompt: int | None = None):
         self.pipe, self.judges, self.target, self.sample, self.seed, self.size = pipe, judges, target, sample, seed, size
-        self.sets = prompt_sets(target, templates, per_prompt, name_as)
+        self.sets = prompt_sets(target, templates, per_prompt, name_as, forget_per_prompt)
         self.images: dict[str, torch.Tensor] = {}
 
     @property

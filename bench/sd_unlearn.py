@@ -1,0 +1,91 @@
+"""SLUG on the Stable Diffusion pipeline for several targets: stage `sd_unlearn` (or
+`sd_unlearn_small`) run once per concept (`python -m stages.sd_unlearn` with `sd.concept` set) in
+a scratch folder that links the stage's inputs, so the workspace's outputs are left as they are.
+
+Needs the stage's inputs in the workspace (`dvc repro sd_base vlm_retain_stats`, or
+`sd_base_small` with --stage sd_unlearn_small).  Prints per target the chosen layer and step, UA
+on the prompts that name it (and by each alias or misspelling in `sd.other_names`), IRA and CRA
+beside the base pipeline's, the stage's wall time and the unlearning time; writes them to
+--out (default bench/results/<stage>.{json,md}).
+
+    python bench/sd_unlearn.py                              # Mickey, rocket, Sepia (about 4 min each on 2 CPU cores)
+    python bench/sd_unlearn.py --concepts apple Neon        # other targets
+    python bench/sd_unlearn.py --stage sd_unlearn_small     # on the small pipeline CI reproduces
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", default="sd_unlearn", choices=["sd_unlearn", "sd_unlearn_small"])
+    ap.add_argument("--concepts", nargs="+", default=["Mickey", "rocket", "Sepia"], help="objects or styles of the concept table")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the stage (default: torch's choice)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    pipeline = "models/" + args.stage.replace("unlearn", "base")
+    missing = [p for p in (*INPUTS, pipeline) if not (ROOT / p).exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"} | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_sd_unlearn_") as tmp:
+        work = Path(tmp)
+        for name in ("stages", "unlearn", "dvc.yaml"):
+            (work / name).symlink_to(ROOT / name)
+        for p in (*INPUTS, pipeline):
+            (work / p).parent.mkdir(parents=True, exist_ok=True)
+            (work / p).symlink_to(ROOT / p)
+        for concept in args.concepts:
+            params["sd"]["concept"] = concept
+            (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "stages.sd_unlearn", "--stage", args.stage], cwd=work, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"sd_unlearn for {concept} failed:\n{proc.stderr[-2000:]}")
+            wall = time.perf_counter() - t
+            m = json.loads((work / f"metrics/{args.stage}.json").read_text())
+            results.append({"concept": concept, "kind": m["kind"], "layer": m["layer"], "rho": m["rho"], "converged": m["converged"],
+                            "test": m["test"], "base_test": m["base_test"], "other_names": m["other_names"], "validation": m["validation"],
+                            "evaluations": m["evaluations"], "stage_s": round(wall, 1), "unlearn_s": m["unlearn_s"], "peak_memory_mb": m["peak_memory_mb"],
+                            "stored_bytes": m["stored_bytes"], "unet_vae_unchanged": m["unet_vae_unchanged"], "threads": m["threads"]})
+            r = results[-1]
+            print(f"{concept}: {r['layer']} rho {r['rho']:.3g} (converged {r['converged']}); UA {r['base_test']['UA']:.3f} -> {r['test']['UA']:.3f}, "
+                  f"IRA {r['base_test']['IRA']:.3f} -> {r['test']['IRA']:.3f}, CRA {r['base_test']['CRA']:.3f} -> {r['test']['CRA']:.3f}; "
+                  f"stage {wall:.0f} s, unlearning {r['unlearn_s']:.0f} s", flush=True)
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}"
+
+    lines = [f"{args.stage} on {pipeline}, test seeds; UA / IRA / CRA in %, base pipeline -> after SLUG", "",
+             "| target | kind | layer, rho | converged | UA | UA by other names | IRA | CRA | stage | unlearning | peak memory |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        names = ", ".join(f"{n} {pct(v['base_UA'])} -> {pct(v['UA'])}" for n, v in r["other_names"].items()) or "-"
+        lines.append(f"| {r['concept']} | {r['kind']} | {r['layer'].removeprefix('text_model.')} {r['rho']:.3g} | {r['converged']} | "
+                     f"{pct(r['base_test']['UA'])} -> {pct(r['test']['UA'])} | {names} | {pct(r['base_test']['IRA'])} -> {pct(r['test']['IRA'])} | "
+                     f"{pct(r['base_test']['CRA'])} -> {pct(r['test']['CRA'])} | {r['stage_s']:.0f} s | {r['unlearn_s']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.stage}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{args.stage}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
