@@ -14,7 +14,6 @@ misspelling), the search log and plot, and drawings before and after."""
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import logging
 import tempfile
@@ -32,16 +31,16 @@ from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import SIGN_CONVENTION, RankConfig, SearchConfig, apply_edit, find_edit, save_patch
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
-from unlearn.plots import image_grid, search_plot
+from unlearn.plots import image_grid
 from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, Templates, canvas_images, to_pil
 from unlearn.sd.evaluate import SampleConfig
 from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
 from unlearn.sd.model import load_pipeline
 from unlearn.sd.unlearn import SdEvaluator, mix_prompt_moments, reads, retain_prompts, target_of, tie_text_encoder, used_layers
+from unlearn.search_log import write_search_log
 
 CLIP, JUDGES, SHARDS, STATS, RETAIN, CANVAS = "models/hf/base", "models/sd_judges", "data/laion", "models/vlm_retain", "data/retain", "data/eval/canvas"
-COLUMNS = ("layer", "tower", "eval", "rho", "forget_top1", "retain_top1", "utility_top1", "forget_ok", "guard_ok", "scored")
 VALIDATION = 1_000_000
 log = logging.getLogger("sd_unlearn")
 
@@ -79,7 +78,8 @@ def main() -> None:
     judges = load_judges(JUDGES)
     size = judges.image_size
     retain, _ = load_retain_stats(STATS, clip, CLIP, f"{RETAIN}/manifest.json")
-    retain = dataclasses.replace(retain, moments=mix_prompt_moments(clip, retain.moments, retain_prompts(target, templates), float(ss["prompt_moments"])))
+    protected = retain_prompts(target, templates)
+    retain = dataclasses.replace(retain, moments=mix_prompt_moments(clip, retain.moments, protected, float(ss["prompt_moments"])))
     val = SdEvaluator(pipe, judges, target, templates, sample, int(ss["images_per_prompt"]), sample.seed + VALIDATION, size,
                       forget_per_prompt=int(ss["forget_images_per_prompt"]))
     test = SdEvaluator(pipe, judges, target, templates, sample, sample.images_per_prompt, sample.seed, size)
@@ -141,7 +141,7 @@ def main() -> None:
         "frechet_judges": fid | {"note": "Frechet distance in the judges' feature space, drawings without the target against real held-out images; "
                                           "not comparable with published FIDs"},
         "neighbours": {n: {"base": recognised(pred_base, n), "after": recognised(pred_after, n)} for n in neighbours},
-        "unet_vae_unchanged": not moved, "prompt_moments": float(ss["prompt_moments"]), "retain_prompts": len(retain_prompts(target, templates)), "unlearn_s": round(unlearn_s, 2), "phases_s": {k: round(v, 2) for k, v in times.items()},
+        "unet_vae_unchanged": not moved, "prompt_moments": float(ss["prompt_moments"]), "retain_prompts": len(protected), "unlearn_s": round(unlearn_s, 2), "phases_s": {k: round(v, 2) for k, v in times.items()},
         "base_scoring_s": round(base_eval_s, 2), "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
         "sampler": {"scheduler": "DDIM", **sample.__dict__}, "threads": torch.get_num_threads(),
     }
@@ -152,12 +152,7 @@ def main() -> None:
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         metrics["stored_bytes"] = sum(f.stat().st_size for f in patch_dir.iterdir())
         write_json(metrics_file, metrics)
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows({k: r.get(k) for k in COLUMNS} for r in edit.rows)
-        search_plot(edit.rows, png_path, edit.choice, f"SD, {concept.name}: chose {clip.short_name(edit.layer)} at rho={edit.rho:.3g}"
-                    + ("" if edit.converged else " (NOT converged)"), clip.short_name)
+        write_search_log(edit, csv_path, png_path, f"SD, {concept.name}", clip.short_name)
         n = len(test.sets["forget"][0]) // sample.images_per_prompt  # one drawing per prompt naming the target
         rows = [base_images["forget"][:n], test.images["forget"][:n]]
         for name in neighbours:

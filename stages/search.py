@@ -4,7 +4,6 @@ one-layer patch (docs/methods.md, "SLUG")."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 
@@ -16,7 +15,7 @@ from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import SIGN_CONVENTION, SearchConfig, load_gradients, save_patch, search
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
-from unlearn.plots import search_plot
+from unlearn.search_log import write_search_log
 
 MODEL, GRADS, LAYERS, EVAL, STATS, RETAIN = "models/base", "models/grads", "metrics/layers.json", "data/eval", "models/retain", "data/retain"
 PATCH, LOG_CSV, LOG_PNG = "models/unlearned", "plots/search.csv", "plots/search.png"
@@ -54,12 +53,7 @@ def main() -> None:
     }
     with atomic_outputs(PATCH, LOG_CSV, LOG_PNG) as (patch_dir, csv_path, png_path):
         save_patch(patch_dir, edit.layer, edit.delta, meta)
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: r[k] for k in COLUMNS} for r in edit.rows)
-        search_plot(edit.rows, png_path, choice, f"{concept.name}: chose {adapter.short_name(edit.layer)} at rho={edit.rho:.3g}"
-                    + ("" if edit.converged else " (NOT converged)"), adapter.short_name)
+        write_search_log(edit, csv_path, png_path, concept.name, adapter.short_name, COLUMNS)
     log.info("chose %s, rho %.4g (converged %s): val FA@1 %.3f FA@5 %.3f, retain@1 %.3f, other-kind@1 %.3f", edit.layer, edit.rho,
              edit.converged, choice["forget_top1"], choice["forget_top5"], choice["retain_top1"], choice["utility_top1"])
 

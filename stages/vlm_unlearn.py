@@ -9,7 +9,6 @@ base beside, the search log and plot, and examples of answers before and after."
 
 from __future__ import annotations
 
-import csv
 import logging
 import tempfile
 import time
@@ -24,7 +23,7 @@ from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import SIGN_CONVENTION, RankConfig, SearchConfig, apply_edit, find_edit, save_patch
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
-from unlearn.plots import search_plot
+from unlearn.search_log import write_search_log
 from unlearn.vlm.evaluate import Questions, VlmEvaluator
 from unlearn.vlm.model import check_vision_tower, open_vlm, reads, tie_vision_tower
 from unlearn.vlm.plots import answers_figure
@@ -33,7 +32,6 @@ from unlearn.vlm.prompt import check_template
 CLIP, VLM, EVAL, SHARDS, STATS, RETAIN = "models/hf/base", "models/vlm_base", "data/eval", "data/laion", "models/vlm_retain", "data/retain"
 PATCH, METRICS, LOG_CSV, LOG_PNG, EXAMPLES = ("models/vlm_unlearned", "metrics/vlm_unlearn.json", "plots/vlm_search.csv",
                                               "plots/vlm_search.png", "plots/vlm_answers.png")
-COLUMNS = ("layer", "tower", "eval", "rho", "forget_top1", "retain_top1", "utility_top1", "forget_ok", "guard_ok", "scored")
 EXAMPLES_PER_SET = 4
 log = logging.getLogger("vlm_unlearn")
 
@@ -112,12 +110,7 @@ def main() -> None:
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         metrics["stored_bytes"] = sum(f.stat().st_size for f in patch_dir.iterdir())
         write_json(metrics_file, metrics)
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            w.writerows({k: r.get(k) for k in COLUMNS} for r in edit.rows)
-        search_plot(edit.rows, png_path, edit.choice, f"VLM, {concept.name}: chose {clip.short_name(edit.layer)} at rho={edit.rho:.3g}"
-                    + ("" if edit.converged else " (NOT converged)"), clip.short_name)
+        write_search_log(edit, csv_path, png_path, f"VLM, {concept.name}", clip.short_name)
         answers_figure(rows, examples_png, f"{concept.name} forgotten by the LLaVA (one vision-tower layer: {clip.short_name(edit.layer)})")
     log.info("%s: %s rho %.3g; test: target named %.3f -> %.3f, others %.3f -> %.3f, objects %.3f -> %.3f; %.1f s", concept.name, edit.layer,
              edit.rho, base_test["forget_top1"], after["forget_top1"], base_test["retain_top1"], after["retain_top1"],

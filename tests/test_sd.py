@@ -9,7 +9,7 @@ import torch
 from unlearn.errors import UnlearnError
 from unlearn.models.export import to_hf_clip
 from unlearn.sd import data as D
-from unlearn.sd.evaluate import SampleConfig, answer_set, generate, judge_images
+from unlearn.sd.evaluate import SampleConfig, answer_set, generate, judge_images, judged_accuracy
 from unlearn.sd.judges import JudgeConfig, load_judges, save_judges, train_judge
 from unlearn.sd.model import UnetConfig, VaeConfig, build_pipeline, load_pipeline, load_text_encoder, text_states
 from unlearn.sd.train import encode_latents, train_unet, train_vae
@@ -135,6 +135,11 @@ def test_judged_answer_set_counts_every_prompt(pipeline, tmp_path):
         pred = res[axis]["pred"]
         truth = images.objects if axis == "object" else images.styles
         assert res[axis]["accuracy"] == round(float((pred == truth).float().mean()), 4)
+    # the pipeline's answer set: one drawing per prompt, each judged against its own prompt's labels
+    acc, drawn = judged_accuracy(pipeline, judges, D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 5, 16)
+    assert acc["images"] == drawn.shape[0] == len(D.OBJECT_AXIS) * len(D.STYLE_AXIS)
+    for axis, labels in (("object", o[: len(prompts) // 2]), ("style", s[: len(prompts) // 2])):
+        assert acc[axis]["accuracy"] == round(float((judges[axis].predict(drawn) == labels).float().mean()), 4)
 
 
 def test_target_prompts_and_other_names():
