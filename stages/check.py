@@ -1,7 +1,7 @@
 """Stage `check`: the names params.yaml picks (`model.family`, `concept`, `compare.concepts`,
 `compare.methods`, `forget_many.concepts`, `slug.search.direction`, `vlm.concept`, an identity) are
-known, `vlm.template` holds the image token, and `gradients.nproc` is a process count, before any
-other stage runs.
+known, `vlm.template` holds the image token, `gradients.nproc` is a process count, and every
+numeric param is in its range (`unlearn.ranges`), before any other stage runs.
 
 Every stage is downstream of this one (stage `download` depends on its stamp), so
 `dvc exp run -S concept=Elon Mask` or `-S 'compare.methods=[slug,salun2]'` stops here with the
@@ -22,6 +22,7 @@ from unlearn.methods import check_direction
 from unlearn.methods.registry import check_methods
 from unlearn.models.adapter import check_family
 from unlearn.params import stage_params
+from unlearn.ranges import KEYS, check_ranges
 from unlearn.vlm.prompt import check_template
 
 STAMP = "data/checked.json"
@@ -44,9 +45,10 @@ def main() -> None:
     nproc = p("gradients.nproc")
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise UnlearnError(f"params.yaml gradients.nproc is {nproc!r}; it must be an integer >= 1 (1: one process; README \"Past one machine\")")
+    check_ranges(p)
     with atomic_outputs(STAMP) as (stamp,):
         write_json(stamp, {"checked": ["model.family", "concept", "compare.concepts", "compare.methods", "forget_many.concepts",
-                                       "slug.search.direction", "gradients.nproc"]})
+                                       "slug.search.direction", "gradients.nproc", *KEYS]})
     log.info("%s model; concept %s (%s); compare: %d concepts x %s", family, concept.name, concept.kind, len(concepts), ", ".join(methods))
 
 

@@ -24,7 +24,7 @@ def main() -> None:
         for c in concepts:
             forget_dir = out / c.slug / "forget"
             forget_dir.mkdir(parents=True)
-            f = curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, solo)
+            f = curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, solo, joined=bool(p("curate.joined")))
             record[c.name] = {"dir": c.slug, "kind": c.kind, "forget": f["count"], "matched": f["matched"]}
             log.info("%s: %d forget pairs", c.name, f["count"])
         write_json(out / "concepts.json", {"concepts": record})

@@ -22,9 +22,9 @@ def main() -> None:
     concept = resolve_concept(str(p("concept")), p("concepts"))
     solo = table_concepts(p("concepts")) if p("curate.solo") else ()
     with atomic_outputs(FORGET, RECORD) as (forget_dir, record):
-        f = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, solo)
+        f = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, solo, joined=bool(p("curate.joined")))
         write_json(record, {
-            "concept": concept.name, "kind": concept.kind, "forget": f["count"], "matched": f["matched"],
+            "concept": concept.name, "kind": concept.kind, "forget": f["count"], "matched": f["matched"], "match": f["match"],
             "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(), "params": p.declared(),
         })
     log.info("%s (%s): %d forget pairs", concept.name, concept.kind, f["count"])

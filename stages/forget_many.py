@@ -50,7 +50,7 @@ def main() -> None:
     forget_sets, evaluators = {}, {}
     for c in concepts:
         with tempfile.TemporaryDirectory() as tmp:
-            curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), Path(tmp), solo)
+            curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), Path(tmp), solo, joined=bool(p("curate.joined")))
             forget_sets[c.name] = load_pairs(adapter, tmp)
         evaluators[c.name] = Evaluator(adapter, concept_tasks(EVAL, c, "val", *split), batch)
     val = ManyEvaluator(adapter, EVAL, concepts, "val", *split, batch)

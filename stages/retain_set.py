@@ -17,7 +17,7 @@ log = logging.getLogger("retain_set")
 def main() -> None:
     p = stage_params("retain_set")
     with atomic_outputs(RETAIN) as (retain_dir,):
-        r = curate_retain(SHARDS, table_concepts(p("concepts")), int(p("curate.retain_size")), int(p("curate.seed")), retain_dir)
+        r = curate_retain(SHARDS, table_concepts(p("concepts")), int(p("curate.retain_size")), int(p("curate.seed")), retain_dir, joined=bool(p("curate.joined")))
     log.info("%d retain pairs (of %d that mention no concept of the table)", r["count"], r["candidates"])
 
 

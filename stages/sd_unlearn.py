@@ -94,7 +94,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sd_forget_") as tmp:
         forget_dir = Path(tmp)
-        forget = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir)
+        forget = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, joined=bool(p("curate.joined")))
         batch_size = int(p("gradients.batch_size"))
         edit, times = find_edit(clip, lambda: pair_batches(forget_dir, clip.preprocess, clip.tokenize, batch_size), retain, val, concept.kind,
                                 rank_cfg, cfg, keep=lambda n: reads(n, n_used))

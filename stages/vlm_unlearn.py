@@ -71,7 +71,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vlm_forget_") as tmp:
         forget_dir = Path(tmp)
-        forget = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir)
+        forget = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, joined=bool(p("curate.joined")))
         batch_size = int(p("gradients.batch_size"))
         edit, times = find_edit(clip, lambda: pair_batches(forget_dir, clip.preprocess, clip.tokenize, batch_size), retain, val, "identity",
                                 rank_cfg, cfg, keep=lambda n: reads(model, n))

@@ -1,7 +1,11 @@
-"""The wrapper every stage runs under: logging, timing, and one-line errors with exit code 1."""
+"""The wrapper every stage runs under: logging, timing, and one-line errors with exit code 1.
+
+A full disk (or quota) is one of those errors wherever it strikes: Python's own writes raise
+OSError(ENOSPC), torch and safetensors wrap it in their own exceptions with the OS message."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -24,7 +28,25 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except UnlearnError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: the disk is full{where} ({e.__class__.__name__}); free space and rerun stage {name}; "
+              "its earlier outputs are untouched", file=sys.stderr)
+        sys.exit(1)
     log.info("done in %.1f s", time.perf_counter() - start)
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` (or an exception it wraps) is the OS saying the disk or the quota is full."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def torch_device(choice: str) -> str:

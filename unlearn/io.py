@@ -1,7 +1,10 @@
 """Atomic outputs and small JSON helpers.
 
 A stage writes every output to a temporary sibling path and renames all of them into place only
-after all were written, so a failure leaves earlier outputs untouched and no partial files.
+after all were written, so a failure leaves earlier outputs untouched and no partial files.  A
+writer killed outright (SIGKILL, power loss) cannot clean up: the next writer of the same output
+removes the temporaries its dead predecessor left and, if the kill fell between moving the old
+output aside and moving the new one in, puts the old output back (`sweep_debris`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +32,39 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_debris(final: str | Path) -> list[Path]:
+    """Clean what killed writers of `final` left beside it; return the paths removed or restored.
+
+    A temporary (`.NAME.tmp-PID`) of a process that is gone is deleted.  An aside copy
+    (`.NAME.old-PID`) of a process that is gone is the previous output when `final` is missing
+    (the kill fell between the two renames): it is moved back; otherwise it is deleted."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(final.stem)}\.(tmp|old)-(\d+){re.escape(final.suffix)}$")
+    touched = []
+    for path in sorted(final.parent.iterdir()):
+        m = pattern.match(path.name)
+        if not m or (int(m.group(2)) != os.getpid() and _alive(int(m.group(2)))):
+            continue
+        if m.group(1) == "old" and not (final.exists() or final.is_symlink()):
+            path.rename(final)
+        else:
+            _remove(path)
+        touched.append(path)
+    return touched
+
+
 @contextlib.contextmanager
 def atomic_outputs(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
     """Yield temporary paths for `paths`; on success move them all into place, else delete them.
@@ -39,7 +76,7 @@ def atomic_outputs(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
     tmps = [_tmp_sibling(p, "tmp") for p in finals]
     for final, tmp in zip(finals, tmps):
         final.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)
+        sweep_debris(final)
         if not final.suffix:
             tmp.mkdir(parents=True)
     try:

@@ -3,10 +3,13 @@
 The forget set holds the pairs whose caption mentions the concept: a case-insensitive match on
 word boundaries of its display name or an alias, where spaces, underscores and hyphens between
 the words are interchangeable ("Elon Musk", "elon_musk.jpg", "ELON MUSK's car"), but "Elon
-Muskrat" or "Elonmusk" are not the concept, and phrases listed under `exclude` ("Musk ox") are
-taken out of a caption before it is matched.  The retain set, shared by every concept, is a seeded
-sample of pairs whose captions mention no concept of the table.  Both are written as webdataset
-tars with a manifest.
+Muskrat" is not the concept, and phrases listed under `exclude` ("Musk ox") are taken out of a
+caption before it is matched.  Accents, HTML entities, Unicode forms and typographic quotes do not
+hide a mention; joined forms ("ElonMusk", "#elonmusk") count only with `curate.joined` (the rules
+are in `unlearn.data.match`, and the forget manifest counts the captions per rule and per phrase).
+The retain set, shared by every concept, is a seeded sample of pairs whose captions mention no
+concept of the table (joined forms too when `curate.joined` is on).  Both are written as
+webdataset tars with a manifest.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from unlearn.data.images import image_fault
+from unlearn.data.match import RULES, Match, find, find_joined
 from unlearn.data.shards import Sample, iter_samples, iter_shard, list_shards
 from unlearn.errors import UnlearnError
 from unlearn.io import sha256_file, write_json
@@ -48,18 +53,16 @@ class Concept:
     def phrases(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
 
-    def mentioned_in(self, caption: str) -> bool:
-        if self.exclude:
-            caption = _phrase_regex(self.exclude).sub(" ", caption)
-        return _phrase_regex(self.phrases).search(caption) is not None
+    def match(self, caption: str, joined: bool = False) -> Match | None:
+        """How `caption` names this concept (the rule and the phrase), or None."""
+        return find(caption, self.phrases, self.exclude, joined)
 
+    def mentioned_in(self, caption: str, joined: bool = False) -> bool:
+        return self.match(caption, joined) is not None
 
-def _phrase_regex(phrases: tuple[str, ...]) -> re.Pattern:
-    """Any of `phrases`, case-insensitive, not inside a longer word; the words of a phrase may be
-    separated by spaces, underscores or hyphens."""
-    alternatives = ["[\\s_\\-]+".join(re.escape(w) for w in re.split(r"[\s_\-]+", p.strip()) if w) for p in phrases]
-    # [^\W_] is a letter or digit: the phrase may not continue a word on either side
-    return re.compile(r"(?<![^\W_])(?:" + "|".join(alternatives) + r")(?![^\W_])", re.IGNORECASE)
+    def joined_in(self, caption: str) -> bool:
+        """Whether `caption` names this concept only in a joined form ("#ElonMusk")."""
+        return find_joined(caption, self.phrases, self.exclude) is not None
 
 
 def resolve_concept(name: str, table: dict) -> Concept:
@@ -122,52 +125,107 @@ def _write_set(shard_dir: Path, rows: list[dict], out_dir: Path, manifest: dict)
     return manifest
 
 
+def _image_skipped(sample: Sample, tar: Path, counts: dict) -> bool:
+    """Whether the sample's image is unreadable (zero bytes, truncated...): then it is skipped and
+    listed by key in ``counts["skipped_images"]``."""
+    why = image_fault(sample.jpg)
+    if why is not None:
+        counts["skipped_images"][f"{tar.name}:{sample.key}"] = why
+        log.warning("sample %s in %s is not a readable image (%s): skipped", sample.key, tar, why)
+    return why is not None
+
+
+def _caption_faults(sample: Sample, counts: dict) -> None:
+    if not sample.caption.strip():
+        counts["empty"] += 1
+    if "\ufffd" in sample.caption:
+        counts["undecodable"] += 1
+        if counts["undecodable"] <= 3:
+            log.warning("caption of %s is not valid UTF-8: matched on its decodable rest", sample.key)
+
+
 def curate_forget(shard_dir: str | Path, concept: Concept, forget_max: int, seed: int, forget_dir: Path,
-                  solo_among: Sequence[Concept] = ()) -> dict:
+                  solo_among: Sequence[Concept] = (), joined: bool = False) -> dict:
     """Write the forget set of `concept` (the pairs whose caption mentions it, a seeded subset of
     at most `forget_max`); returns its manifest.  With `solo_among` (the other concepts of the
     table), a caption that also names one of them ("Keanu Reeves with a Mickey") is left out: its
-    image carries the other concept's features into the forget gradient."""
+    image carries the other concept's features into the forget gradient.  With `joined`, joined
+    forms ("#ElonMusk") count too.  The manifest's `match` says how the captions were matched:
+    per rule and per phrase, how many captions only a joined form names, and how many captions
+    were empty or not valid UTF-8."""
     if forget_max < 1:
         raise UnlearnError(f"curate.forget_max is {forget_max}; it must be >= 1 (the committed default is 1000)")
     shard_dir = Path(shard_dir)
     forget: list[dict] = []
     shared = 0
     rivals = [c for c in solo_among if c.name != concept.name]
+    stats = {"captions": 0, "empty": 0, "undecodable": 0, "joined_only": 0, "skipped_images": {},
+             "rules": dict.fromkeys(RULES if joined else RULES[:-1], 0), "phrases": dict.fromkeys(concept.phrases, 0)}
     for tar in list_shards(shard_dir):
-        for sample in iter_shard(tar):
-            if not concept.mentioned_in(sample.caption):
+        for sample in iter_shard(tar, stats):
+            stats["captions"] += 1
+            _caption_faults(sample, stats)
+            m = concept.match(sample.caption, joined)
+            if m is None:
+                stats["joined_only"] += (not joined) and concept.joined_in(sample.caption)
                 continue
-            if any(c.mentioned_in(sample.caption) for c in rivals):
+            if any(c.mentioned_in(sample.caption, joined) for c in rivals):
                 shared += 1
-            else:
-                forget.append(_row(sample, tar.name))
+                continue
+            if _image_skipped(sample, tar, stats):
+                continue
+            stats["rules"][m.rule] += 1
+            stats["phrases"][m.phrase] += 1
+            forget.append(_row(sample, tar.name))
     if not forget:
+        hint = (f"; {stats['joined_only']} caption(s) name it only joined (\"#ElonMusk\"): set curate.joined: true to count them"
+                if stats["joined_only"] else "")
         raise UnlearnError(f"no caption in {shard_dir} mentions concept {concept.name!r}{' alone' if shared else ''} "
-                           f"(phrases: {', '.join(concept.phrases)}); add aliases or pick another concept")
+                           f"(phrases: {', '.join(concept.phrases)}); add aliases or pick another concept{hint}")
     matched = len(forget)
     forget = _seeded_subset(forget, forget_max, np.random.default_rng(seed))
+    stats["joined"] = joined
     f = _write_set(shard_dir, forget, forget_dir, {"concept": concept.name, "kind": concept.kind, "source": str(shard_dir), "seed": seed,
                                                    "set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude),
-                                                   "matched": matched, "cap": forget_max, "solo": bool(rivals), "left_out_shared": shared})
-    log.info("forget: %d of %d captions that mention %s", len(forget), matched, concept.name)
+                                                   "matched": matched, "cap": forget_max, "solo": bool(rivals), "left_out_shared": shared,
+                                                   "match": stats})
+    log.info("forget: %d of %d captions that mention %s (rules: %s)", len(forget), matched, concept.name,
+             ", ".join(f"{k} {v}" for k, v in stats["rules"].items() if v))
+    if stats["joined_only"]:
+        log.info("%d caption(s) name %s only in a joined form; curate.joined: true would add them", stats["joined_only"], concept.name)
     return f
 
 
-def curate_retain(shard_dir: str | Path, table: Sequence[Concept], retain_size: int, seed: int, retain_dir: Path) -> dict:
+def curate_retain(shard_dir: str | Path, table: Sequence[Concept], retain_size: int, seed: int, retain_dir: Path,
+                  joined: bool = False) -> dict:
     """Write the retain set: a seeded sample of `retain_size` pairs whose captions mention no
-    concept of the table (the reference's one LAION shard).  It depends on no target, so every
-    concept, method and track shares it and its statistics (stage `retain_stats`)."""
+    concept of the table (the reference's one LAION shard).  With `joined` (param
+    `curate.joined`, as for the forget sets) a joined form ("#ElonMusk") is a mention too and
+    excludes the caption; without, the manifest counts the retain candidates that name a concept
+    only so (`joined_only`; the default world's "Jeffbezos" captions are such traps, on anonymous
+    faces).  It depends on no target, so every concept, method and track shares it and its
+    statistics (stage `retain_stats`)."""
     if retain_size < 1:
         raise UnlearnError(f"curate.retain_size is {retain_size}; it must be >= 1 (the committed default is 2000)")
     shard_dir = Path(shard_dir)
-    others = [_row(sample, tar.name) for tar in list_shards(shard_dir) for sample in iter_shard(tar)
-              if not any(c.mentioned_in(sample.caption) for c in table)]
+    stats = {"captions": 0, "empty": 0, "undecodable": 0, "joined": joined, "joined_only": 0, "skipped_images": {}}
+    others = []
+    for tar in list_shards(shard_dir):
+        for sample in iter_shard(tar, stats):
+            stats["captions"] += 1
+            _caption_faults(sample, stats)
+            if any(c.mentioned_in(sample.caption, joined) for c in table):
+                continue
+            stats["joined_only"] += (not joined) and any(c.joined_in(sample.caption) for c in table)
+            if _image_skipped(sample, tar, stats):
+                continue
+            others.append(_row(sample, tar.name))
     if not others:
         raise UnlearnError(f"every caption in {shard_dir} mentions a concept of the table: no retain pair; add data without them")
     retain = _seeded_subset(others, retain_size, np.random.default_rng([seed, 1]))
     r = _write_set(shard_dir, retain, retain_dir, {"concept": None, "source": str(shard_dir), "seed": seed, "set": "retain",
-                                                   "excludes": sorted(c.name for c in table), "candidates": len(others), "size": retain_size})
+                                                   "excludes": sorted(c.name for c in table), "candidates": len(others), "size": retain_size,
+                                                   "match": stats})
     log.info("retain: %d of %d captions that mention no concept of the table", len(retain), len(others))
     return r
 

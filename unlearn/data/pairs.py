@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from unlearn.data.images import read_image
 from unlearn.data.shards import Sample, iter_samples
 from unlearn.errors import UnlearnError
 
@@ -16,10 +16,10 @@ from unlearn.errors import UnlearnError
 def decode(sample: Sample, where: str | Path) -> Image.Image:
     """The sample's image as RGB; an unreadable image is a one-line error naming it."""
     try:
-        with Image.open(io.BytesIO(sample.jpg)) as img:
-            return img.convert("RGB")
-    except OSError as e:
-        raise UnlearnError(f"sample {sample.key} in {where} is not a readable image ({e}); re-create {where}") from None
+        return read_image(sample.jpg)
+    except (OSError, ValueError) as e:
+        raise UnlearnError(f"sample {sample.key} in {where} is not a readable image ({e}); re-create {where} "
+                           "(curation skips such samples: re-run the curate stages)") from None
 
 
 def pair_batches(shard_dir: str | Path, preprocess: Callable, tokenizer: Callable, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import tarfile
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from unlearn.errors import UnlearnError
+
+log = logging.getLogger(__name__)
 
 META_COLUMNS = ("key", "url", "caption", "status", "error_message", "width", "height", "original_width", "original_height", "exif", "sha256")
 
@@ -87,10 +90,15 @@ def list_shards(shard_dir: str | Path) -> list[Path]:
     return tars
 
 
-def iter_shard(tar_path: Path) -> Iterator[Sample]:
-    """Samples of one shard in stored order; a truncated or corrupt shard raises UnlearnError."""
+def iter_shard(tar_path: Path, faults: dict | None = None) -> Iterator[Sample]:
+    """Samples of one shard in stored order; a truncated or corrupt shard raises UnlearnError.
+
+    A key stored twice keeps its first copy; the later members are skipped, logged with the key,
+    and listed in ``faults["duplicate_keys"]`` when `faults` is given.  A caption that is not valid
+    UTF-8 is decoded with U+FFFD in place of the bad bytes (curation counts such captions)."""
     group: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
+    duplicates: list[str] = []
     try:
         with tarfile.open(tar_path, "r") as tar:
             for member in tar:
@@ -103,15 +111,26 @@ def iter_shard(tar_path: Path) -> Iterator[Sample]:
                 if key not in group:
                     group[key] = {}
                     order.append(key)
+                if ext in group[key]:
+                    duplicates.append(key)
+                    continue
                 group[key][ext] = f.read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise UnlearnError(f"shard {tar_path} is truncated or corrupt ({e}); re-run the download stage") from None
+    for key in dict.fromkeys(duplicates):
+        log.warning("shard %s stores key %s twice: the later copy is skipped", tar_path, key)
+    if faults is not None:
+        faults.setdefault("duplicate_keys", []).extend(f"{tar_path.name}:{k}" for k in dict.fromkeys(duplicates))
     for key in order:
         parts = group[key]
         if "jpg" not in parts:
             continue
-        meta = json.loads(parts["json"]) if "json" in parts else {}
-        caption = parts["txt"].decode("utf-8") if "txt" in parts else meta.get("caption", "") or ""
+        try:
+            meta = json.loads(parts["json"]) if "json" in parts else {}
+        except ValueError:
+            log.warning("shard %s: the metadata of %s is not JSON; it is ignored", tar_path, key)
+            meta = {}
+        caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else meta.get("caption", "") or ""
         yield Sample(key=key, jpg=parts["jpg"], caption=caption, meta=meta)
 
 

@@ -76,7 +76,9 @@ def split_part(data: LabelledImages, part: str, val_fraction: float, seed: int) 
     for c, name in enumerate(data.classnames):
         idx = np.flatnonzero(labels == c)
         if len(idx) == 0:
-            continue
+            where = Path(data.paths[0]).parent.parent if data.paths else "the evaluation set"
+            raise UnlearnError(f"evaluation class {name!r} has no image (in {where}); add its images or remove the class, "
+                               "then re-run the download stage")
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         idx = idx[rng.permutation(len(idx))]
         n_val = int(round(val_fraction * len(idx)))

@@ -84,7 +84,10 @@ def load_gradients(directory: str | Path, adapter: Adapter, model_dir: str | Pat
     missing = [str(f) for f in (path, sidecar_path) if not f.is_file()]
     if missing:
         raise UnlearnError(f"gradient files missing: {', '.join(missing)}; run the gradients stage")
-    sidecar = json.loads(sidecar_path.read_text())
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except ValueError as e:
+        raise UnlearnError(f"{sidecar_path} is not JSON ({e.__class__.__name__}); re-run the gradients stage") from None
     if sidecar.get("sign_convention") != SIGN_CONVENTION:
         raise UnlearnError(f"{sidecar_path} has sign convention {sidecar.get('sign_convention')!r}, expected +grad L_f; recompute the gradients")
     if sha256_file(path) != sidecar.get("forget_sha256"):
@@ -312,29 +315,46 @@ PATCH_WEIGHTS, PATCH_META = "patch.safetensors", "patch.json"
 
 def save_patch(directory: Path, layer: str, delta: torch.Tensor, meta: dict) -> None:
     safetensors.torch.save_file({layer: delta.detach().contiguous().cpu()}, directory / PATCH_WEIGHTS, metadata={"layer": layer})
-    (directory / PATCH_META).write_text(json.dumps(meta | {"layer": layer, "shape": list(delta.shape)}, indent=2, sort_keys=True) + "\n")
+    (directory / PATCH_META).write_text(json.dumps(meta | {"layer": layer, "shape": list(delta.shape),
+                                                           "weights_sha256": sha256_file(directory / PATCH_WEIGHTS)},
+                                                   indent=2, sort_keys=True) + "\n")
+
+
+def read_patch(directory: str | Path, rerun: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A saved patch's metadata and tensors, refused with one line (naming `rerun`, the stage that
+    makes it) when a file is missing, its weights do not hash as recorded (a flipped byte, a
+    truncated copy) or they hold NaN or inf."""
+    directory = Path(directory)
+    if not (directory / PATCH_WEIGHTS).is_file() or not (directory / PATCH_META).is_file():
+        raise UnlearnError(f"{directory} is not a SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} expected): {rerun}")
+    try:
+        meta = json.loads((directory / PATCH_META).read_text())
+    except ValueError as e:
+        raise UnlearnError(f"{directory / PATCH_META} is not JSON ({e}); {rerun}") from None
+    if sha256_file(directory / PATCH_WEIGHTS) != meta.get("weights_sha256"):
+        raise UnlearnError(f"{directory / PATCH_WEIGHTS} does not match the hash in its {PATCH_META} (changed or corrupted); {rerun}")
+    tensors = safetensors.torch.load_file(directory / PATCH_WEIGHTS)
+    for name, delta in tensors.items():
+        if not torch.isfinite(delta).all():
+            raise UnlearnError(f"patch {directory} holds NaN or inf in {name}; {rerun}")
+    return meta, tensors
 
 
 def apply_patch(adapter: Adapter, directory: str | Path, model_dir: str | Path | None = None) -> dict:
     """Add a saved one-layer edit to the model in place (edits of several concepts add up);
     returns the patch's metadata.  With `model_dir`, check that the patch was made for it."""
     directory = Path(directory)
-    if not (directory / PATCH_WEIGHTS).is_file() or not (directory / PATCH_META).is_file():
-        raise UnlearnError(f"{directory} is not a SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} expected): run the search stage")
-    meta = json.loads((directory / PATCH_META).read_text())
+    meta, tensors = read_patch(directory, "re-run the search stage")
     if meta.get("family", "open_clip") != adapter.family:  # patches written before families existed are open_clip's
         raise UnlearnError(f"patch {directory} was made for a {meta.get('family')} model, not this {adapter.family} one; "
                            "re-run the search stage for this model (or export the patched model)")
     if model_dir is not None:
         check_made_for(f"patch {directory}", {"family": meta.get("family"), "model_sha256": meta.get("base_model_sha256")}, model_dir,
                        "re-run the search stage")
-    tensors = safetensors.torch.load_file(directory / PATCH_WEIGHTS)
     params = dict(adapter.model.named_parameters())
     for name, delta in tensors.items():
         if name not in params or tuple(params[name].shape) != tuple(delta.shape):
             raise UnlearnError(f"patch {directory} edits {name} {tuple(delta.shape)}, which this model does not have")
-        if not torch.isfinite(delta).all():
-            raise UnlearnError(f"patch {directory} holds NaN or inf; re-run the search stage")
         with torch.no_grad():
             params[name].add_(delta.to(params[name]))
     return meta

@@ -19,7 +19,6 @@ A drawing has no top 5, so `_top5` repeats `_top1`.  UA = 1 - forget.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,16 +178,14 @@ class SdEvaluator:
 def apply_sd_patch(pipe, directory: str | Path) -> dict:
     """Add a saved SLUG patch (stage `sd_unlearn`) to a pipeline's text encoder in place: the one
     call that turns the base pipeline into the unlearned one.  Returns the patch's metadata."""
-    import safetensors.torch
-
-    from unlearn.methods.slug import PATCH_META, PATCH_WEIGHTS
+    from unlearn.methods.slug import PATCH_META, read_patch
 
     directory = Path(directory)
-    meta = json.loads((directory / PATCH_META).read_text()) if (directory / PATCH_META).is_file() else {}
-    if not (directory / PATCH_WEIGHTS).is_file() or meta.get("track") != "sd":
-        raise UnlearnError(f"{directory} is not a Stable Diffusion SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} of track sd); "
+    meta, tensors = read_patch(directory, "run `dvc repro sd_unlearn`")
+    if meta.get("track") != "sd":
+        raise UnlearnError(f"{directory} is not a Stable Diffusion SLUG patch ({PATCH_META} of track sd, not {meta.get('track')}); "
                            "run `dvc repro sd_unlearn`")
-    delta = safetensors.torch.load_file(directory / PATCH_WEIGHTS)[meta["layer"]]
+    delta = tensors[meta["layer"]]
     params = dict(pipe.text_encoder.named_parameters())
     name = pipeline_name(meta["layer"])
     if name not in params or params[name].shape != delta.shape:

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from PIL import Image
 from torch import nn
@@ -211,21 +210,16 @@ def apply_vlm_patch(model, directory: str | Path) -> dict:
     """Add a SLUG patch of the CLIP's vision tower (`stages.vlm_unlearn`'s output) to a LLaVA, in
     place; returns its metadata.  A patch of a tensor the LLaVA does not read, or of another shape,
     is refused."""
-    from unlearn.methods.slug import PATCH_META, PATCH_WEIGHTS
+    from unlearn.methods.slug import read_patch
 
-    directory = Path(directory)
-    if not (directory / PATCH_WEIGHTS).is_file() or not (directory / PATCH_META).is_file():
-        raise UnlearnError(f"{directory} is not a SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} expected): run `dvc repro vlm_unlearn`")
-    meta = json.loads((directory / PATCH_META).read_text())
+    meta, tensors = read_patch(directory, "run `dvc repro vlm_unlearn`")
     params = dict(vision_tower(model).named_parameters())
-    for name, delta in safetensors.torch.load_file(directory / PATCH_WEIGHTS).items():
+    for name, delta in tensors.items():
         check_patch_used(model, name, str(directory))
         local = name[len(VISION_PREFIX):]
         if local not in params or tuple(params[local].shape) != tuple(delta.shape):
             raise UnlearnError(f"patch {directory} edits {name} {tuple(delta.shape)}, which this LLaVA's vision tower does not have "
                                "(a patch for another encoder); re-run vlm_unlearn for this model")
-        if not torch.isfinite(delta).all():
-            raise UnlearnError(f"patch {directory} holds NaN or inf; re-run vlm_unlearn")
         with torch.no_grad():
             params[local].add_(delta.to(params[local]))
     return meta
