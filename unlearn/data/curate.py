@@ -138,10 +138,10 @@ def _image_skipped(sample: Sample, tar: Path, counts: dict) -> bool:
 def _caption_faults(sample: Sample, counts: dict) -> None:
     if not sample.caption.strip():
         counts["empty"] += 1
-    if "\ufffd" in sample.caption:
-        counts["undecodable"] += 1
-        if counts["undecodable"] <= 3:
-            log.warning("caption of %s is not valid UTF-8: matched on its decodable rest", sample.key)
+    if sample.encoding != "utf-8":
+        counts["not_utf8"] += 1
+        if counts["not_utf8"] <= 3:
+            log.warning("caption of %s is not valid UTF-8: read as %s", sample.key, sample.encoding)
 
 
 def curate_forget(shard_dir: str | Path, concept: Concept, forget_max: int, seed: int, forget_dir: Path,
@@ -159,7 +159,7 @@ def curate_forget(shard_dir: str | Path, concept: Concept, forget_max: int, seed
     forget: list[dict] = []
     shared = 0
     rivals = [c for c in solo_among if c.name != concept.name]
-    stats = {"captions": 0, "empty": 0, "undecodable": 0, "joined_only": 0, "skipped_images": {},
+    stats = {"captions": 0, "empty": 0, "not_utf8": 0, "joined_only": 0, "skipped_images": {},
              "rules": dict.fromkeys(RULES if joined else RULES[:-1], 0), "phrases": dict.fromkeys(concept.phrases, 0)}
     for tar in list_shards(shard_dir):
         for sample in iter_shard(tar, stats):
@@ -208,7 +208,7 @@ def curate_retain(shard_dir: str | Path, table: Sequence[Concept], retain_size: 
     if retain_size < 1:
         raise UnlearnError(f"curate.retain_size is {retain_size}; it must be >= 1 (the committed default is 2000)")
     shard_dir = Path(shard_dir)
-    stats = {"captions": 0, "empty": 0, "undecodable": 0, "joined": joined, "joined_only": 0, "skipped_images": {}}
+    stats = {"captions": 0, "empty": 0, "not_utf8": 0, "joined": joined, "joined_only": 0, "skipped_images": {}}
     others = []
     for tar in list_shards(shard_dir):
         for sample in iter_shard(tar, stats):

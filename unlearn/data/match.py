@@ -21,8 +21,8 @@ a forget set is made of:
                 "@elonmusk").  Off, such captions are not matched, and curation counts how many
                 there were (``joined_only``) so the switch's effect is visible before it is used.
 
-A caption that cannot be decoded as UTF-8 reaches this module with U+FFFD in place of the bad bytes
-(see ``unlearn.data.shards``); the rest of it is still matched.
+A caption whose bytes are not UTF-8 reaches this module read as Windows-1252 (see
+``unlearn.data.shards.decode_caption``), so "Beyonc\xe9" is still "Beyoncé".
 """
 
 from __future__ import annotations

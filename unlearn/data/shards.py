@@ -35,6 +35,19 @@ class Sample:
     jpg: bytes
     caption: str
     meta: dict
+    encoding: str = "utf-8"  # of the caption's bytes: utf-8, or cp1252/latin-1 when they were not UTF-8
+
+
+def decode_caption(data: bytes) -> tuple[str, str]:
+    """A caption's text and the encoding it was read with: UTF-8 when valid; else Windows-1252
+    (what most web text that is not UTF-8 is: "Beyonc\xe9" is "Beyoncé"); else Latin-1, which
+    reads any bytes."""
+    for encoding in ("utf-8", "cp1252", "latin-1"):
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes every byte string")
 
 
 def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
@@ -95,7 +108,7 @@ def iter_shard(tar_path: Path, faults: dict | None = None) -> Iterator[Sample]:
 
     A key stored twice keeps its first copy; the later members are skipped, logged with the key,
     and listed in ``faults["duplicate_keys"]`` when `faults` is given.  A caption that is not valid
-    UTF-8 is decoded with U+FFFD in place of the bad bytes (curation counts such captions)."""
+    UTF-8 is read as Windows-1252 (`decode_caption`; curation counts such captions)."""
     group: dict[str, dict[str, bytes]] = {}
     order: list[str] = []
     duplicates: list[str] = []
@@ -130,8 +143,8 @@ def iter_shard(tar_path: Path, faults: dict | None = None) -> Iterator[Sample]:
         except ValueError:
             log.warning("shard %s: the metadata of %s is not JSON; it is ignored", tar_path, key)
             meta = {}
-        caption = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else meta.get("caption", "") or ""
-        yield Sample(key=key, jpg=parts["jpg"], caption=caption, meta=meta)
+        caption, encoding = decode_caption(parts["txt"]) if "txt" in parts else (meta.get("caption", "") or "", "utf-8")
+        yield Sample(key=key, jpg=parts["jpg"], caption=caption, meta=meta, encoding=encoding)
 
 
 def iter_samples(shard_dir: str | Path) -> Iterator[Sample]:
