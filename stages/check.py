@@ -31,6 +31,7 @@ log = logging.getLogger("check")
 
 def main() -> None:
     p = stage_params("check")
+    check_ranges(p)
     family = check_family(str(p("model.family")))
     table = p("concepts")
     concept = resolve_concept(str(p("concept")), table)
@@ -45,7 +46,6 @@ def main() -> None:
     nproc = p("gradients.nproc")
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise UnlearnError(f"params.yaml gradients.nproc is {nproc!r}; it must be an integer >= 1 (1: one process; README \"Past one machine\")")
-    check_ranges(p)
     with atomic_outputs(STAMP) as (stamp,):
         write_json(stamp, {"checked": ["model.family", "concept", "compare.concepts", "compare.methods", "forget_many.concepts",
                                        "slug.search.direction", "gradients.nproc", *KEYS]})

@@ -106,8 +106,11 @@ def test_unknown_source_fails_cleanly_and_keeps_outputs(repo):
         assert errors == ["error: unknown data.source 'bogus'; use one of: synthetic, laion"]
         assert {p: p.read_bytes() for p in sorted((repo / "data" / "laion").iterdir())} == before
         assert not list(repo.glob("data/.*tmp*"))
+        world_png = (repo / "plots" / "world.png").read_bytes()
         proc = _run([sys.executable, "-m", "dvc", "repro", "download"], repo, check=False)
         assert proc.returncode != 0 and "unknown data.source 'bogus'" in proc.stdout + proc.stderr
+        # the committed plot (cache: false) survives the failed run: it is persist: true in dvc.yaml
+        assert (repo / "plots" / "world.png").read_bytes() == world_png
     finally:
         (repo / "params.yaml").write_text(original)
     # dvc removed the stage's outputs before running it; with the params back, it rebuilds the same bytes
@@ -261,6 +264,105 @@ def test_queued_sweep_over_concepts_and_methods(repo):
         assert 0.0 <= summary[method]["forget_top1"] <= 1.0 and 0.0 <= summary[method]["utility_top1"] <= 1.0
     # one base model, two concepts: the base accuracies of the two concepts' retain classes differ
     assert runs[("Mickey", "slug")]["base"] == runs[("Mickey", "ga_ft")]["base"] != runs[("Taylor Swift", "slug")]["base"]
+
+
+TIMES = re.compile(r"(time|_s$|seconds|memory|wall|_mb$)")
+
+
+def _without_times(value):
+    """Metrics without the run record (times, memory), which differ from run to run."""
+    if isinstance(value, dict):
+        return {k: _without_times(v) for k, v in value.items() if not TIMES.search(k)}
+    if isinstance(value, list):
+        return [_without_times(v) for v in value]
+    return value
+
+
+def _exp_runs(repo: Path) -> dict[str, tuple[tuple, dict]]:
+    """name -> ((concepts, methods), metrics/compare.json) of every experiment `dvc exp show` lists."""
+    runs = {}
+    for commit in json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout):
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                compare = data["params"]["params.yaml"]["data"]["compare"]
+                runs[rev.get("name") or exp.get("name") or rev["rev"]] = (
+                    (tuple(compare["concepts"]), tuple(compare["methods"])), data["metrics"]["metrics/compare.json"]["data"])
+    return runs
+
+
+def _run_queue(repo: Path, jobs: int, runs: list[tuple[str, str]]) -> None:
+    for name, concept in runs:
+        _run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", f"compare.concepts=[{concept}]",
+              "-S", "compare.methods=[ga_ft]"], repo)
+    _run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], repo)
+    for _ in range(900):
+        status = _run([sys.executable, "-m", "dvc", "queue", "status"], repo).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        time.sleep(1)
+    assert all(re.search(rf"{name}\s.*Success", status) for name, _ in runs), status
+
+
+def test_two_queued_experiments_at_once_give_the_metrics_each_gives_alone(repo):
+    """`dvc queue start -j 2`: two experiments in two temporary copies at the same time give the
+    metrics each gives run alone (-j 1), to the last digit but the run record."""
+    _commit(repo, "before the parallel queue")
+    _run_queue(repo, 2, [("both-ts", "Taylor Swift"), ("both-mi", "Mickey")])
+    _run_queue(repo, 1, [("alone-ts", "Taylor Swift")])
+    _run_queue(repo, 1, [("alone-mi", "Mickey")])
+    runs = _exp_runs(repo)
+    for concept, both, alone in (("Taylor Swift", "both-ts", "alone-ts"), ("Mickey", "both-mi", "alone-mi")):
+        assert runs[both][0] == runs[alone][0] == ((concept,), ("ga_ft",))
+        assert runs[both][1]["methods"]["ga_ft"]["concepts"] == 1
+        assert _without_times(runs[both][1]) == _without_times(runs[alone][1])
+    assert _without_times(runs["both-ts"][1]) != _without_times(runs["both-mi"][1])
+
+
+KILL_ON_RENAME = """
+import os, signal, sys
+from pathlib import Path
+if any(a == "stages." + os.environ.get("UNLEARN_TEST_KILL", "-") for a in getattr(sys, "orig_argv", [])):
+    real = Path.rename
+    def rename(self, target):  # every output is written to its temporary; SIGKILL before the first goes in
+        os.kill(os.getpid(), signal.SIGKILL)
+    Path.rename = rename
+"""
+
+
+def _tracked_outputs(repo: Path, stage: str) -> dict[str, bytes]:
+    """The stage's outputs kept in git (cache: false), path -> bytes."""
+    spec = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    name, _, item = stage.partition("@")
+    body = spec[name].get("do", spec[name])
+    out = {}
+    for entry in [*(body.get("outs") or []), *(body.get("metrics") or []), *(body.get("plots") or [])]:
+        if isinstance(entry, dict):
+            (path, flags), = entry.items()
+            if flags.get("cache") is False:
+                path = path.replace("${item}", item)
+                out[path] = (repo / path).read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("stage", ["gradients", "search", "compare_run@ga_ft"])
+def test_a_stage_killed_under_dvc_repro_loses_nothing_and_recovers_identically(repo, tmp_path, stage):
+    """SIGKILL while the stage writes (every output written to its temporary, none moved in): the
+    committed outputs stay as they were, nothing half-written is in place, and the next `dvc repro`
+    sweeps the dead run's temporaries and gives metrics identical to the undisturbed run's."""
+    (tmp_path / "sitecustomize.py").write_text(KILL_ON_RENAME)
+    metrics = {p: _without_times(json.loads(p.read_text())) for p in sorted((repo / "metrics").rglob("*.json"))}
+    tracked = _tracked_outputs(repo, stage)
+    proc = _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], repo, check=False,
+                PYTHONPATH=str(tmp_path), UNLEARN_TEST_KILL=stage.partition("@")[0])
+    assert proc.returncode != 0 and re.search(r"failed to reproduce|ERROR", proc.stdout + proc.stderr), proc.stdout[-2000:]
+    assert _tracked_outputs(repo, stage) == tracked  # persist: true keeps them; the kill came before any rename
+    debris = [p for p in repo.rglob(".*-*") if re.search(r"\.(tmp|old)-\d+", p.name)]
+    assert debris, "the killed run left its temporaries (swept by the next run)"
+    _run([sys.executable, "-m", "dvc", "repro"], repo)
+    assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], repo).stdout
+    assert not [p for p in debris if p.exists()]
+    assert {p: _without_times(json.loads(p.read_text())) for p in sorted((repo / "metrics").rglob("*.json"))} == metrics
 
 
 def test_compare_writes_a_row_per_concept_and_method(repo):
