@@ -15,12 +15,13 @@ import time
 
 import torch
 
-from unlearn.cli import run_stage, torch_device
+from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.eval.base import base_metrics
 from unlearn.io import atomic_outputs, write_json
 from unlearn.models.adapter import adapter_class, check_family
 from unlearn.models.train import TrainConfig, load_pairs, train_contrastive
 from unlearn.params import as_config, stage_params
+from unlearn.runs import write_run
 
 SHARDS, EVAL = "data/laion", "data/eval"
 MODEL, METRICS = "models/base", "metrics/base.json"
@@ -52,13 +53,14 @@ def main() -> None:
     else:
         adapter = adapter_class(family).from_pretrained(pretrained, cache_dir=p("model.cache_dir"), arch=arch, quick_gelu=quick_gelu)
     adapter.model.to(device)
-    record["build_time_s"] = round(time.perf_counter() - start, 1)
+    build_time_s = round(time.perf_counter() - start, 1)
     metrics = base_metrics(adapter, EVAL, batch_size=p("model.eval_batch_size"))
     with atomic_outputs(MODEL, METRICS) as (model_dir, metrics_file):
         adapter.model.cpu()
         adapter.save(model_dir)
         write_json(model_dir / "record.json", record)
         write_json(metrics_file, metrics)
+    write_run("base_model", build_time_s=build_time_s, time_s=round(time.perf_counter() - start, 1), peak_memory_mb=peak_memory_mb())
     log.info("%s: identity top-1 %.3f, object top-1 %.3f", family, metrics["identity_top1"], metrics["object_top1"])
 
 

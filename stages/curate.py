@@ -10,6 +10,7 @@ from unlearn.cli import peak_memory_mb, run_stage
 from unlearn.data.curate import curate_forget, resolve_concept, table_concepts
 from unlearn.io import atomic_outputs, write_json
 from unlearn.params import stage_params
+from unlearn.runs import write_run
 
 SHARDS = "data/laion"
 FORGET, RECORD = "data/forget", "data/curate.json"
@@ -25,8 +26,9 @@ def main() -> None:
         f = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, solo, joined=bool(p("curate.joined")))
         write_json(record, {
             "concept": concept.name, "kind": concept.kind, "forget": f["count"], "matched": f["matched"], "match": f["match"],
-            "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(), "params": p.declared(),
+            "params": p.declared(),
         })
+    write_run("curate", time_s=round(time.perf_counter() - start, 2), peak_memory_mb=peak_memory_mb())
     log.info("%s (%s): %d forget pairs", concept.name, concept.kind, f["count"])
 
 

@@ -17,9 +17,10 @@ from unlearn.io import atomic_outputs, read_json, write_json
 from unlearn.methods.slug import PATCH_WEIGHTS, apply_patch
 from unlearn.models.adapter import load
 from unlearn.params import stage_params
+from unlearn.runs import read_run
 
 MODEL, PATCH, EVAL, FORGET, METRICS = "models/base", "models/unlearned", "data/eval", "data/forget", "metrics/unlearn.json"
-RECORDS = {"curate": "data/curate.json", "gradients": "models/grads/record.json", "rank_layers": "metrics/layers.json", "search": "models/unlearned/patch.json"}
+LAYERS = "metrics/layers.json"  # rank_layers' time and memory; the other stages' are run records (unlearn/runs.py)
 RETAIN_ONCE = "metrics/retain_stats.json"
 log = logging.getLogger("evaluate")
 
@@ -42,12 +43,13 @@ def main() -> None:
     meta = apply_patch(adapter, PATCH, MODEL)
     after = evaluator.evaluate() | {"mia": attack(adapter)}
 
-    records = {stage: read_json(path) for stage, path in RECORDS.items()}
-    times = {stage: r["time_s"] for stage, r in records.items()}
-    peaks = [r["peak_memory_mb"] for r in records.values()]
+    records = {stage: read_run(stage) or {} for stage in ("curate", "gradients", "search")} | {"rank_layers": read_json(LAYERS)}
+    times = {stage: r.get("time_s") for stage, r in records.items()}
+    peaks = [r["peak_memory_mb"] for r in records.values() if r.get("peak_memory_mb") is not None]
     times["evaluate"] = round(time.perf_counter() - start, 2)
-    times["unlearn"] = round(times["gradients"] + times["rank_layers"] + times["search"], 2)
-    times["total"] = round(sum(times[s] for s in (*RECORDS, "evaluate")), 2)
+    known = lambda *stages: None if any(times[s] is None for s in stages) else round(sum(times[s] for s in stages), 2)  # noqa: E731
+    times["unlearn"] = known("gradients", "rank_layers", "search")
+    times["total"] = known("curate", "gradients", "rank_layers", "search", "evaluate")
     times["retain_stats_once"] = read_json(RETAIN_ONCE)["time_s"]  # shared by every concept, not in unlearn or total
     metrics = {
         "concept": concept.name, "kind": concept.kind, "method": "slug",

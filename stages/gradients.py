@@ -16,10 +16,11 @@ from unlearn import distributed
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import read_manifest
 from unlearn.data.pairs import pair_batches
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.methods.slug import forget_gradient, gradient_record, save_gradients
 from unlearn.models.adapter import load
 from unlearn.params import stage_params
+from unlearn.runs import write_run
 
 MODEL, FORGET, OUT = "models/base", "data/forget", "models/grads"
 log = logging.getLogger("gradients")
@@ -40,8 +41,8 @@ def main() -> None:
         record = gradient_record(MODEL, f"{FORGET}/manifest.json", n, loss, batch_size, seed)
         with atomic_outputs(OUT) as (out,):
             save_gradients(out, g_f, record)
-            write_json(out / "record.json", {"time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
-                                             "processes": distributed.world_size(), "params": p.declared()})
+        write_run("gradients", time_s=round(time.perf_counter() - start, 2), peak_memory_mb=peak_memory_mb(),
+                  processes=distributed.world_size())
         log.info("forget loss %.4f over %d pairs", loss, n)
     distributed.finish()
 

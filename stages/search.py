@@ -15,6 +15,7 @@ from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import SIGN_CONVENTION, SearchConfig, load_gradients, save_patch, search
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
+from unlearn.runs import write_run
 from unlearn.search_log import write_search_log
 
 MODEL, GRADS, LAYERS, EVAL, STATS, RETAIN = "models/base", "models/grads", "metrics/layers.json", "data/eval", "models/retain", "data/retain"
@@ -49,11 +50,11 @@ def main() -> None:
         "base_model_sha256": fingerprint(MODEL), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,
         "searched_layers": edit.layers, "evaluations": len(edit.rows), "validation_sizes": evaluator.sizes,
         "evaluations_scored": {"forget": edit.times["evals_forget"], "guard": edit.times["evals_guard"]}, "scoring": cfg.evaluate,
-        "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
     }
     with atomic_outputs(PATCH, LOG_CSV, LOG_PNG) as (patch_dir, csv_path, png_path):
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         write_search_log(edit, csv_path, png_path, concept.name, adapter.short_name, COLUMNS)
+    write_run("search", time_s=round(time.perf_counter() - start, 2), peak_memory_mb=peak_memory_mb())
     log.info("chose %s, rho %.4g (converged %s): val FA@1 %.3f FA@5 %.3f, retain@1 %.3f, other-kind@1 %.3f", edit.layer, edit.rho,
              edit.converged, choice["forget_top1"], choice["forget_top5"], choice["retain_top1"], choice["utility_top1"])
 
