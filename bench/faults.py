@@ -240,12 +240,15 @@ def pipeline_rows(tmp: Path) -> None:
         proc = _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], repo, check=False, PYTHONPATH=str(tmp / "inject"),
                     UNLEARN_TEST_KILL=stage.partition("@")[0])
         kept = _tracked_outputs(repo, stage) == tracked
+        debris = lambda: [p for p in repo.rglob(".*-*") if re.search(r"\.(tmp|old)-\d+", p.name)]  # noqa: E731
         start = time.perf_counter()
-        _run([sys.executable, "-m", "dvc", "repro", *targets], repo)
+        rerun = stage in _run([sys.executable, "-m", "dvc", "repro", *targets], repo).stdout
         took = time.perf_counter() - start
         same = metrics() == before and sha256_tree(repo / "models") == models
+        left = debris()
+        swept = "temporaries swept" if not left else f"{len(left)} temporaries left until the stage's next run (outputs intact: not rerun)"
         row(f"SIGKILL of {stage} under dvc repro", f"exit {proc.returncode}; committed outputs {'kept' if kept else 'GONE'}; "
-            f"metrics after dvc repro {'identical' if same else 'DIFFER'}", "none" if kept and same else "LOST", took)
+            f"{'rerun' if rerun else 'up to date'}, metrics {'identical' if same else 'DIFFER'}; {swept}", "none" if kept and same else "LOST", took)
     world = (repo / "plots" / "world.png").read_bytes()
     params = (repo / "params.yaml").read_text()
     _set_params(repo, **{"data.source": "bogus"})

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 import yaml
@@ -326,6 +327,28 @@ def test_a_live_writers_temporaries_are_left_alone(tmp_path):
     assert sweep_debris(tmp_path / "a.json") == [] and (tmp_path / f".a.tmp-{os.getppid()}.json").exists()
 
 
+def test_every_stage_first_sweeps_what_killed_writers_left_in_the_workspace(tmp_path, monkeypatch, caplog):
+    """Under `dvc repro` a killed stage may never run again (DVC restores its outputs from the run
+    cache, or finds its persisted outputs intact): the next stage to run anywhere sweeps instead."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "models" / f".grads.tmp-{dead}").mkdir(parents=True)
+    (tmp_path / "models" / f".grads.tmp-{dead}" / "forget.safetensors").write_bytes(b"half")
+    (tmp_path / "metrics" / "compare").mkdir(parents=True)
+    (tmp_path / "metrics" / "compare" / f".ga_ft.tmp-{dead}.json").write_text("{")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / f".world.old-{dead}.png").write_bytes(b"the committed plot, moved aside")
+    (tmp_path / "plots" / f".search.tmp-{os.getppid()}.csv").write_text("a live writer's")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ".notes.txt").write_text("not debris")
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    with caplog.at_level("INFO"):
+        run_stage("probe", lambda: ran.append(sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())))
+    assert ran == [["data/.notes.txt", f"plots/.search.tmp-{os.getppid()}.csv", "plots/world.png"]]
+    assert (tmp_path / "plots" / "world.png").read_bytes() == b"the committed plot, moved aside"  # put back: world.png was missing
+    assert sum("left by a killed run" in r.getMessage() for r in caplog.records) == 3
+
+
 # ---------------------------------------------------------------- corrupted files, refused by their hash
 
 def _flip(path: Path, at: int | None = None) -> None:
@@ -378,3 +401,25 @@ def test_gradients_and_retain_statistics_with_one_flipped_byte_are_refused(tiny_
         load_retain_stats(stats, tiny_clip, model_dir)
     assert (stats / SIDECAR).is_file()
     safetensors.torch.load_file(grads / "forget.safetensors")  # the files themselves still parse: only the hash tells
+
+
+# ---------------------------------------------------------------- outputs that hash the same twice
+
+SAVE_TWICE = """
+import sys, torch
+from unlearn.io import save_safetensors
+meta = {f"key{i}": f"value {i}" for i in range(8)}
+save_safetensors({"b": torch.arange(6.0).reshape(2, 3), "a": torch.ones(4)}, sys.argv[1], metadata=meta)
+"""
+
+
+def test_safetensors_written_by_the_pipeline_have_the_same_bytes_in_every_process(tmp_path):
+    """safetensors writes its metadata in hash-map order, new in every process: the same gradient
+    file hashed differently on each run, and so did every record and DVC hash naming it."""
+    paths = [tmp_path / f"{i}.safetensors" for i in range(4)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", SAVE_TWICE, str(path)], check=True, cwd=ROOT)
+    assert len({p.read_bytes() for p in paths}) == 1
+    with safetensors.safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata() == {f"key{i}": f"value {i}" for i in range(8)} and sorted(f.keys()) == ["a", "b"]
+        assert torch.equal(f.get_tensor("b"), torch.arange(6.0).reshape(2, 3))

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from unlearn.errors import UnlearnError
+from unlearn.io import sweep_workspace
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
@@ -23,6 +24,8 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
         logging.getLogger(logger).setLevel(level)
     log = logging.getLogger(name)
     start = time.perf_counter()
+    for path in sweep_workspace():
+        log.info("swept %s, left by a killed run", path)
     try:
         main()
     except UnlearnError as e:

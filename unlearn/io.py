@@ -65,6 +65,26 @@ def sweep_debris(final: str | Path) -> list[Path]:
     return touched
 
 
+DEBRIS = re.compile(r"^\.(?P<stem>.+)\.(tmp|old)-(\d+)(?P<suffix>\.[^.]*)?$")
+OUTPUT_ROOTS = ("data", "models", "metrics", "plots", "report")
+
+
+def sweep_workspace(roots: tuple[str, ...] = OUTPUT_ROOTS) -> list[Path]:
+    """`sweep_debris` for every output under `roots` (relative to the working directory) that a
+    killed writer left debris beside.  Every stage runs it first (`unlearn.cli.run_stage`): a run
+    killed under `dvc repro` whose outputs DVC then restores from its cache, or finds intact, is
+    never rerun, so its temporaries would otherwise stay until that stage's next run."""
+    touched: list[Path] = []
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            for name in [*dirs, *files]:
+                m = DEBRIS.match(name)
+                if m:
+                    touched += sweep_debris(Path(folder) / f"{m['stem']}{m['suffix'] or ''}")
+            dirs[:] = [d for d in dirs if (Path(folder) / d).is_dir()]  # swept debris folders are gone
+    return touched
+
+
 @contextlib.contextmanager
 def atomic_outputs(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
     """Yield temporary paths for `paths`; on success move them all into place, else delete them.
@@ -94,6 +114,24 @@ def atomic_outputs(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
             final.rename(old)
         tmp.rename(final)
         _remove(old)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the same bytes for the same tensors and metadata: the
+    library writes the metadata in hash-map order, which changes from run to run (and with it the
+    file's hash, and every DVC hash and record that names it).  The header is rewritten with the
+    metadata keys sorted; its length and the tensor bytes do not change."""
+    import safetensors.torch
+
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items()))} | {k: v for k, v in header.items() if k != "__metadata__"}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:
+        raise RuntimeError(f"the safetensors header for {path} grew when sorted ({len(text)} > {size} bytes); report this")
+    Path(path).write_bytes(data[:8] + text.ljust(size) + data[8 + size:])
 
 
 def write_json(path: str | Path, data: Any) -> None:
