@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from unlearn.cli import run_stage  # noqa: E402
 from unlearn.data.curate import Concept, curate_forget  # noqa: E402
 from unlearn.errors import UnlearnError  # noqa: E402
-from unlearn.io import atomic_outputs, sha256_tree, sweep_debris, write_json  # noqa: E402
+from unlearn.io import DEBRIS, atomic_outputs, sha256_tree, sweep_debris, write_json  # noqa: E402
 from unlearn.methods.slug import PATCH_WEIGHTS, read_patch, save_patch  # noqa: E402
 
 ROWS: list[dict] = []
@@ -213,7 +213,7 @@ def corruption_rows(tmp: Path) -> None:
 def pipeline_rows(tmp: Path) -> None:
     """The dvc repro rows, on a tiny world (tests/test_pipeline.py's configuration)."""
     sys.path.insert(0, str(ROOT))
-    from tests.test_pipeline import KILL_ON_RENAME, _run, _set_params, _tracked_outputs, _without_times
+    from tests.test_pipeline import KILL_ON_RENAME, _run, _set_params, _stages_run, _tracked_outputs, _without_times
 
     repo = tmp / "repo"
     repo.mkdir()
@@ -224,7 +224,8 @@ def pipeline_rows(tmp: Path) -> None:
     _set_params(repo, **{"data.synthetic.shards": 2, "data.synthetic.samples_per_shard": 150, "data.synthetic.eval_per_class": 3,
                          "data.synthetic.canvas_per_cell": 2, "data.synthetic.workers": 1, "model.train.epochs": 2,
                          "model.train.batch_size": 32, "curate.retain_size": 60, "gradients.batch_size": 16,
-                         "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3, "compare.concepts": ["Elon Musk"],
+                         "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3, "eval.mia.folds": 2, "eval.mia.seeds": 2,
+                         "compare.concepts": ["Elon Musk"],
                          "compare.methods": ["slug", "ga_ft"], "ga_ft.epochs": 2})
     _run(["git", "init", "-q"], repo)
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
@@ -234,21 +235,36 @@ def pipeline_rows(tmp: Path) -> None:
     print(f"(tiny pipeline built in {time.perf_counter() - start:.0f} s)", flush=True)
     (tmp / "inject").mkdir()
     (tmp / "inject" / "sitecustomize.py").write_text(KILL_ON_RENAME)
-    metrics = lambda: {p: _without_times(json.loads(p.read_text())) for p in sorted((repo / "metrics").rglob("*.json"))}  # noqa: E731
+    def debris() -> list[Path]:
+        return [p for p in repo.rglob(".*-*") if DEBRIS.match(p.name)]
+
+    def metrics() -> dict:
+        return {p: _without_times(json.loads(p.read_text())) for p in sorted((repo / "metrics").rglob("*.json")) if not DEBRIS.match(p.name)}
+
+    def models() -> dict:  # every model output's content hash (a killed writer's debris beside them is not one)
+        return {p.name: sha256_tree(p) for p in sorted((repo / "models").iterdir()) if p.is_dir() and not DEBRIS.match(p.name)}
+
     for stage in ("gradients", "search", "compare_run@ga_ft"):
-        before, tracked, models = metrics(), _tracked_outputs(repo, stage), sha256_tree(repo / "models")
+        before, tracked, weights = metrics(), _tracked_outputs(repo, stage), models()
         proc = _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], repo, check=False, PYTHONPATH=str(tmp / "inject"),
                     UNLEARN_TEST_KILL=stage.partition("@")[0])
-        kept = _tracked_outputs(repo, stage) == tracked
-        debris = lambda: [p for p in repo.rglob(".*-*") if re.search(r"\.(tmp|old)-\d+", p.name)]  # noqa: E731
+        kept, left = _tracked_outputs(repo, stage) == tracked, len(debris())
         start = time.perf_counter()
-        rerun = stage in _run([sys.executable, "-m", "dvc", "repro", *targets], repo).stdout
+        out = _run([sys.executable, "-m", "dvc", "repro", *targets], repo).stdout
         took = time.perf_counter() - start
-        same = metrics() == before and sha256_tree(repo / "models") == models
-        left = debris()
-        swept = "temporaries swept" if not left else f"{len(left)} temporaries left until the stage's next run (outputs intact: not rerun)"
-        row(f"SIGKILL of {stage} under dvc repro", f"exit {proc.returncode}; committed outputs {'kept' if kept else 'GONE'}; "
-            f"{'rerun' if rerun else 'up to date'}, metrics {'identical' if same else 'DIFFER'}; {swept}", "none" if kept and same else "LOST", took)
+        how = "rerun" if stage in _stages_run(out) else "restored from the run cache" if "is cached" in out else "up to date"
+        after = metrics()
+        same = after == before and models() == weights
+        for path in sorted(set(before) | set(after)):
+            if before.get(path) != after.get(path):
+                print(f"  {path.relative_to(repo)} differs: {json.dumps(before.get(path))[:300]} -> {json.dumps(after.get(path))[:300]}", flush=True)
+        if not debris():
+            swept = f"its {left} temporaries swept by the rerun"
+        else:
+            _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "check"], repo)
+            swept = f"its {left} temporaries swept by the next stage to run" if not debris() else f"{len(debris())} temporaries LEFT"
+        row(f"SIGKILL of {stage} under dvc repro", f"exit {proc.returncode}; committed outputs {'kept' if kept else 'GONE'}; dvc repro: {how}, "
+            f"metrics and models {'identical' if same else 'DIFFER'}; {swept}", "none" if kept and same and not debris() else "LOST", took)
     world = (repo / "plots" / "world.png").read_bytes()
     params = (repo / "params.yaml").read_text()
     _set_params(repo, **{"data.source": "bogus"})
