@@ -19,6 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# what `_tmp_sibling` names: `.NAME.tmp-PID` (an output being written) or `.NAME.old-PID` (the
+# previous output moved aside), NAME's suffix kept last
+DEBRIS = re.compile(r"^\.(?P<stem>.+)\.(?P<tag>tmp|old)-(?P<pid>\d+)(?P<suffix>\.[^.]*)?$")
+
 
 def _tmp_sibling(path: Path, tag: str) -> Path:
     # keep the suffix last so that writers which infer the format from it (PIL) still work
@@ -51,13 +55,12 @@ def sweep_debris(final: str | Path) -> list[Path]:
     final = Path(final)
     if not final.parent.is_dir():
         return []
-    pattern = re.compile(rf"^\.{re.escape(final.stem)}\.(tmp|old)-(\d+){re.escape(final.suffix)}$")
     touched = []
     for path in sorted(final.parent.iterdir()):
-        m = pattern.match(path.name)
-        if not m or (int(m.group(2)) != os.getpid() and _alive(int(m.group(2)))):
+        m = DEBRIS.match(path.name)
+        if not m or (m["stem"], m["suffix"] or "") != (final.stem, final.suffix) or (int(m["pid"]) != os.getpid() and _alive(int(m["pid"]))):
             continue
-        if m.group(1) == "old" and not (final.exists() or final.is_symlink()):
+        if m["tag"] == "old" and not (final.exists() or final.is_symlink()):
             path.rename(final)
         else:
             _remove(path)
@@ -65,7 +68,6 @@ def sweep_debris(final: str | Path) -> list[Path]:
     return touched
 
 
-DEBRIS = re.compile(r"^\.(?P<stem>.+)\.(tmp|old)-(\d+)(?P<suffix>\.[^.]*)?$")
 OUTPUT_ROOTS = ("data", "models", "metrics", "plots", "report")
 
 

@@ -21,19 +21,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unlearn.io import atomic_outputs, write_json
+
 RUNS = Path("runs")
 log = logging.getLogger(__name__)
 
 
 def write_run(stage: str, **fields: Any) -> Path:
     """Record one run of `stage` (atomically: a reader never sees half a record)."""
-    RUNS.mkdir(exist_ok=True)
     path = RUNS / f"{stage}.json"
     record = fields | {"stage": stage, "host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.json")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    with atomic_outputs(path) as (tmp,):
+        write_json(tmp, record)
     return path
 
 

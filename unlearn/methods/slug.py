@@ -40,7 +40,7 @@ import torch
 from unlearn.data.curate import KINDS
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import ACCURACY_KEYS, OTHER_KIND
-from unlearn.io import save_safetensors, sha256_file
+from unlearn.io import save_safetensors, sha256_file, write_json
 from unlearn.methods import check_direction
 from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
 from unlearn.methods.retain_stats import RetainStats, compute_retain_stats
@@ -72,8 +72,7 @@ class GradientRecord:
 def save_gradients(directory: Path, forget: dict[str, torch.Tensor], record: GradientRecord) -> None:
     meta = {"sign_convention": SIGN_CONVENTION, "model_sha256": record.model_sha256, "family": record.family}
     save_safetensors(forget, directory / "forget.safetensors", metadata=meta)
-    (directory / "sidecar.json").write_text(json.dumps(asdict(record) | {"forget_sha256": sha256_file(directory / "forget.safetensors")},
-                                                       indent=2, sort_keys=True) + "\n")
+    write_json(directory / "sidecar.json", asdict(record) | {"forget_sha256": sha256_file(directory / "forget.safetensors")})
 
 
 def load_gradients(directory: str | Path, adapter: Adapter, model_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -315,9 +314,7 @@ PATCH_WEIGHTS, PATCH_META = "patch.safetensors", "patch.json"
 
 def save_patch(directory: Path, layer: str, delta: torch.Tensor, meta: dict) -> None:
     save_safetensors({layer: delta.detach().contiguous().cpu()}, directory / PATCH_WEIGHTS, metadata={"layer": layer})
-    (directory / PATCH_META).write_text(json.dumps(meta | {"layer": layer, "shape": list(delta.shape),
-                                                           "weights_sha256": sha256_file(directory / PATCH_WEIGHTS)},
-                                                   indent=2, sort_keys=True) + "\n")
+    write_json(directory / PATCH_META, meta | {"layer": layer, "shape": list(delta.shape), "weights_sha256": sha256_file(directory / PATCH_WEIGHTS)})
 
 
 def read_patch(directory: str | Path, rerun: str) -> tuple[dict, dict[str, torch.Tensor]]:
