@@ -213,7 +213,7 @@ def corruption_rows(tmp: Path) -> None:
 def pipeline_rows(tmp: Path) -> None:
     """The dvc repro rows, on a tiny world (tests/test_pipeline.py's configuration)."""
     sys.path.insert(0, str(ROOT))
-    from tests.test_pipeline import KILL_ON_RENAME, _run, _set_params, _stages_run, _tracked_outputs, _without_times
+    from tests.test_pipeline import KILL_ON_RENAME, _run, _set_params, _stages_run, _tracked_outputs
 
     repo = tmp / "repo"
     repo.mkdir()
@@ -239,7 +239,7 @@ def pipeline_rows(tmp: Path) -> None:
         return [p for p in repo.rglob(".*-*") if DEBRIS.match(p.name)]
 
     def metrics() -> dict:
-        return {p: _without_times(json.loads(p.read_text())) for p in sorted((repo / "metrics").rglob("*.json")) if not DEBRIS.match(p.name)}
+        return {p: json.loads(p.read_text()) for p in sorted((repo / "metrics").rglob("*.json")) if not DEBRIS.match(p.name)}
 
     def models() -> dict:  # every model output's content hash (a killed writer's debris beside them is not one)
         return {p.name: sha256_tree(p) for p in sorted((repo / "models").iterdir()) if p.is_dir() and not DEBRIS.match(p.name)}

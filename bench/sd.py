@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from unlearn.runs import read_metrics  # noqa: E402
+
 INPUTS = ("data/eval", "models/hf/base")
 
 
@@ -55,13 +58,13 @@ def main() -> None:
             (work / p).parent.mkdir(parents=True, exist_ok=True)
             (work / p).symlink_to(ROOT / p)
         judges_s = run_stage(work, ["stages.sd_judges"], args.threads)
-        judges = json.loads((work / "metrics/sd_judges.json").read_text())
+        judges = read_metrics(work / "metrics/sd_judges.json", "sd_judges", work / "runs")
         print(f"sd_judges: {judges_s:.0f} s; held-out real images: object {judges['held_out_real']['object']['accuracy']:.3f}, "
               f"style {judges['held_out_real']['style']['accuracy']:.3f}", flush=True)
         base_s = run_stage(work, ["stages.sd_base", "--stage", args.stage], args.threads)
-        m = json.loads((work / f"metrics/{args.stage}.json").read_text())
+        m = read_metrics(work / f"metrics/{args.stage}.json", args.stage, work / "runs")  # the times are in the run record
         with open(work / f"plots/{args.stage}_curve.csv") as f:
-            curve = list(csv.DictReader(f))
+            curve = [r | {"train_min": t} for r, t in zip(csv.DictReader(f), m["checkpoints_train_min"], strict=True)]
     rows = {"stage": args.stage, "sd_judges_s": round(judges_s, 1), "stage_s": round(base_s, 1), "judges": judges["held_out_real"],
             "test": {a: m["test"][a]["accuracy"] for a in ("object", "style")}, "per_style": m["test"]["style"]["per_class"],
             "autoencoder": m["autoencoder"], "vae_s": m["vae_s"], "unet_train_s": m["unet_train_s"], "sample_s": m["sample_s"],

@@ -27,6 +27,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from unlearn.runs import read_metrics  # noqa: E402
+
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges")
 
 
@@ -59,7 +62,7 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"sd_unlearn for {concept} failed:\n{proc.stderr[-2000:]}")
             wall = time.perf_counter() - t
-            m = json.loads((work / f"metrics/{args.stage}.json").read_text())
+            m = read_metrics(work / f"metrics/{args.stage}.json", args.stage, work / "runs")
             results.append({"concept": concept, "kind": m["kind"], "layer": m["layer"], "rho": m["rho"], "converged": m["converged"],
                             "test": m["test"], "base_test": m["base_test"], "other_names": m["other_names"], "validation": m["validation"],
                             "evaluations": m["evaluations"], "stage_s": round(wall, 1), "unlearn_s": m["unlearn_s"], "peak_memory_mb": m["peak_memory_mb"],

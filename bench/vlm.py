@@ -24,6 +24,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from unlearn.runs import read_metrics  # noqa: E402
+
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain")
 
 
@@ -58,7 +61,7 @@ def main() -> None:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         rows["vlm_base_s"] = round(run_stage(work, "vlm_base", args.threads), 1)
-        base = json.loads((work / "metrics/vlm_base.json").read_text())
+        base = read_metrics(work / "metrics/vlm_base.json", "vlm_base", work / "runs")
         rows["base"] = {"identity": base["test"]["identity"]["accuracy"], "object": base["test"]["object"]["accuracy"],
                         "train_s": base["train_s"], "peak_memory_mb": base["peak_memory_mb"]}
         print(f"vlm_base: {rows['vlm_base_s']} s (training {base['train_s']} s); test: identity named right "
@@ -67,7 +70,7 @@ def main() -> None:
             params["vlm"]["concept"] = concept
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
             wall = run_stage(work, "vlm_unlearn", args.threads)
-            m = json.loads((work / "metrics/vlm_unlearn.json").read_text())
+            m = read_metrics(work / "metrics/vlm_unlearn.json", "vlm_unlearn", work / "runs")
             rows["concepts"][concept] = {"stage_s": round(wall, 1), "unlearn_s": m["unlearn_s"], "layer": m["layer"], "rho": m["rho"],
                                          "converged": m["converged"], "base_test": m["base_test"], "test": m["test"],
                                          "says_instead": m["says_instead"], "peak_memory_mb": m["peak_memory_mb"],

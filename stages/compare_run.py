@@ -19,12 +19,13 @@ from unlearn.data.curate import resolve_concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
-from unlearn.io import atomic_outputs, read_json, write_json
+from unlearn.io import atomic_outputs, read_json
 from unlearn.methods.registry import changed_bytes, check_method, chunks, run_method
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.models.adapter import load
 from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
+from unlearn.runs import write_metrics
 
 MODEL, EVAL, DATA, RETAIN, STATS = "models/base", "data/eval", "data/compare", "data/retain", "models/retain"
 log = logging.getLogger("compare_run")
@@ -76,7 +77,7 @@ def main() -> None:
         stats = load_retain_stats(STATS, load(MODEL, device=device), MODEL, f"{RETAIN}/manifest.json")[0]
     rows = [run_concept(method, c, p, device, stats) for c in concepts]
     with atomic_outputs(f"metrics/compare/{method}.json") as (out,):
-        write_json(out, {"method": method, "params": p(method), "rows": rows, "peak_memory_mb": peak_memory_mb()})
+        write_metrics(out, {"method": method, "params": p(method), "rows": rows, "peak_memory_mb": peak_memory_mb()}, f"compare_run@{method}")
 
 
 if __name__ == "__main__":

@@ -13,15 +13,13 @@ from unlearn.data.curate import resolve_concept
 from unlearn.data.pairs import pair_batches
 from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
-from unlearn.io import atomic_outputs, read_json, write_json
+from unlearn.io import atomic_outputs
 from unlearn.methods.slug import PATCH_WEIGHTS, apply_patch
 from unlearn.models.adapter import load
 from unlearn.params import stage_params
-from unlearn.runs import read_run
+from unlearn.runs import cost, read_run, write_metrics
 
 MODEL, PATCH, EVAL, FORGET, METRICS = "models/base", "models/unlearned", "data/eval", "data/forget", "metrics/unlearn.json"
-LAYERS = "metrics/layers.json"  # rank_layers' time and memory; the other stages' are run records (unlearn/runs.py)
-RETAIN_ONCE = "metrics/retain_stats.json"
 log = logging.getLogger("evaluate")
 
 
@@ -43,14 +41,14 @@ def main() -> None:
     meta = apply_patch(adapter, PATCH, MODEL)
     after = evaluator.evaluate() | {"mia": attack(adapter)}
 
-    records = {stage: read_run(stage) or {} for stage in ("curate", "gradients", "search")} | {"rank_layers": read_json(LAYERS)}
+    records = {stage: read_run(stage) or {} for stage in ("curate", "gradients", "rank_layers", "search")}
     times = {stage: r.get("time_s") for stage, r in records.items()}
     peaks = [r["peak_memory_mb"] for r in records.values() if r.get("peak_memory_mb") is not None]
     times["evaluate"] = round(time.perf_counter() - start, 2)
     known = lambda *stages: None if any(times[s] is None for s in stages) else round(sum(times[s] for s in stages), 2)  # noqa: E731
     times["unlearn"] = known("gradients", "rank_layers", "search")
     times["total"] = known("curate", "gradients", "rank_layers", "search", "evaluate")
-    times["retain_stats_once"] = read_json(RETAIN_ONCE)["time_s"]  # shared by every concept, not in unlearn or total
+    times["retain_stats_once"] = cost("retain_stats", "time_s")  # shared by every concept, not in unlearn or total
     metrics = {
         "concept": concept.name, "kind": concept.kind, "method": "slug",
         **{k: after[k] for k in ACCURACY_KEYS}, "mia": after["mia"],
@@ -61,7 +59,7 @@ def main() -> None:
         "base": base,
     }
     with atomic_outputs(METRICS) as (out,):
-        write_json(out, metrics)
+        write_metrics(out, metrics, "evaluate")
     if not metrics["converged"]:
         log.warning("the step search did not converge: these figures are for the best step seen, not a passing one")
     log.info("%s: FA@1 %.3f -> %.3f, FA@5 %.3f -> %.3f, retain@1 %.3f -> %.3f, other-kind@1 %.3f -> %.3f (test)", concept.name,

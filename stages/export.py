@@ -14,11 +14,12 @@ from unlearn.data.curate import read_manifest
 from unlearn.data.evalsets import read_celeba, read_imagenet
 from unlearn.errors import UnlearnError
 from unlearn.eval.zeroshot import IDENTITY_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.methods.slug import apply_patch
 from unlearn.models.adapter import load
 from unlearn.models.export import TOLERANCE, compare_adapters, to_hf_clip
 from unlearn.params import stage_params
+from unlearn.runs import write_metrics
 
 MODEL, PATCH, EVAL, FORGET = "models/base", "models/unlearned", "data/eval", "data/forget"
 OUT, METRICS = "models/hf", "metrics/export.json"
@@ -53,7 +54,7 @@ def main() -> None:
                      source.family, figures["image_embedding_max_abs_diff"], figures["text_embedding_max_abs_diff"], len(paths), len(texts),
                      figures["token_mismatches"])
         metrics["time_s"] = round(time.perf_counter() - start, 2)
-        write_json(metrics_file, metrics)
+        write_metrics(metrics_file, metrics, "export")
 
 
 if __name__ == "__main__":

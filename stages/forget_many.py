@@ -19,7 +19,7 @@ from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import curate_forget, resolve_concepts, table_concepts
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.many import ConceptEdit, forget_ok_all, guard_ok_all, judge
 from unlearn.methods.registry import chunks
 from unlearn.methods.retain_stats import load_retain_stats
@@ -28,6 +28,7 @@ from unlearn.models.adapter import fingerprint, load
 from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
 from unlearn.plots import forget_many_plot
+from unlearn.runs import write_metrics
 
 MODEL, SHARDS, EVAL, RETAIN, STATS = "models/base", "data/laion", "data/eval", "data/retain", "models/retain"
 PATCHES, METRICS, CSV, PNG = "models/many", "metrics/forget_many.json", "plots/forget_many.csv", "plots/forget_many.png"
@@ -104,9 +105,9 @@ def main() -> None:
                  "identity_retain_top1": r["test"]["retain"]["identity"]["top1"], "identity_retain_base": r["base_test"]["retain"]["identity"]["top1"],
                  "object_top1": r["test"]["retain"]["object"]["top1"], "object_base": r["base_test"]["retain"]["object"]["top1"],
                  "scale": r["scale"], "converged": r["converged"]} for mode, rs in (("sum", results), ("sequential", sequential)) for r in rs]
-        write_json(metrics, {"concepts": per_concept, "counts": counts, "results": results, "sequential_concepts": seq_concepts,
+        write_metrics(metrics, {"concepts": per_concept, "counts": counts, "results": results, "sequential_concepts": seq_concepts,
                              "sequential": sequential, "rows": rows,
-                             "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb()})
+                             "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb()}, "forget_many")
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()

@@ -9,12 +9,13 @@ import logging
 import time
 
 from unlearn.cli import peak_memory_mb, run_stage
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import RankConfig, load_gradients, rank
 from unlearn.models.adapter import load
 from unlearn.params import as_config, stage_params
 from unlearn.plots import write_pareto
+from unlearn.runs import write_metrics
 
 MODEL, GRADS, STATS, RETAIN, METRICS, PLOTS = "models/base", "models/grads", "models/retain", "data/retain", "metrics/layers.json", "plots/pareto"
 log = logging.getLogger("rank_layers")
@@ -30,11 +31,11 @@ def main() -> None:
     ranking = rank(adapter, g_f, stats.gradient, cfg)
     with atomic_outputs(METRICS, PLOTS) as (metrics, plots):
         write_pareto(ranking, plots, adapter.short_name)
-        write_json(metrics, {
+        write_metrics(metrics, {
             "family": adapter.family, "towers": list(ranking.order), "front": ranking.front_scores(), "order": ranking.order,
             "candidates": {t: len(rows) for t, rows in ranking.rows.items()}, "alignment": cfg.alignment,
             "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
-        })
+        }, "rank_layers")
     for t, front in ranking.fronts.items():
         log.info("%s tower front: %s", t, ", ".join(front))
 

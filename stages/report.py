@@ -1,6 +1,8 @@
 """Stage `report`: one self-contained HTML page (images inlined) of the run: the base model, the
 chosen layer and step, the Pareto fronts, the search curve, the comparison table and plots, and
-examples of the forgotten concept's training images.  Writes report/index.html."""
+examples of the forgotten concept's training images.  Writes report/index.html, committed with the
+metrics: the same bytes on every run, so it shows results, not wall times or memory (a run's cost:
+runs/*.json, `dvc metrics show`)."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def vlm_section() -> str:
 <p>Base LLaVA ({html.escape(str(b['pretrained']))}): identity named right on {pct(b['test']['identity']['accuracy'], 1, ' %')} of
 {b['test']['identity']['images']} test portraits, object on {pct(b['test']['object']['accuracy'], 1, ' %')} of {b['test']['object']['images']} test
 object images.  SLUG edited <code>{html.escape(v['layer'])}</code> of its vision tower (&rho; = {v['rho']:.3g},
-{'converged' if v['converged'] else 'NOT converged'}) in {v['unlearn_s']:.1f} s; the patch stores {v['stored_bytes']:,} bytes.
+{'converged' if v['converged'] else 'NOT converged'}); the patch stores {v['stored_bytes']:,} bytes.
 On the target's test portraits it now says "I don't know" {pct(said['dont_know'], 1, ' %')}, another identity's name
 {pct(said['other_identity'], 1, ' %')}, something else {pct(said['other'], 1, ' %')}.</p>
 <table><tr><th>test images (greedy answers)</th><th>base</th><th>after SLUG</th></tr>{rows}</table>
@@ -59,8 +61,8 @@ def main() -> None:
 <p>{html.escape(str(p('model.family')))} model, {html.escape(str(p('model.arch')))} ({html.escape(str(p('model.pretrained')))}): identity top-1 {pct(base.get('identity_top1'), 1, ' %')}, ImageNet-style top-1 {pct(base.get('object_top1'), 1, ' %')}{f", style top-1 {pct(base['style_top1'], 1, ' %')} (canvas, among the styles)" if 'style_top1' in base else ''}.</p>
 <h2>SLUG edit</h2>
 <p>Layer <code>{html.escape(m['layer'])}</code>, relative step &rho; = {m['rho']:.4g} along the {_DIRECTION[m['direction']]} ({status}).
-Unlearning took {m['time_s']['unlearn']:.1f} s (gradients + ranking + search), peak memory {m['peak_memory_mb']:.0f} MB,
-and the patch stores {m['stored_bytes']:,} bytes.</p>
+The patch stores {m['stored_bytes']:,} bytes.  What the run cost (wall time of each stage, peak memory) is kept out of this page
+and out of git, in the run records <code>runs/*.json</code> (<code>dvc metrics show</code>), since it differs from run to run.</p>
 <table><tr><th>test images</th><th>base</th><th>after SLUG</th></tr>{result}</table>
 <h2>Export to transformers</h2>
 <p>models/hf/base and models/hf/unlearned (transformers CLIPModel folders, from the {html.escape(export['base']['family'])} model): largest absolute
@@ -74,7 +76,7 @@ image {max(export[k]['image_embedding_max_abs_diff'] for k in ('base', 'unlearne
 {inline_image('plots/search.png', 'search')}
 <h2>Comparison with the baselines</h2>
 {markdown_table(Path('plots/compare.md').read_text()) if Path('plots/compare.md').is_file() else '<p>(no comparison: run dvc repro compare)</p>'}
-{inline_image('plots/compare_scatter.png', 'utility against forget accuracy')} {inline_image('plots/compare_time.png', 'time')}
+{inline_image('plots/compare_scatter.png', 'utility against forget accuracy')}
 {vlm_section()}
 <h2>Forget-set examples</h2>
 {examples(FORGET, n_examples)}

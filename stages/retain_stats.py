@@ -19,10 +19,11 @@ from unlearn import distributed
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import read_manifest
 from unlearn.data.pairs import pair_batches
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.methods.retain_stats import compute_retain_stats, save_retain_stats
 from unlearn.models.adapter import load
 from unlearn.params import stage_params
+from unlearn.runs import write_metrics
 
 MODEL, RETAIN, OUT, METRICS = "models/base", "data/retain", "models/retain", "metrics/retain_stats.json"
 log = logging.getLogger("retain_stats")
@@ -49,9 +50,9 @@ def main() -> None:
     if distributed.rank() == 0:
         with atomic_outputs(args.out, args.metrics) as (out, metrics):
             sidecar = save_retain_stats(out, stats, model_dir, f"{RETAIN}/manifest.json", batch_size, adapter.family)
-            write_json(metrics, {"n_retain": stats.n_retain, "moment_tensors": len(stats.moments), "processes": distributed.world_size(),
+            write_metrics(metrics, {"n_retain": stats.n_retain, "moment_tensors": len(stats.moments), "processes": distributed.world_size(),
                                  "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
-                                 "retain_loss": sidecar["retain_loss"]})
+                                 "retain_loss": sidecar["retain_loss"]}, args.stage)
         log.info("retain loss %.4f over %d pairs; moments of %d tensors", stats.loss, stats.n_retain, len(stats.moments))
     distributed.finish()
 

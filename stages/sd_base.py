@@ -21,9 +21,10 @@ import torch
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.errors import UnlearnError
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
+from unlearn.runs import write_metrics
 from unlearn.sd.data import HELD_STREAM, OBJECT_AXIS, STYLE_AXIS, TRAIN_STREAM, Templates, canvas_images, render_images, to_pil
 from unlearn.sd.evaluate import SampleConfig, judge_images, judged_accuracy
 from unlearn.sd.judges import load_judges
@@ -84,17 +85,18 @@ def main() -> None:
     prompts = [templates.prompt(OBJECT_AXIS[o], STYLE_AXIS[s]) for o in range(len(OBJECT_AXIS)) for s in range(len(STYLE_AXIS))] + [""]
     states = text_states(text_encoder, tokenizer, prompts)
     prompt_index = data.objects * len(STYLE_AXIS) + data.styles
-    curve = []
+    curve, minutes = [], []  # validation accuracy at each checkpoint (a plot); the training minutes to it (its cost)
 
     def checkpoint(ema, step: int, seconds: float) -> None:
         acc, _ = judged_accuracy(build_pipeline(vae, ema, text_encoder, tokenizer), judges, templates, sample, 1, sample.seed + VALIDATION, size)
-        curve.append({"step": step, "train_min": round(seconds / 60, 2), "object": acc["object"]["accuracy"], "style": acc["style"]["accuracy"]})
+        curve.append({"step": step, "object": acc["object"]["accuracy"], "style": acc["style"]["accuracy"]})
+        minutes.append(round(seconds / 60, 2))
         log.info("step %d (%.1f min): validation object %.3f, style %.3f", step, seconds / 60, curve[-1]["object"], curve[-1]["style"])
 
     t0 = time.perf_counter()
     unet, unet_losses = train_unet(latents, prompt_index, states, len(prompts) - 1, unet_cfg, seed, checkpoint, progress="unet")
     unet_s = time.perf_counter() - t0
-    unet_train_s = curve[-1]["train_min"] * 60 if curve else unet_s
+    unet_train_s = minutes[-1] * 60 if minutes else unet_s
     pipe = build_pipeline(vae, unet, text_encoder, tokenizer)
     t0 = time.perf_counter()
     test, images = judged_accuracy(pipe, judges, templates, sample, sample.images_per_prompt, sample.seed, size)
@@ -106,10 +108,10 @@ def main() -> None:
         pipe.save_pretrained(out, safe_serialization=True)
         image_grid(to_pil(images[:first]), sheet_tmp, size=48, cols=len(STYLE_AXIS))
         with open(curve_tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["step", "train_min", "object", "style"])
+            w = csv.DictWriter(f, fieldnames=["step", "object", "style"])
             w.writeheader()
             w.writerows(curve)
-        write_json(metrics, {
+        write_metrics(metrics, {
             "test": test, "judges_held_out_real": judges.config["held_out"],
             "autoencoder": ceiling | {"final_loss": round(sum(vae_losses[-50:]) / len(vae_losses[-50:]), 5)},
             "unet": {"parameters": sum(q.numel() for q in unet.parameters()), "final_loss": round(sum(unet_losses[-200:]) / len(unet_losses[-200:]), 5),
@@ -117,7 +119,7 @@ def main() -> None:
             "sampler": {"scheduler": "DDIM", **sample.__dict__}, "train_images": len(data),
             "vae_s": round(vae_s, 1), "unet_train_s": round(unet_train_s, 1), "unet_with_checkpoints_s": round(unet_s, 1),
             "sample_s": round(sample_s, 1), "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
-            "threads": torch.get_num_threads()})
+            "checkpoints_train_min": minutes, "threads": torch.get_num_threads()}, args.stage)
 
 
 if __name__ == "__main__":

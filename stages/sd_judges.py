@@ -13,8 +13,9 @@ import torch
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.errors import UnlearnError
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.params import as_config, stage_params
+from unlearn.runs import write_metrics
 from unlearn.sd.data import JUDGE_STREAM, OBJECT_AXIS, STYLE_AXIS, canvas_images, render_images
 from unlearn.sd.judges import JudgeConfig, accuracy, config_record, save_judges, train_judge
 
@@ -47,9 +48,9 @@ def main() -> None:
     with atomic_outputs(OUT, METRICS) as (out, metrics):
         save_judges(out, judges, size, {"train": config_record(cfg) | {"images_per_cell": per_cell, "images": len(train)},
                                         "held_out": {a: r["accuracy"] for a, r in results.items()}})
-        write_json(metrics, {"held_out_real": results, "train_images": len(train), "held_out_images": len(test), "train_s": times,
+        write_metrics(metrics, {"held_out_real": results, "train_images": len(train), "held_out_images": len(test), "train_s": times,
                              "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
-                             "threads": torch.get_num_threads()})
+                             "threads": torch.get_num_threads()}, "sd_judges")
 
 
 if __name__ == "__main__":

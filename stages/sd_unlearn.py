@@ -26,12 +26,13 @@ from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import curate_forget, resolve_concept
 from unlearn.data.pairs import pair_batches
 from unlearn.errors import UnlearnError
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import SIGN_CONVENTION, RankConfig, SearchConfig, apply_edit, find_edit, save_patch
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
+from unlearn.runs import write_metrics
 from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, Templates, canvas_images, to_pil
 from unlearn.sd.evaluate import SampleConfig
 from unlearn.sd.fid import frechet_distance
@@ -151,7 +152,7 @@ def main() -> None:
     with atomic_outputs(patch_out, metrics_out, log_csv, log_png, grid_png) as (patch_dir, metrics_file, csv_path, png_path, grid_tmp):
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         metrics["stored_bytes"] = sum(f.stat().st_size for f in patch_dir.iterdir())
-        write_json(metrics_file, metrics)
+        write_metrics(metrics_file, metrics, args.stage)
         write_search_log(edit, csv_path, png_path, f"SD, {concept.name}", clip.short_name)
         n = len(test.sets["forget"][0]) // sample.images_per_prompt  # one drawing per prompt naming the target
         rows = [base_images["forget"][:n], test.images["forget"][:n]]

@@ -21,6 +21,7 @@ from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs, write_json
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
+from unlearn.runs import write_metrics
 from unlearn.vlm.data import corpus, make_qa
 from unlearn.vlm.evaluate import Questions, base_accuracy
 from unlearn.vlm.model import (
@@ -92,11 +93,11 @@ def main() -> None:
             w = csv.writer(f)
             w.writerow(["step", "loss"])
             w.writerows([k, round(v, 5)] for k, v in enumerate(losses))
-        write_json(metrics, {"test": acc, "pretrained": pretrained, "parameters": sum(q.numel() for q in model.parameters()),
+        write_metrics(metrics, {"test": acc, "pretrained": pretrained, "parameters": sum(q.numel() for q in model.parameters()),
                              "trained_parameters": sum(q.numel() for n, q in model.named_parameters() if "vision_tower" not in n),
                              "final_loss": round(sum(losses[-20:]) / max(1, len(losses[-20:])), 4) if losses else None,
                              "train_s": train_s, "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
-                             "threads": torch.get_num_threads()})
+                             "threads": torch.get_num_threads()}, "vlm_base")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import curate_forget, resolve_concept, table_concepts
 from unlearn.data.pairs import pair_batches
 from unlearn.errors import UnlearnError
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import SIGN_CONVENTION, RankConfig, SearchConfig, apply_edit, find_edit, save_patch
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
+from unlearn.runs import write_metrics
 from unlearn.search_log import write_search_log
 from unlearn.vlm.evaluate import Questions, VlmEvaluator
 from unlearn.vlm.model import check_vision_tower, open_vlm, reads, tie_vision_tower
@@ -109,7 +110,7 @@ def main() -> None:
     with atomic_outputs(PATCH, METRICS, LOG_CSV, LOG_PNG, EXAMPLES) as (patch_dir, metrics_file, csv_path, png_path, examples_png):
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         metrics["stored_bytes"] = sum(f.stat().st_size for f in patch_dir.iterdir())
-        write_json(metrics_file, metrics)
+        write_metrics(metrics_file, metrics, "vlm_unlearn")
         write_search_log(edit, csv_path, png_path, f"VLM, {concept.name}", clip.short_name)
         answers_figure(rows, examples_png, f"{concept.name} forgotten by the LLaVA (one vision-tower layer: {clip.short_name(edit.layer)})")
     log.info("%s: %s rho %.3g; test: target named %.3f -> %.3f, others %.3f -> %.3f, objects %.3f -> %.3f; %.1f s", concept.name, edit.layer,

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from unlearn.io import atomic_outputs
@@ -20,3 +22,24 @@ def test_atomic_outputs_replace_all_or_nothing(tmp_path):
         with atomic_outputs(d, f) as (td, tf):
             (td / "c").write_text("3")
     assert [p.name for p in d.iterdir()] == ["a"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "out"]
+
+
+def test_a_stage_metrics_split_into_results_and_the_run_cost_and_back(tmp_path, monkeypatch):
+    from unlearn.runs import read_metrics, split_cost, with_cost, write_metrics
+
+    metrics = {"forget_top1": 0.0, "test_sizes": {"forget": 17}, "time_s": {"search": 3.2, "total": 9.1}, "peak_memory_mb": 1400.5,
+               "phases_s": {"eval": 1.0}, "time_ratio_to_slug": {"ga": 1.2}, "checkpoints_train_min": [1.5, 3.0], "threads": 2,
+               "rows": [{"concept": "A", "time_s": {"unlearn": 4.0}, "epochs": [{"forget_top1": 1.0, "train_s": 0.5}]}, {"concept": "B"}]}
+    results, cost = split_cost(metrics)
+    assert results == {"forget_top1": 0.0, "test_sizes": {"forget": 17}, "threads": 2, "rows": [{"concept": "A", "epochs": [{"forget_top1": 1.0}]},
+                                                                                                 {"concept": "B"}]}
+    assert cost["rows"] == [{"time_s": {"unlearn": 4.0}, "epochs": [{"train_s": 0.5}]}, {}] and cost["checkpoints_train_min"] == [1.5, 3.0]
+    assert with_cost(results, cost) == metrics
+    monkeypatch.chdir(tmp_path)
+    write_metrics(tmp_path / "m.json", metrics, "stage@x")
+    assert json.loads((tmp_path / "m.json").read_text()) == results
+    record = json.loads((tmp_path / "runs" / "stage@x.json").read_text())
+    assert record["stage"] == "stage@x" and record["host"] and record["peak_memory_mb"] == 1400.5
+    assert read_metrics(tmp_path / "m.json", "stage@x") == metrics
+    (tmp_path / "runs" / "stage@x.json").unlink()  # a stage DVC restored instead of running: results only
+    assert read_metrics(tmp_path / "m.json", "stage@x") == results

@@ -91,8 +91,28 @@ def test_repro_writes_every_output(repo):
 def test_repro_is_up_to_date_and_metrics_show(repo):
     status = _run([sys.executable, "-m", "dvc", "status"], repo)
     assert "up to date" in status.stdout
-    shown = _run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo)
-    assert "identity_top1" in shown.stdout
+    shown = json.loads(_run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], repo).stdout)
+    errors = [path for rev in shown.values() for path, v in rev["data"].items() if "data" not in v]
+    assert not errors, f"dvc metrics show cannot read {errors}"
+    data = {path: v["data"] for rev in shown.values() for path, v in rev["data"].items()}
+    assert "identity_top1" in data["metrics/base.json"] and data["runs/base_model.json"]["time_s"] > 0  # results and run records
+
+
+def test_repro_on_a_fresh_clone_leaves_git_status_clean(repo, tmp_path):
+    """A fresh clone (no DVC cache, no run records) reproduces every stage from scratch; every
+    output comes out with the same bytes, so neither dvc.lock nor a committed metric, plot or
+    report changes, and the cost of the run is only in runs/ (git-ignored)."""
+    _commit(repo, "the first run")
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    _run([sys.executable, "-m", "dvc", "config", "--local", "core.analytics", "false"], clone)
+    missing = set(json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], clone).stdout))  # every stage with a cached output
+    assert {"base_model", "gradients", "search", "retain_stats", "export", "vlm_base", "sd_base", "sd_unlearn"} <= missing
+    proc = _run([sys.executable, "-m", "dvc", "repro"], clone)
+    assert missing <= set(_stages_run(proc.stdout))  # rerun from scratch (the stages with only committed outputs are up to date)
+    assert _run(["git", "status", "--porcelain", "--untracked-files=all"], clone).stdout == ""
+    assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], clone).stdout
+    assert _record(clone, "evaluate")["time_s"]["total"] > 0
 
 
 def test_unknown_source_fails_cleanly_and_keeps_outputs(repo):
@@ -133,7 +153,12 @@ def test_unknown_architecture_fails_cleanly(repo):
 
 
 UNLEARN_KEYS = {"forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5", "mia", "layer", "rho",
-                "converged", "time_s", "peak_memory_mb", "stored_bytes", "base"}
+                "converged", "stored_bytes", "base"}
+
+
+def _record(repo: Path, stage: str) -> dict:
+    """A stage's run record (its cost: times, memory), kept out of its outputs and out of git."""
+    return json.loads((repo / "runs" / f"{stage}.json").read_text())
 
 
 def test_slug_stages_write_their_outputs(repo):
@@ -146,11 +171,14 @@ def test_slug_stages_write_their_outputs(repo):
     stats = json.loads((repo / "models" / "retain" / "sidecar.json").read_text())
     assert 0 < stats["n_retain"] == retain["count"] == min(60, retain["candidates"]) and retain["concept"] is None
     once = json.loads((repo / "metrics" / "retain_stats.json").read_text())
-    assert once["n_retain"] == stats["n_retain"] and once["processes"] == 1 and once["time_s"] > 0
+    assert once["n_retain"] == stats["n_retain"] and once["processes"] == 1 and _record(repo, "retain_stats")["time_s"] > 0
     compare = json.loads((repo / "metrics" / "compare.json").read_text())
-    assert compare["slug_retain_stats"]["time_s"] == once["time_s"] and "computed once for every concept" in (repo / "plots" / "compare.md").read_text()
+    assert compare["slug_retain_stats"] == {"n_retain": once["n_retain"]} and "computed once for every concept" in (repo / "plots" / "compare.md").read_text()
+    assert _record(repo, "compare")["slug_retain_stats"]["time_s"] == _record(repo, "retain_stats")["time_s"]
+    assert "computed once for every concept: " in (repo / "plots" / "runs" / "compare.md").read_text()  # with its time
     slug_rows = json.loads((repo / "metrics" / "compare" / "slug.json").read_text())["rows"]
-    assert all(r["shared_retain_stats"] and "retain_stats" not in r["time_s"] and r["evals_forget"] > 0 for r in slug_rows)
+    assert all(r["shared_retain_stats"] and r["evals_forget"] > 0 and "time_s" not in r for r in slug_rows)
+    assert all("retain_stats" not in r["time_s"] and r["time_s"]["unlearn"] > 0 for r in _record(repo, "compare_run@slug")["rows"])
     for tower in ("image", "text"):
         assert (repo / "plots" / "pareto" / f"{tower}.png").stat().st_size > 5_000
         assert (repo / "plots" / "pareto" / f"{tower}.csv").read_text().startswith("layer,importance,alignment")
@@ -161,7 +189,9 @@ def test_slug_stages_write_their_outputs(repo):
     for key in ("forget_top1", "forget_top5", "retain_top1", "retain_top5", "utility_top1", "utility_top5"):
         assert 0.0 <= m[key] <= 1.0 and 0.0 <= m["base"][key] <= 1.0
     assert isinstance(m["converged"], bool) and m["rho"] > 0
-    assert set(m["time_s"]) >= {"curate", "gradients", "rank_layers", "search", "evaluate", "unlearn", "total"}
+    cost = _record(repo, "evaluate")
+    assert set(cost["time_s"]) >= {"curate", "gradients", "rank_layers", "search", "evaluate", "unlearn", "total", "retain_stats_once"}
+    assert all(v > 0 for v in cost["time_s"].values()) and cost["peak_memory_mb"] > 0
     assert m["stored_bytes"] == (repo / "models" / "unlearned" / "patch.safetensors").stat().st_size
     patch = json.loads((repo / "models" / "unlearned" / "patch.json").read_text())
     assert patch["layer"] == m["layer"] and patch["converged"] == m["converged"]
@@ -266,16 +296,6 @@ def test_queued_sweep_over_concepts_and_methods(repo):
     assert runs[("Mickey", "slug")]["base"] == runs[("Mickey", "ga_ft")]["base"] != runs[("Taylor Swift", "slug")]["base"]
 
 
-TIMES = re.compile(r"(time|_s$|seconds|memory|wall|_mb$)")
-
-
-def _without_times(value):
-    """Metrics without the run record (times, memory), which differ from run to run."""
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items() if not TIMES.search(k)}
-    if isinstance(value, list):
-        return [_without_times(v) for v in value]
-    return value
 
 
 def _exp_runs(repo: Path) -> list[tuple[str, tuple, dict]]:
@@ -309,7 +329,7 @@ def _run_queue(repo: Path, jobs: int, runs: list[tuple[str, str]]) -> None:
 def test_two_queued_experiments_at_once_give_the_metrics_each_gives_alone(repo):
     """`dvc queue start -j 2`: two experiments in two temporary copies at the same time give the
     metrics each gives run alone (-j 1: the sweep above ran the same params one at a time; run
-    alone, this test queues them one at a time itself), to the last digit but the run record."""
+    alone, this test queues them one at a time itself), to the last digit."""
     _run_queue(repo, 2, [("both-ts", "Taylor Swift"), ("both-mi", "Mickey")])
     runs = _exp_runs(repo)
     for concept, both in (("Taylor Swift", "both-ts"), ("Mickey", "both-mi")):
@@ -320,9 +340,9 @@ def test_two_queued_experiments_at_once_give_the_metrics_each_gives_alone(repo):
             alone = [m for name, k, m in _exp_runs(repo) if k == key and not name.startswith("both-")]
         together = [m for name, k, m in runs if name == both]
         assert len(together) == 1 and together[0]["methods"]["ga_ft"]["concepts"] == 1
-        assert all(_without_times(together[0]) == _without_times(m) for m in alone), (together, alone)
+        assert all(together[0] == m for m in alone), (together, alone)
     pair = [m for name, _, m in runs if name.startswith("both-")]
-    assert _without_times(pair[0]) != _without_times(pair[1])
+    assert pair[0] != pair[1]
 
 
 KILL_ON_RENAME = """
@@ -359,7 +379,7 @@ def test_a_stage_killed_under_dvc_repro_loses_nothing_and_recovers_identically(r
     the dead run's temporaries (DVC restores the killed stage's outputs from its run cache, or finds
     its committed outputs intact, so the killed stage itself need not run again)."""
     (tmp_path / "sitecustomize.py").write_text(KILL_ON_RENAME)
-    metrics = {p: _without_times(json.loads(p.read_text())) for p in sorted((repo / "metrics").rglob("*.json"))}
+    metrics = {p: json.loads(p.read_text()) for p in sorted((repo / "metrics").rglob("*.json"))}
     tracked = _tracked_outputs(repo, stage)
     proc = _run([sys.executable, "-m", "dvc", "repro", "-f", "-s", stage], repo, check=False,
                 PYTHONPATH=str(tmp_path), UNLEARN_TEST_KILL=stage.partition("@")[0])
@@ -371,7 +391,7 @@ def test_a_stage_killed_under_dvc_repro_loses_nothing_and_recovers_identically(r
     assert not [p for p in debris if p.name in untracked], untracked  # git ignores them
     _run([sys.executable, "-m", "dvc", "repro"], repo)
     assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], repo).stdout
-    assert {p: _without_times(json.loads(p.read_text())) for p in sorted((repo / "metrics").rglob("*.json"))} == metrics
+    assert {p: json.loads(p.read_text()) for p in sorted((repo / "metrics").rglob("*.json"))} == metrics
     assert _stages_run(_run([sys.executable, "-m", "dvc", "repro", "-f", "-s", "check"], repo).stdout) == ["check"]
     assert not [p for p in debris if p.exists()]
     assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], repo).stdout  # check's stamp came out the same
@@ -398,7 +418,8 @@ def test_compare_writes_a_row_per_concept_and_method(repo):
     assert [(r["method"], r["concept"]) for r in m["rows"]] == [(x, c) for x in methods for c in m["concepts"]]
     for r in m["rows"]:
         assert r["status"] in ("ok", "not_forgotten")
-        assert 0.0 <= r["forget_top1"] <= 1.0 and 0.0 <= r["utility_top1"] <= 1.0 and r["time_s"]["unlearn"] > 0
+        assert 0.0 <= r["forget_top1"] <= 1.0 and 0.0 <= r["utility_top1"] <= 1.0 and "time_s" not in r
+    assert all(r["time_s"]["unlearn"] > 0 for r in _record(repo, "compare")["rows"])
     slug_rows = [r for r in m["rows"] if r["method"] == "slug"]
     # SLUG stores one tensor; a training baseline changes (and must ship) far more
     assert all(r["stored_bytes"] < 1_000_000 for r in slug_rows)
@@ -408,12 +429,14 @@ def test_compare_writes_a_row_per_concept_and_method(repo):
         mean = sum(r["forget_top1"] for r in m["rows"] if r["method"] == x) / 2
         assert abs(s["forget_top1"] - round(mean, 6)) < 1e-6 and s["completed"] == 2 and s["failed"] == 0
     epochs = json.loads((repo / "metrics" / "compare" / "ga.json").read_text())["rows"][0]["epochs"]
-    assert 1 <= len(epochs) <= 2 and all("forget_top1" in e and e["train_s"] > 0 for e in epochs)
+    assert 1 <= len(epochs) <= 2 and all("forget_top1" in e and "train_s" not in e for e in epochs)
+    assert all(e["train_s"] > 0 for e in _record(repo, "compare_run@ga")["rows"][0]["epochs"])
     table = (repo / "plots" / "compare.md").read_text()
     assert "| original |" in table and all(f"| {x} |" in table for x in methods)
     assert (repo / "plots" / "compare.csv").read_text().startswith("method,forget_top1")
-    for png in ("compare_scatter.png", "compare_time.png"):
-        assert (repo / "plots" / png).stat().st_size > 5_000
+    assert (repo / "plots" / "compare_scatter.png").stat().st_size > 5_000
+    assert (repo / "plots" / "runs" / "compare_time.png").stat().st_size > 5_000 and " time s |" in (repo / "plots" / "runs" / "compare.md").read_text()
+    assert " time s |" not in table
 
 
 def test_unknown_method_is_one_line(repo):
@@ -427,7 +450,7 @@ def test_report_is_one_self_contained_page(repo):
     page = (repo / "report" / "index.html").read_text()
     concept = json.loads((repo / "metrics" / "unlearn.json").read_text())["concept"]  # Mickey after the exp run
     assert page.startswith("<!doctype html>") and f"forgetting {concept}" in page
-    assert page.count("data:image/png;base64,") == 7  # 2 Pareto fronts, the search, 2 comparison plots, the VLM's answers, the examples
+    assert page.count("data:image/png;base64,") == 6  # 2 Pareto fronts, the search, the comparison's scatter, the VLM's answers, the examples
     assert "Vision-language model: forgetting Elon Musk in a LLaVA" in page
     assert "src=\"plots/" not in page and "<table>" in page
     assert "along the forget gradient preconditioned by the layer's retain inputs" in page
@@ -568,7 +591,7 @@ def test_vlm_stages_write_a_llava_that_loads_offline_and_a_patch_that_applies(re
     assert model.config.vision_config.model_type == "clip_vision_model"
     base = json.loads((repo / "metrics" / "vlm_base.json").read_text())
     assert base["pretrained"] == "synthetic" and base["test"]["identity"]["images"] == 48 and base["test"]["object"]["images"] == 28
-    assert 0.0 <= base["test"]["identity"]["accuracy"] <= 1.0 and base["train_s"] > 0
+    assert 0.0 <= base["test"]["identity"]["accuracy"] <= 1.0 and _record(repo, "vlm_base")["train_s"] > 0
     m = json.loads((repo / "metrics" / "vlm_unlearn.json").read_text())
     assert m["concept"] == "Elon Musk" and m["layer"].startswith("vision_model.encoder.layers.")
     assert set(m["test"]) == {"forget_identification", "retain_identification", "object_accuracy"} 
@@ -632,7 +655,8 @@ def test_sd_stages_write_a_pipeline_that_loads_offline_and_draws_what_its_metric
         m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
         assert m["test"]["images"] == 126 and m["judges_held_out_real"] == {a: judges["held_out_real"][a]["accuracy"] for a in ("object", "style")}
         assert (repo / "plots" / f"{stage}.png").stat().st_size > 1000
-        assert (repo / "plots" / f"{stage}_curve.csv").read_text().splitlines()[0] == "step,train_min,object,style"
+        curve = (repo / "plots" / f"{stage}_curve.csv").read_text().splitlines()
+        assert curve[0] == "step,object,style" and len(curve) - 1 == len(_record(repo, stage)["checkpoints_train_min"])
         pipe = StableDiffusionPipeline.from_pretrained(repo / "models" / stage, local_files_only=True)
         pipe.set_progress_bar_config(disable=True)
         params = yaml.safe_load((repo / "params.yaml").read_text())["sd"]

@@ -1,6 +1,8 @@
 """The comparison of methods (stage `compare`): per method the means over concepts (failed runs
 counted, never dropped), the table SLUG's paper reports with time and stored bytes, the rows for
-plots."""
+plots.  Wall times are a run's cost, not its result: they come from the run records
+(`unlearn/runs.py`; None where a stage was restored by DVC instead of run) and only the tables
+written with `times=True` show them."""
 
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ def summarise(method: str, rows: list[dict]) -> dict:
     out = {"method": method, "concepts": len(rows), "completed": len(done), "failed": len(rows) - len(done),
            "forgotten": sum(r["status"] == "ok" for r in rows)}
     out |= {k: mean([r[k] for r in done]) for k in MEAN_KEYS}
-    out["time_s"] = {"unlearn": mean([r["time_s"]["unlearn"] for r in done]),
-                     "total": mean([r["time_s"]["unlearn"] + r["time_s"].get("eval", 0.0) for r in done])}
+    timed = [r["time_s"] for r in done if r.get("time_s")]
+    out["time_s"] = {"unlearn": mean([t["unlearn"] for t in timed]), "total": mean([t["unlearn"] + t.get("eval", 0.0) for t in timed])}
     out["stored_bytes"] = mean([r["stored_bytes"] for r in done])
     return out
 
@@ -38,26 +40,38 @@ HEADERS = {("identity",): ("identities", "ImageNet-style@1", "identity retain@1"
 MIXED = ("concepts", "utility@1 (the other kind)", "retain@1 (same kind)")
 
 
-def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...], retain_once: dict | None = None) -> str:
+def seconds(t: float | None) -> str:
+    return "–" if t is None else f"{t:.1f}"
+
+
+def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...], retain_once: dict | None = None,
+          times: bool = False) -> str:
+    """The comparison as markdown; `times`: with the wall-time column (a run's cost: the table in
+    plots/runs/compare.md, not the committed plots/compare.md, whose bytes must not change from run to run)."""
     what, utility, retain = HEADERS.get(kinds, MIXED)
+    time_head, time_sep = (" time s |", "---|") if times else ("", "")
     lines = [f"Mean over {len(concepts)} {what} ({', '.join(concepts)}), test images, %. "
-             "Time: unlearning wall time per concept (SLUG: forget gradient + ranking + search; baselines: training up to the reported epoch).", "",
-             f"| method | FA@1 | FA@5 | {utility} | {retain} | MIA | time s | stored bytes | passed (val) |",
-             "|---|---|---|---|---|---|---|---|---|",
+             + ("Time: unlearning wall time per concept in this run (SLUG: forget gradient + ranking + search; baselines: training up to "
+                "the reported epoch)." if times else "Wall times are this run's cost, not its result: `plots/runs/compare.md` (not in git) and the README."),
+             "",
+             f"| method | FA@1 | FA@5 | {utility} | {retain} | MIA |{time_head} stored bytes | passed (val) |",
+             f"|---|---|---|---|---|---|{time_sep}---|---|",
              f"| original | {pct(base['forget_top1'])} | {pct(base['forget_top5'])} | {pct(base['utility_top1'])} | {pct(base['retain_top1'])} "
-             f"| {pct(base['mia'])} | – | – | – |"]
+             f"| {pct(base['mia'])} |{' – |' if times else ''} – | – |"]
     for s in summary:
         failed = f", {s['failed']} failed" if s["failed"] else ""
-        t, stored = s["time_s"]["unlearn"], s["stored_bytes"]
+        stored = s["stored_bytes"]
+        t = f" {seconds(s['time_s']['unlearn'])} |" if times else ""
         lines.append(f"| {s['method']} | {pct(s['forget_top1'])} | {pct(s['forget_top5'])} | {pct(s['utility_top1'])} | {pct(s['retain_top1'])} "
-                     f"| {pct(s['mia'])} | {'–' if t is None else f'{t:.1f}'} | {'–' if stored is None else f'{stored:,.0f}'} "
-                     f"| {s['forgotten']}/{s['concepts']}{failed} |")
+                     f"| {pct(s['mia'])} |{t} {'–' if stored is None else f'{stored:,.0f}'} | {s['forgotten']}/{s['concepts']}{failed} |")
     lines += ["", "passed (val): concepts whose run met its goal on the validation images: for SLUG a converged search "
               "(FA@1 = 0, FA@5 <= 5 % and the utility guard), for a baseline FA@1 = 0 at some epoch."]
     if retain_once:
+        once = retain_once.get("time_s")
+        cost = (f": {seconds(once)} s, {seconds(once / len(concepts))} s per concept over these {len(concepts)} (not in the time column)"
+                if times and once is not None else "")
         lines += ["", f"SLUG's retain statistics (g_r and the retain input moments over {retain_once['n_retain']:,} pairs, stage `retain_stats`) "
-                  f"are computed once for every concept: {retain_once['time_s']:.1f} s, {retain_once['time_s'] / len(concepts):.1f} s per concept "
-                  f"over these {len(concepts)} (not in the time column)."]
+                  f"are computed once for every concept{cost}."]
     return "\n".join(lines) + "\n"
 
 
@@ -73,7 +87,7 @@ def aggregate(results: dict[str, list[dict]], concepts: list[str], kinds: tuple[
     base = {k: mean([r["base"][k] for r in any_rows]) for k in MEAN_KEYS}
     by_method = {s["method"]: s for s in summary}
     ratio = {}
-    if "slug" in by_method and by_method["slug"]["time_s"]["unlearn"]:
+    if "slug" in by_method and by_method["slug"]["time_s"]["unlearn"]:  # None when the runs were restored, not run
         t_slug = by_method["slug"]["time_s"]["unlearn"]
         ratio = {m: round(s["time_s"]["unlearn"] / t_slug, 3) for m, s in by_method.items() if m != "slug" and s["time_s"]["unlearn"] is not None}
     flat = [{"method": s["method"], "forget_top1": s["forget_top1"], "forget_top5": s["forget_top5"], "retain_top1": s["retain_top1"],
@@ -81,7 +95,9 @@ def aggregate(results: dict[str, list[dict]], concepts: list[str], kinds: tuple[
             for s in summary]
     once = None
     if retain_once:
-        once = {"time_s": retain_once["time_s"], "per_concept_s": round(retain_once["time_s"] / len(concepts), 3), "n_retain": retain_once["n_retain"]}
+        t = retain_once.get("time_s")
+        once = {"time_s": t, "per_concept_s": None if t is None else round(t / len(concepts), 3), "n_retain": retain_once["n_retain"]}
     metrics = {"concepts": concepts, "base": base, "methods": by_method, "time_ratio_to_slug": ratio, "slug_retain_stats": once,
                "rows": [{k: v for k, v in r.items() if k != "epochs"} for rows in results.values() for r in rows]}
-    return {"metrics": metrics, "flat": flat, "table": table(summary, base, concepts, kinds, retain_once)}
+    return {"metrics": metrics, "flat": flat, "table": table(summary, base, concepts, kinds, retain_once),
+            "table_with_times": table(summary, base, concepts, kinds, retain_once, times=True)}

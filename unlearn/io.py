@@ -68,7 +68,7 @@ def sweep_debris(final: str | Path) -> list[Path]:
     return touched
 
 
-OUTPUT_ROOTS = ("data", "models", "metrics", "plots", "report")
+OUTPUT_ROOTS = ("data", "models", "metrics", "plots", "report", "runs")
 
 
 def sweep_workspace(roots: tuple[str, ...] = OUTPUT_ROOTS) -> list[Path]:

@@ -1,13 +1,18 @@
-"""Run records: what one run of a stage cost (wall time, peak memory, processes, host), kept out of
-DVC's outputs.
+"""Run records: what one run of a stage cost (wall times, peak memory, processes, host), kept out of
+DVC's outputs and out of git.
 
-A time inside a DVC-cached output makes its hash differ on every run: `dvc.lock` changes although
-the weights are identical, the stages downstream rerun for nothing, and `git checkout` +
-`dvc checkout` of an older commit cannot find the old hash in the cache.  So the stages whose
-cached outputs used to carry their cost (`base_model`, `curate`, `gradients`, `search`) write it
-here instead, `runs/<stage>.json` (git-ignored, not declared in dvc.yaml), and `evaluate` reads
-it from here for `metrics/unlearn.json`'s time column.  A stage that DVC restored instead of
-running (`dvc checkout`, `dvc pull`) has no record here: its time reads as null, with a warning.
+A time inside a stage's output makes its hash differ on every run: `dvc.lock` changes although the
+weights and the accuracies are identical, the stages downstream rerun for nothing, `git status` is
+dirty after `make repro`, and `git checkout` + `dvc checkout` of an older commit cannot find the
+old hash in the cache.  So every stage writes its results (accuracies, choices, sizes: the same
+bytes on every run) to its metrics file and its cost to `runs/<stage>.json` (git-ignored, not a
+stage output; dvc.yaml declares `runs/` as top-level metrics, so `dvc metrics show` prints both).
+
+`write_metrics` does the split by key name (`COST_KEY`: `time_*`, `peak_memory*`, `*_s`, `*_mb`,
+`*_min`, at any depth, in lists of records too) and `read_metrics` puts the two back together for a
+reader that wants both (the report, the benchmarks).  A stage that DVC restored instead of running
+(`dvc checkout`, `dvc pull`, the run cache) has no record here: its cost reads as null, with a
+warning.
 """
 
 from __future__ import annotations
@@ -16,14 +21,17 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from unlearn.io import atomic_outputs, write_json
+from unlearn.io import atomic_outputs, read_json, write_json
 
 RUNS = Path("runs")
+COST_KEY = re.compile(r"^(time|peak_memory)|_(s|mb|min)$")
+RECORD_KEYS = ("stage", "host", "cpus", "python", "finished")
 log = logging.getLogger(__name__)
 
 
@@ -37,9 +45,9 @@ def write_run(stage: str, **fields: Any) -> Path:
     return path
 
 
-def read_run(stage: str) -> dict | None:
+def read_run(stage: str, runs: str | Path = RUNS) -> dict | None:
     """The last recorded run of `stage`, or None (it was restored by DVC, not run here)."""
-    path = RUNS / f"{stage}.json"
+    path = Path(runs) / f"{stage}.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -47,3 +55,61 @@ def read_run(stage: str) -> dict | None:
     except ValueError:
         log.warning("run record %s is not JSON; stage %s's time reads as null", path, stage)
     return None
+
+
+def split_cost(tree: Any) -> tuple[Any, Any]:
+    """(results, cost) of a metrics tree: every key named like a cost (`COST_KEY`) moves to the cost
+    part at the same path; a list of records splits record by record (its cost part is then a list
+    of the same length, {} where a record has no cost)."""
+    if isinstance(tree, dict):
+        results, cost = {}, {}
+        for key, value in tree.items():
+            if COST_KEY.search(key):
+                cost[key] = value
+                continue
+            results[key], part = split_cost(value)
+            if part:
+                cost[key] = part
+        return results, cost
+    if isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        parts = [split_cost(v) for v in tree]
+        costs = [c for _, c in parts]
+        return [r for r, _ in parts], (costs if any(costs) else {})
+    return tree, {}
+
+
+def with_cost(results: Any, cost: Any) -> Any:
+    """The inverse of `split_cost`: the cost part put back at its paths (a part whose shape does not
+    match, a record of another run, is left out)."""
+    if isinstance(results, dict) and isinstance(cost, dict):
+        out = dict(results)
+        for key, value in cost.items():
+            out[key] = with_cost(results[key], value) if key in results else value
+        return out
+    if isinstance(results, list) and isinstance(cost, list) and len(results) == len(cost):
+        return [with_cost(r, c) for r, c in zip(results, cost)]
+    return results
+
+
+def write_metrics(path: str | Path, metrics: dict, stage: str) -> dict:
+    """Write `metrics`' results to `path` (a DVC output: the same bytes on every run) and its cost to
+    `runs/<stage>.json`; returns the cost part."""
+    results, cost = split_cost(metrics)
+    write_json(path, results)
+    write_run(stage, **cost)
+    return cost
+
+
+def read_metrics(path: str | Path, stage: str, runs: str | Path = RUNS) -> dict:
+    """A stage's metrics with its last run's cost put back (the cost keys absent when it has no record);
+    `runs`: the run records' folder (another working directory's)."""
+    record = read_run(stage, runs) or {}
+    return with_cost(read_json(path), {k: v for k, v in record.items() if k not in RECORD_KEYS})
+
+
+def cost(stage: str, *keys: str) -> Any:
+    """One figure of a stage's last run record (`cost("search", "time_s")`), None when there is none."""
+    node: Any = read_run(stage) or {}
+    for key in keys:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
