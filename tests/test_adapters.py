@@ -182,7 +182,8 @@ def test_input_moments_of_linear_and_layernorm_candidates(model, batch):
         if isinstance(owner, nn.LayerNorm):
             torch.testing.assert_close(moments[n], ((y / w) ** 2).mean(0), rtol=1e-5, atol=1e-8)
         else:
-            torch.testing.assert_close(w @ moments[n] @ w.T, y.T @ y / y.shape[0], rtol=1e-5, atol=1e-7)
+            expected = y.T @ y / y.shape[0]  # float32 moments: rounding relative to the matrix's scale, not each entry's
+            torch.testing.assert_close(w @ moments[n] @ w.T, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_save_load_round_trip(model, batch, tmp_path):

@@ -106,13 +106,15 @@ def test_repro_on_a_fresh_clone_leaves_git_status_clean(repo, tmp_path):
     clone = tmp_path / "clone"
     _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     _run([sys.executable, "-m", "dvc", "config", "--local", "core.analytics", "false"], clone)
-    missing = set(json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], clone).stdout))  # every stage with a cached output
+    status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], clone).stdout)
+    missing = {stage for stage, changes in status.items() if any("changed outs" in c for c in changes if isinstance(c, dict))}  # cached outputs
     assert {"base_model", "gradients", "search", "retain_stats", "export", "vlm_base", "sd_base", "sd_unlearn"} <= missing
     proc = _run([sys.executable, "-m", "dvc", "repro"], clone)
-    assert missing <= set(_stages_run(proc.stdout))  # rerun from scratch (the stages with only committed outputs are up to date)
+    assert missing <= set(_stages_run(proc.stdout))  # rerun from scratch; the stages downstream of them whose outputs are all
+    # committed (rank_layers, evaluate, compare, ...) find their inputs rebuilt with the same bytes, and stay up to date
     assert _run(["git", "status", "--porcelain", "--untracked-files=all"], clone).stdout == ""
     assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], clone).stdout
-    assert _record(clone, "evaluate")["time_s"]["total"] > 0
+    assert _record(clone, "search")["time_s"] > 0 and _record(clone, "sd_base")["checkpoints_train_min"]  # the cost is only here
 
 
 def test_unknown_source_fails_cleanly_and_keeps_outputs(repo):

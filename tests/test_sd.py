@@ -98,7 +98,9 @@ def test_pipeline_saves_and_loads_offline_drawing_the_same(pipeline, tmp_path):
     prompts = ["An apple image in Sepia style.", "A photo of a car.", "", "An apple image in Neon style.", "A photo of a mug.", "A photo of a fish."]
     before = generate(pipeline, prompts, cfg, seed=5, size=16)
     assert before.shape == (6, 3, 16, 16) and before.min() >= -1 and before.max() <= 1
-    assert torch.equal(before[:3], generate(pipeline, prompts[:3], cfg, seed=5, size=16))  # an image depends on its position only
+    # an image depends on its position only: the same noise, and a batch of 3 instead of 5 changes only the BLAS rounding
+    torch.testing.assert_close(before[:3], generate(pipeline, prompts[:3], cfg, seed=5, size=16), rtol=0, atol=1e-5)
+    assert not torch.allclose(before[:3], generate(pipeline, prompts[:3], cfg, seed=6, size=16), atol=1e-2)  # the seed does matter
     pipeline.save_pretrained(tmp_path / "pipe", safe_serialization=True)
     assert list((tmp_path / "pipe" / "unet").glob("*.safetensors")) and (tmp_path / "pipe" / "model_index.json").exists()
     again = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)

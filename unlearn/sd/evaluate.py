@@ -23,7 +23,8 @@ class SampleConfig:
 @torch.no_grad()
 def generate(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int) -> torch.Tensor:
     """Images in [-1, 1] (N, 3, size, size); batch k draws its noise from generator seed + k, so
-    an image depends only on its prompt's position, not on what else is drawn."""
+    an image depends only on its prompt's position, not on what else is drawn (up to float rounding:
+    a smaller batch may round differently in BLAS)."""
     out = []
     for k, s in enumerate(range(0, len(prompts), cfg.batch_size)):
         gen = torch.Generator(device="cpu").manual_seed(seed + k)
