@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -68,3 +69,37 @@ def data(tiny_clip, tiny_world):
     assert forget[0]
     pack = lambda d: (torch.stack(d[0]), tiny_clip.tokenize(d[1]))  # noqa: E731
     return pack(forget), pack(retain)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tiny_clip, tmp_path_factory):
+    from unlearn.models.export import to_hf_clip
+
+    folder = tmp_path_factory.mktemp("hf_clip")
+    to_hf_clip(copy.deepcopy(tiny_clip)).save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pipeline(clip_dir):
+    """A StableDiffusionPipeline trained for a few steps on one image per (object, style) at 16 px,
+    its text encoder the tiny CLIP's text tower (a test that edits it works on a deep copy)."""
+    from unlearn.sd import data as D
+    from unlearn.sd.model import UnetConfig, VaeConfig, build_pipeline, load_text_encoder, text_states
+    from unlearn.sd.train import encode_latents, train_unet, train_vae
+
+    images = D.render_images(0, D.TRAIN_STREAM, 1, 16)
+    x = images.as_float()
+    vae, _ = train_vae(x, VaeConfig(channels=[8, 16], steps=3, batch_size=16), seed=0)
+    latents, scale = encode_latents(vae, x)
+    vae.register_to_config(scaling_factor=scale)
+    te, tok = load_text_encoder(clip_dir)
+    templates = D.Templates()
+    prompts = [templates.prompt(o, s) for o in D.OBJECT_AXIS for s in D.STYLE_AXIS] + [""]
+    states = text_states(te, tok, prompts)
+    calls = []
+    unet, losses = train_unet(latents, images.objects * len(D.STYLE_AXIS) + images.styles, states, len(prompts) - 1,
+                              UnetConfig(channels=[16, 32], attention_head_dim=4, steps=4, batch_size=8, checkpoints=2), seed=0,
+                              checkpoint=lambda ema, step, s: calls.append(step))
+    assert calls == [2, 4] and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    return build_pipeline(vae, unet, te, tok)

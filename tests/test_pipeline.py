@@ -60,6 +60,11 @@ def repo(tmp_path_factory) -> Path:
                            "unet": {"channels": [16, 32], "attention_head_dim": 4, "steps": 4, "batch_size": 8, "checkpoints": 2}}
                for b in ("base", "base_small")},
             **{f"{m}.epochs": 2 for m in ("ft", "ga", "ga_ft", "salun")}, **{f"{m}.lr": 1e-3 for m in ("ft", "ga", "ga_ft", "salun")},
+            "unlearncanvas.targets": ["Sepia", "apple"], "unlearncanvas.images_per_prompt": 1, "unlearncanvas.train_images_per_cell": 1,
+            "unlearncanvas.slug.images_per_prompt": 1, "unlearncanvas.slug.forget_images_per_prompt": 1, "unlearncanvas.slug.max_layers": 1,
+            "unlearncanvas.slug.evals_per_layer": 2, **{f"unlearncanvas.{m}.iterations": 2 for m in ("esd", "salun", "ca")},
+            **{f"unlearncanvas.{m}.batch_size": 2 for m in ("esd", "salun", "ca")}, "unlearncanvas.salun.mask_batches": 1,
+            "unlearncanvas.ca.anchor_images": 1, "unlearncanvas_small.targets": ["Neon", "car"],
         },
     )
     _run(["git", "init", "-q"], repo)
@@ -85,7 +90,9 @@ def test_repro_writes_every_output(repo):
                                    "evaluate", "export", "forget_many", "compare_data", "compare", "report",
                                    "vlm_retain_stats", "vlm_base", "vlm_unlearn", "sd_judges", "sd_base", "sd_base_small",
                                    "sd_unlearn", "sd_unlearn_small",
-                                   *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd"))}
+                                   *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd")),
+                                   *(f"{s}{m}" for s in ("unlearncanvas", "unlearncanvas_small")
+                                     for m in ("_base", "_report", *(f"@{x}" for x in ("slug", "esd", "salun", "uce", "ca"))))}
 
 
 def test_repro_is_up_to_date_and_metrics_show(repo):
@@ -399,7 +406,7 @@ def test_a_stage_killed_under_dvc_repro_loses_nothing_and_recovers_identically(r
     assert "up to date" in _run([sys.executable, "-m", "dvc", "status"], repo).stdout  # check's stamp came out the same
 
 
-@pytest.mark.parametrize("stage", ["base_model", "curate", "gradients", "search"])
+@pytest.mark.parametrize("stage", ["base_model", "curate", "gradients", "search", "unlearncanvas_small@slug", "unlearncanvas_small@salun"])
 def test_a_stage_run_again_gives_the_same_output_hashes_and_nothing_downstream_reruns(repo, stage):
     """Run records (time, memory, host) live in runs/<stage>.json, outside DVC's outputs, so
     re-executing a stage whose inputs did not change leaves dvc.lock as it was."""
@@ -684,6 +691,57 @@ def test_sd_unlearn_writes_a_patch_that_turns_the_base_pipeline_into_the_unlearn
         meta = apply_sd_patch(pipe, repo / "models" / patch)
         assert meta["concept"] == "Mickey" and meta["track"] == "sd"
         assert all(torch.equal(v, unet[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
+    import safetensors.torch
+    from diffusers import StableDiffusionPipeline
+
+    from unlearn.sd.methods import apply_changed
+
+    for stage, targets in (("unlearncanvas", {"Sepia": "style", "apple": "object"}), ("unlearncanvas_small", {"Neon": "style", "car": "object"})):
+        m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
+        assert set(m["methods"]) == {"base", "slug", "esd", "salun", "uce", "ca"} and m["answer_set"]["images"] == 126
+        for method, s in m["methods"].items():
+            assert {(r["target"], r["axis"]) for r in s["rows"]} == set(targets.items()), method
+            for r in s["rows"]:
+                assert r["status"] == "ok" and all(0 <= r[k] <= 100 for k in ("UA", "IRA", "CRA")) and r["fid"] >= 0
+            assert "time_s" not in s and all("time_s" not in r for r in s["rows"])  # the cost is in the run records
+        assert all(s["stored_bytes"] > 0 for k, s in m["methods"].items() if k != "base")
+        assert all(r["changed_tensors"] == 1 and r["layer"].startswith("text_model.") for r in m["methods"]["slug"]["rows"])
+        record = json.loads((repo / "runs" / f"{stage}@esd.json").read_text())
+        assert all(r["time_s"] > 0 for r in record["rows"])
+        table = (repo / "plots" / f"{stage}.md").read_text()
+        assert all(f"| {k} |" in table for k in m["methods"]) and "Published" in table
+        assert (repo / "plots" / f"{stage}_scatter.png").stat().st_size > 5000 and (repo / "plots" / f"{stage}.csv").read_text().count("\n") == 13
+        # a method's saved tensors turn the base pipeline into its unlearned one
+        pipe = StableDiffusionPipeline.from_pretrained(repo / "models" / stage.replace("unlearncanvas", "sd_base"), local_files_only=True)
+        path = repo / "models" / stage / "uce" / f"{next(iter(targets))}.safetensors"
+        saved = safetensors.torch.load_file(path)
+        assert saved and all(k.startswith("unet.") and ".attn2.to_" in k for k in saved)
+        assert not all(torch.equal(v, pipe.unet.state_dict()[k.removeprefix("unet.")]) for k, v in saved.items())
+        assert apply_changed(pipe, path) == sorted(saved)
+        assert all(torch.equal(v, pipe.unet.state_dict()[k.removeprefix("unet.")]) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"unlearncanvas_small.targets": ["Sepia", "Elon Musk"]}, r"error: unlearncanvas_small.targets names 'Elon Musk', neither a style"),
+    ({"unlearncanvas.esd.steps": 3}, r"error: params.yaml unlearncanvas.esd has unknown keys steps"),
+], ids=["target", "config"])
+def test_unlearncanvas_bad_input_is_one_line_and_keeps_outputs(repo, bad, message):
+    outputs = [repo / "metrics" / "unlearncanvas_small" / "esd.json", *sorted((repo / "models" / "unlearncanvas_small" / "esd").iterdir()),
+               repo / "plots" / "unlearncanvas_small" / "esd.png"]
+    before = {p: p.read_bytes() for p in outputs}
+    original = (repo / "params.yaml").read_text()
+    try:
+        _set_params(repo, **bad)
+        proc = _run([sys.executable, "-m", "stages.unlearncanvas", "--stage", "unlearncanvas_small", "--method", "esd"], repo, check=False,
+                    HF_HUB_OFFLINE="1")
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1 and re.match(message, errors[0]), proc.stderr[-2000:]
+        assert {p: p.read_bytes() for p in outputs} == before
+    finally:
+        (repo / "params.yaml").write_text(original)
 
 
 SD_BAD = [

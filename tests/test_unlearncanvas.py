@@ -1,0 +1,151 @@
+"""The UnlearnCanvas benchmark's parts on the tiny pipeline: one contract over every registered
+diffusion method (it unlearns in place, changes only what it says it changed, is seeded), the
+methods' own guarantees (SalUn's mask, UCE's closed form), and the protocol's aggregation."""
+
+import copy
+
+import pytest
+import torch
+
+from unlearn.errors import UnlearnError
+from unlearn.sd import data as D
+from unlearn.sd.canvas import PUBLISHED, answer_set, check_targets, leaderboard, means, named_mask, score
+from unlearn.sd.evaluate import SampleConfig
+from unlearn.sd.methods import Context, Diverged, check_methods, config_of, methods, run_method
+from unlearn.sd.unlearn import Target
+
+TINY = {"esd": {"iterations": 3, "batch_size": 2, "lr": 1e-3}, "salun": {"iterations": 3, "batch_size": 2, "mask_batches": 1, "lr": 1e-3},
+        "ca": {"iterations": 3, "batch_size": 2, "anchor_images": 1, "lr": 1e-3}, "uce": {}}
+UNET_METHODS = sorted(set(methods()) - {"slug"})  # every registered method but SLUG (its CLIP side: tests/test_pipeline.py)
+
+
+@pytest.fixture(scope="module")
+def real():
+    return D.render_images(0, D.TRAIN_STREAM, 1, 16)
+
+
+def _context(pipe, target: Target, real) -> Context:
+    named = (real.styles == D.STYLE_AXIS.index(target.name)) if target.axis == "style" else (real.objects == D.OBJECT_AXIS.index(target.name))
+    sub = lambda keep: D.Images(real.pixels[keep], real.objects[keep], real.styles[keep])  # noqa: E731
+    return Context(pipe, target, D.Templates(), sub(named), sub(~named), SampleConfig(steps=2, images_per_prompt=1, batch_size=64), 16, 7)
+
+
+def test_every_diffusion_method_is_registered_with_its_config():
+    assert set(methods()) == {"slug", "esd", "salun", "uce", "ca"}
+    assert config_of("esd", {"iterations": 5}, "unlearncanvas")["iterations"] == 5
+    with pytest.raises(UnlearnError, match=r"unlearncanvas.esd has unknown keys steps"):
+        config_of("esd", {"steps": 5}, "unlearncanvas")
+    with pytest.raises(UnlearnError, match=r"^unlearncanvas.salun.mask_fraction is 1.5; it must be in \(0, 1\]$"):
+        config_of("salun", {"mask_fraction": 1.5}, "unlearncanvas")
+    with pytest.raises(UnlearnError, match=r"^unlearncanvas.esd.iterations is 0; it must be > 0$"):
+        config_of("esd", {"iterations": 0}, "unlearncanvas")
+    with pytest.raises(UnlearnError, match=r"^unlearncanvas.methods names an unknown method 'fmn'; known: ca, esd, salun, slug, uce$"):
+        check_methods(["esd", "fmn"], "unlearncanvas.methods")
+
+
+@pytest.mark.parametrize("method", UNET_METHODS)
+@pytest.mark.parametrize("target", [Target("Sepia", "style"), Target("apple", "object")], ids=["style", "object"])
+def test_a_unet_method_changes_only_the_unet_tensors_it_returns_and_is_seeded(pipeline, real, method, target):
+    pipe = copy.deepcopy(pipeline)
+    before = {f"{part}.{n}": t.detach().clone() for part in ("unet", "vae", "text_encoder") for n, t in getattr(pipe, part).state_dict().items()}
+    result = run_method(method, _context(pipe, target, real), TINY.get(method, {}), "unlearncanvas")
+    after = {f"{part}.{n}": t for part in ("unet", "vae", "text_encoder") for n, t in getattr(pipe, part).state_dict().items()}
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all(n.startswith("unet.") for n in moved)  # the text encoder and the autoencoder never move
+    assert moved <= set(result.changed)  # what it ships covers every change ...
+    assert all(torch.equal(result.changed[n], after[n]) for n in result.changed)  # ... with the new values
+    again = copy.deepcopy(pipeline)
+    run_method(method, _context(again, target, real), TINY.get(method, {}), "unlearncanvas")
+    assert all(torch.equal(t, again.unet.state_dict()[n.removeprefix("unet.")]) for n, t in result.changed.items())
+    if method in ("esd", "ca", "uce"):
+        assert all(".attn2." in n for n in moved)  # cross-attention only
+    if method in ("ca", "uce"):
+        assert all(".attn2.to_k." in n or ".attn2.to_v." in n for n in moved)
+
+
+def test_salun_moves_only_the_salient_half_of_the_unet(pipeline, real):
+    pipe = copy.deepcopy(pipeline)
+    before = {n: t.detach().clone() for n, t in pipe.unet.named_parameters()}
+    result = run_method("salun", _context(pipe, Target("Sepia", "style"), real), TINY["salun"], "unlearncanvas")
+    d = result.details
+    assert d["mask_total"] == sum(t.numel() for t in before.values()) and abs(d["mask_kept"] / d["mask_total"] - 0.5) < 0.01
+    moved = sum(int((t.detach() != before[n]).sum()) for n, t in pipe.unet.named_parameters())
+    assert 0 < moved <= d["mask_kept"]
+
+
+def test_uce_maps_the_target_onto_its_anchor_and_keeps_the_preserved(pipeline, real):
+    from unlearn.sd.methods.common import attn2_params
+    from unlearn.sd.methods.uce import name_states
+
+    pipe = copy.deepcopy(pipeline)
+    s, ends = name_states(pipe, ["Sepia", D.PHOTO, "Neon"])
+    n = int(ends[:2].max()) + 1
+    c, ca, cp = s[0, :n], s[1, :n], s[2, : int(ends[2]) + 1]
+    old = {k: p.detach().clone() for k, p in attn2_params(pipe.unet, ("to_k", "to_v")).items()}
+    run_method("uce", _context(pipe, Target("Sepia", "style"), real), {"lamb": 1e-3}, "unlearncanvas")
+    for k, p in attn2_params(pipe.unet, ("to_k", "to_v")).items():
+        w, w1 = old[k], p.detach()
+        gap_before, gap_after = (c @ w.T - ca @ w.T).norm(), (c @ w1.T - ca @ w.T).norm()
+        assert gap_after < 0.2 * gap_before  # the target now reads (nearly) as the anchor
+        assert (cp @ w1.T - cp @ w.T).norm() < 0.2 * gap_before  # a preserved concept reads (nearly) as before
+
+
+def test_a_diverging_method_raises_diverged(pipeline, real):
+    with pytest.raises(Diverged, match=r"^esd: the loss is (nan|inf) at step \d+; lower its lr$"):
+        run_method("esd", _context(copy.deepcopy(pipeline), Target("Sepia", "style"), real), {**TINY["esd"], "lr": 1e12, "iterations": 20},
+                   "unlearncanvas")
+
+
+def test_answer_set_and_scores():
+    full, no_photo = answer_set(D.Templates(), 2, True), answer_set(D.Templates(), 1, False)
+    cells = len(D.OBJECT_AXIS) * len(D.STYLE_AXIS)
+    assert len(full) == 2 * cells and full.prompts[:cells] == full.prompts[cells:]
+    assert len(no_photo) == len(D.OBJECT_AXIS) * (len(D.STYLE_AXIS) - 1) and not any(p.startswith("A photo") for p in no_photo.prompts)
+    truth = {"object": full.objects.clone(), "style": full.styles.clone()}
+    sepia = Target("Sepia", "style")
+    assert score(full, truth, sepia) == {"UA": 0.0, "IRA": 100.0, "CRA": 100.0}
+    named = named_mask(full, sepia)
+    assert int(named.sum()) == 2 * len(D.OBJECT_AXIS)
+    pred = {"object": truth["object"].clone(), "style": truth["style"].clone()}
+    pred["style"][named] = D.STYLE_AXIS.index("Neon")  # every Sepia drawing looks Neon: forgotten
+    pred["style"][~named & (truth["style"] == D.STYLE_AXIS.index("Neon"))] = 0  # and the Neon ones lost
+    pred["object"][named] = 0  # the object of a named drawing does not count in CRA
+    s = score(full, pred, sepia)
+    others = int((~named).sum())
+    assert s["UA"] == 100.0 and s["IRA"] == round(100 * (others - 2 * len(D.OBJECT_AXIS)) / others, 2) and s["CRA"] == 100.0
+    rows = [{"axis": "style", "status": "ok", "UA": 90.0, "IRA": 80.0, "CRA": 70.0, "fid": 1.0},
+            {"axis": "style", "status": "failed", "UA": None, "IRA": None, "CRA": None, "fid": None},
+            {"axis": "object", "status": "ok", "UA": 50.0, "IRA": 40.0, "CRA": 30.0, "fid": 3.0},
+            {"axis": "object", "status": "ok", "UA": 70.0, "IRA": 60.0, "CRA": 50.0, "fid": 5.0}]
+    m = means(rows)
+    assert m["style"] == {"UA": 90.0, "IRA": 80.0, "CRA": 70.0, "fid": 1.0, "targets": 2, "failed": 1}
+    assert m["object"]["UA"] == 60.0 and m["object"]["fid"] == 4.0
+    table = leaderboard({"esd": m | {"stored_bytes": 2e6, "time_s": 3.0, "peak_memory_mb": 1024}}, timed=True)
+    assert "| esd | 90.00 | 80.00 | 70.00 | 60.00 | 50.00 | 40.00 | 2.50 | 3.0 | 1.00 | 2.000 | 1 |" in table
+    assert all(f"| {name} |" in table for name in PUBLISHED) and "time s" not in leaderboard({"esd": m | {"stored_bytes": None}}, timed=False).splitlines()[0]
+
+
+def test_targets_must_be_styles_or_objects_of_the_canvas():
+    assert [t.axis for t in check_targets(["Sepia", "apple"], "k")] == ["style", "object"]
+    with pytest.raises(UnlearnError, match=r"^unlearncanvas.targets names 'Elon Musk', neither a style \(.*\) nor an object \(.*\) of the canvas"):
+        check_targets(["Elon Musk"], "unlearncanvas.targets")
+    with pytest.raises(UnlearnError, match="names a target twice"):
+        check_targets(["Sepia", "Sepia"], "unlearncanvas.targets")
+    with pytest.raises(UnlearnError, match="photo"):
+        check_targets([D.PHOTO], "unlearncanvas.targets")
+
+
+def test_saved_tensors_turn_the_base_pipeline_into_the_unlearned_one(pipeline, real, tmp_path):
+    import safetensors.torch
+
+    from unlearn.sd.methods import apply_changed
+
+    pipe = copy.deepcopy(pipeline)
+    result = run_method("ca", _context(pipe, Target("apple", "object"), real), TINY["ca"], "unlearncanvas")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in result.changed.items()}, tmp_path / "apple.safetensors")
+    fresh = copy.deepcopy(pipeline)
+    assert apply_changed(fresh, tmp_path / "apple.safetensors") == sorted(result.changed)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.unet.state_dict().values(), pipe.unet.state_dict().values()))
+    safetensors.torch.save_file({"unet.no.such.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(UnlearnError, match=r"sets unet.no.such.weight \[2\], which this pipeline lacks"):
+        apply_changed(fresh, tmp_path / "other.safetensors")

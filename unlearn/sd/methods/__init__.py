@@ -1,0 +1,142 @@
+"""Diffusion unlearning methods for the UnlearnCanvas benchmark, one file each, registered by
+name: SLUG (slug.py, the text-encoder edit of `sd_unlearn`), ESD-x (esd.py), SalUn (salun.py),
+UCE (uce.py) and concept ablation (ca.py).  `methods()` finds them; `run_method(name, ctx,
+params)` unlearns `ctx.pipe` in place for `ctx.target` and returns a `Result`.
+
+A method is one file here that decorates its `run(ctx, cfg) -> Result` with
+`@register(name, ConfigDataclass, summary)`; its config is its own section of params.yaml
+(`unlearncanvas.<name>`), unknown or missing keys being one-line errors.  Shared rules
+(README "UnlearnCanvas"):
+- a method edits the pipeline in place and returns the tensors it changed (`Result.changed`,
+  what it would have to ship: their safetensors size is its storage);
+- the time the stage reports is the wall time of `run` (SalUn's mask included), nothing else;
+- a loss that turns NaN or inf raises `Diverged`: the stage records the row as failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from unlearn.errors import UnlearnError
+from unlearn.params import as_config
+
+
+class Diverged(UnlearnError):
+    """A method's loss became NaN or inf."""
+
+
+@dataclass
+class Result:
+    changed: dict[str, torch.Tensor]            # pipeline tensor name ("unet.<name>", "text_encoder.<name>") -> its new value
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a method gets: the pipeline (edited in place) and its frozen copy of the UNet, the
+    target, the prompts, real images of the target's cells (`forget`) and of the others
+    (`retain`, uint8 `unlearn.sd.data.Images`), the sampler, and for SLUG its CLIP side
+    (`slug`: an `unlearn.sd.methods.slug.SlugInputs`)."""
+
+    pipe: object
+    target: object                 # unlearn.sd.unlearn.Target
+    templates: object              # unlearn.sd.data.Templates
+    forget: object                 # Images
+    retain: object                 # Images
+    sample: object                 # unlearn.sd.evaluate.SampleConfig
+    size: int
+    validation_seed: int           # the seeds of decisions made on drawings (SLUG's search); never the answer set's
+    judges: object = None
+    slug: object = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: Callable[[dict, str], object]
+    run: Callable[[Context, object], Result]
+    summary: str
+
+
+_METHODS: dict[str, Method] = {}
+_DISCOVERED = False
+
+
+def register(name: str, config: type, summary: str) -> Callable:
+    def wrap(run):
+        if name in _METHODS and _METHODS[name].run is not run:
+            raise RuntimeError(f"diffusion method {name!r} is registered twice")
+        _METHODS[name] = Method(name, lambda values, key: as_config(config, values, key), run, summary)
+        return run
+
+    return wrap
+
+
+def methods() -> dict[str, Method]:
+    global _DISCOVERED
+    if not _DISCOVERED:
+        import unlearn.sd.methods as package
+
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name != "common":
+                importlib.import_module(f"{package.__name__}.{info.name}")
+        _DISCOVERED = True
+    return dict(sorted(_METHODS.items()))
+
+
+def check_methods(names: list, key: str) -> list[str]:
+    known = methods()
+    if not names:
+        raise UnlearnError(f"{key} is empty; list methods from: {', '.join(known)}")
+    for n in names:
+        if str(n) not in known:
+            raise UnlearnError(f"{key} names an unknown method {n!r}; known: {', '.join(known)}")
+    if len(set(map(str, names))) != len(names):
+        raise UnlearnError(f"{key} names a method twice: {', '.join(map(str, names))}")
+    return [str(n) for n in names]
+
+
+def run_method(name: str, ctx: Context, params: dict, key: str) -> Result:
+    method = methods()[check_methods([name], key)[0]]
+    return method.run(ctx, method.config(dict(params), f"{key}.{name}"))
+
+
+def apply_changed(pipe, path) -> list[str]:
+    """Load a method's saved tensors (models/unlearncanvas/<method>/<target>.safetensors) into a
+    base pipeline in place: the one call that makes it that unlearned pipeline.  A tensor the
+    pipeline lacks, or of another shape, is a one-line error (a file for another pipeline)."""
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(path))
+    for name, value in tensors.items():
+        part, _, rest = name.partition(".")
+        params = dict(getattr(pipe, part).named_parameters()) if getattr(pipe, part, None) is not None else {}
+        if rest not in params or params[rest].shape != value.shape:
+            raise UnlearnError(f"{path} sets {name} {list(value.shape)}, which this pipeline lacks; apply it to the pipeline it was made from")
+        with torch.no_grad():
+            params[rest].copy_(value.to(params[rest]))
+    return sorted(tensors)
+
+
+def config_of(name: str, params: dict, key: str) -> dict:
+    """The method's config as a dict (recorded in the metrics)."""
+    method = methods()[name]
+    return dataclasses.asdict(method.config(dict(params), f"{key}.{name}"))
+
+
+def check_ranges(cfg, key: str, positive: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:
+    """A config's numbers in range: `positive` > 0, `unit` in (0, 1]; else a one-line error."""
+    for name in positive:
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and v > 0):
+            raise UnlearnError(f"unlearncanvas.{key}.{name} is {v!r}; it must be > 0")
+    for name in unit:
+        v = getattr(cfg, name)
+        if not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise UnlearnError(f"unlearncanvas.{key}.{name} is {v!r}; it must be in (0, 1]")

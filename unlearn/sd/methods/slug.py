@@ -1,0 +1,78 @@
+"""SLUG on the text encoder, the edit of stage `sd_unlearn` (`unlearn.sd.unlearn`) for one
+UnlearnCanvas target: the forget gradient of the CLIP whose text tower is the pipeline's text
+encoder on the target's forget pairs (curated from the shards), the shared retain statistics
+(their input moments mixed with the pipeline's own prompts of the other concepts), a ranking of
+the text tensors the pipeline reads, and the step search judged on validation drawings.  One
+tensor of the text encoder changes; the UNet and the autoencoder never do."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from unlearn.params import as_config
+from unlearn.sd.methods import Context, Result, check_ranges, register
+
+
+@dataclass(frozen=True)
+class SlugInputs:
+    """SLUG's CLIP side, given by the stage: a loader of the CLIP (a fresh copy per target), the
+    shared retain statistics, the concept table lookup, the forget curation, and the slug.search
+    and slug.rank sections the benchmark's own keys complete."""
+
+    load_clip: Callable[[], object]
+    retain: object
+    concept_of: Callable[[str], object]
+    curate: Callable[[object, Path], dict]
+    batch_size: int
+    search: dict
+    rank: dict
+
+
+@dataclass(frozen=True)
+class SlugConfig:
+    forget_rate: float = 0.05
+    max_drop: float = 0.05
+    images_per_prompt: int = 1
+    forget_images_per_prompt: int = 4
+    max_layers: int = 3
+    evals_per_layer: int = 10
+    damping: float = 0.1
+    prompt_moments: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges(self, "slug", positive=("images_per_prompt", "forget_images_per_prompt", "max_layers", "evals_per_layer", "damping"))
+
+
+@register("slug", SlugConfig, "SLUG: one text-encoder tensor edited along its (retain-preconditioned) forget gradient, step searched")
+def run(ctx: Context, cfg: SlugConfig) -> Result:
+    from unlearn.data.pairs import pair_batches
+    from unlearn.methods.slug import RankConfig, SearchConfig, apply_edit, find_edit
+    from unlearn.sd.unlearn import SdEvaluator, mix_prompt_moments, pipeline_name, reads, retain_prompts, tie_text_encoder, used_layers
+
+    inputs: SlugInputs = ctx.slug
+    clip = inputs.load_clip()
+    tie_text_encoder(ctx.pipe, clip.model, "the base pipeline", "the CLIP")
+    concept = inputs.concept_of(ctx.target.name)
+    retain = dataclasses.replace(inputs.retain, moments=mix_prompt_moments(clip, inputs.retain.moments, retain_prompts(ctx.target, ctx.templates),
+                                                                            cfg.prompt_moments))
+    search = as_config(SearchConfig, {**inputs.search, "forget_top1": cfg.forget_rate, "forget_top5": cfg.forget_rate,
+                                      "max_identity_drop": cfg.max_drop, "max_object_drop": cfg.max_drop, "max_style_drop": cfg.max_drop,
+                                      "max_layers": cfg.max_layers, "evals_per_layer": cfg.evals_per_layer, "damping": cfg.damping},
+                       "slug.search + unlearncanvas.slug")
+    rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
+    val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, ctx.sample, cfg.images_per_prompt, ctx.validation_seed, ctx.size,
+                      forget_per_prompt=cfg.forget_images_per_prompt)
+    n_used = used_layers(ctx.pipe)
+    with tempfile.TemporaryDirectory(prefix="canvas_forget_") as tmp:
+        forget = inputs.curate(concept, Path(tmp))
+        edit, times = find_edit(clip, lambda: pair_batches(tmp, clip.preprocess, clip.tokenize, inputs.batch_size), retain, val, concept.kind,
+                                rank, search, keep=lambda n: reads(n, n_used))
+    apply_edit(clip, edit.layer, edit.delta)  # the pipeline's text encoder is the CLIP's text tower
+    name = pipeline_name(edit.layer)
+    return Result({f"text_encoder.{name}": dict(ctx.pipe.text_encoder.named_parameters())[name].detach().cpu().clone()},
+                  {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows), "forget_pairs": forget["count"],
+                   "phases_s": {k: round(v, 2) for k, v in times.items() if not k.startswith("evals_")}})
