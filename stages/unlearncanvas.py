@@ -22,7 +22,6 @@ import safetensors.torch
 import torch
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
-from unlearn.data.curate import curate_forget, resolve_concept
 from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs
 from unlearn.params import as_config, stage_params
@@ -37,7 +36,7 @@ from unlearn.sd.methods import Context, Diverged, check_methods, config_of, run_
 from unlearn.sd.methods import methods as registered
 from unlearn.sd.model import load_pipeline
 
-CLIP, JUDGES, SHARDS, STATS, RETAIN, CANVAS = "models/hf/base", "models/sd_judges", "data/laion", "models/vlm_retain", "data/retain", "data/eval/canvas"
+JUDGES, CANVAS = "models/sd_judges", "data/eval/canvas"
 VALIDATION = 1_000_000
 log = logging.getLogger("unlearncanvas")
 
@@ -119,17 +118,9 @@ def main() -> None:
         real = render_images(int(p("data.synthetic.seed")), TRAIN_STREAM, per_cell, size)
         slug_inputs = None
         if args.method == "slug":
-            from unlearn.methods.retain_stats import load_retain_stats
-            from unlearn.models.adapter import load
-            from unlearn.sd.methods.slug import SlugInputs
+            from unlearn.sd.methods.slug import slug_inputs as build_slug_inputs
 
-            retain_stats, _ = load_retain_stats(STATS, load(CLIP, device=device), CLIP, f"{RETAIN}/manifest.json")
-            table = p("concepts")
-            slug_inputs = SlugInputs(load_clip=lambda: load(CLIP, device=device), retain=retain_stats,
-                                     concept_of=lambda name: resolve_concept(name, table),
-                                     curate=lambda c, d: curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), d,
-                                                                       joined=bool(p("curate.joined"))),
-                                     batch_size=int(p("gradients.batch_size")), search=dict(p("slug.search")), rank=dict(p("slug.rank")))
+            slug_inputs = build_slug_inputs(p, device)
         for t in targets:
             pipe = load_pipeline(base_dir, device)
             keep = torch.zeros(len(real), dtype=torch.bool)

@@ -15,11 +15,13 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def _stages():
-    """Every stage as DVC names it: a foreach stage over compare.methods gives `name@method`."""
+    """Every stage as DVC names it: a foreach stage over a params list (`${compare.methods}`) gives
+    `name@item` for every item of that list."""
     for name, spec in DVC["stages"].items():
         if "foreach" in spec:
-            assert spec["foreach"] == "${compare.methods}"
-            yield from (f"{name}@{m}" for m in PARAMS["compare"]["methods"])
+            ref = re.fullmatch(r"\$\{([\w.]+)\}", spec["foreach"])
+            assert ref, f"stage {name}: foreach {spec['foreach']!r} is not a params list"
+            yield from (f"{name}@{m}" for m in lookup(PARAMS, ref.group(1)))
         else:
             yield name
 
@@ -32,14 +34,20 @@ def test_stage_reads_only_declared_params(stage):
     assert cmd, f"stage {stage}: cmd {spec['cmd']!r} is not `python -m stages.NAME [--opt value ...]`"
     module, args = cmd.group(1), dict(re.findall(r"--([\w-]+) (\S+)", cmd.group(3)))
     source = (ROOT / "stages" / f"{module}.py").read_text()
-    if "stage" in args or 'stage_params(args.stage)' in source:  # one script serving several stages, named by --stage
+    if "method" in args:  # stages.unlearncanvas: --stage <benchmark> --method base | <method>
+        method = args["method"].replace("${item}", item)
+        assert (f"{args['stage']}_base" if method == "base" else f"{args['stage']}@{method}") == stage
+        assert "stage_params(run_name)" in source and 'run_name = f"{args.stage}_base" if args.method == "base" else f"{args.stage}@{args.method}"' in source
+    elif "stage_params(f\"{args.stage}_report\")" in source:  # stages.unlearncanvas_report: --stage <benchmark>
+        assert f"{args['stage']}_report" == stage
+    elif "stage" in args or 'stage_params(args.stage)' in source:  # one script serving several stages, named by --stage
         assert 'stage_params(args.stage)' in source
         assert args.get("stage", re.search(r'add_argument\("--stage", default="(\w+)"\)', source).group(1)) == stage
     else:
         assert (f'stage_params(f"{name}@{{' if item else f'stage_params("{stage}")') in source
     declared = declared_params(DVC, stage)
     if item:
-        assert item in declared  # the method's own params section
+        assert any(d == item or d.endswith("." + item) for d in declared)  # the method's own params section
     for key in declared:
         lookup(PARAMS, key)  # raises KeyError if params.yaml lacks a declared key
     read = re.findall(r'\bp\("([\w.]+)"', source)

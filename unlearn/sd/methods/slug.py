@@ -32,6 +32,25 @@ class SlugInputs:
     rank: dict
 
 
+CLIP, SHARDS, STATS, RETAIN = "models/hf/base", "data/laion", "models/vlm_retain", "data/retain"
+
+
+def slug_inputs(p, device: str) -> SlugInputs:
+    """SLUG's CLIP side from the stage's params `p`: the CLIP whose text tower the pipeline reads
+    (models/hf/base), its shared retain statistics (stage `vlm_retain_stats`), the concept table
+    and the curation of the forget pairs from the shards, as stage `sd_unlearn` does."""
+    from unlearn.data.curate import curate_forget, resolve_concept
+    from unlearn.methods.retain_stats import load_retain_stats
+    from unlearn.models.adapter import load
+
+    retain, _ = load_retain_stats(STATS, load(CLIP, device=device), CLIP, f"{RETAIN}/manifest.json")
+    table = p("concepts")
+    forget_max, seed, joined = int(p("curate.forget_max")), int(p("curate.seed")), bool(p("curate.joined"))
+    return SlugInputs(load_clip=lambda: load(CLIP, device=device), retain=retain, concept_of=lambda name: resolve_concept(name, table),
+                      curate=lambda c, d: curate_forget(SHARDS, c, forget_max, seed, d, joined=joined),
+                      batch_size=int(p("gradients.batch_size")), search=dict(p("slug.search")), rank=dict(p("slug.rank")))
+
+
 @dataclass(frozen=True)
 class SlugConfig:
     forget_rate: float = 0.05
