@@ -25,7 +25,7 @@ def real():
 
 
 def _context(pipe, target: Target, real) -> Context:
-    named = (real.styles == D.STYLE_AXIS.index(target.name)) if target.axis == "style" else (real.objects == D.OBJECT_AXIS.index(target.name))
+    named = named_mask(real, target)
     sub = lambda keep: D.Images(real.pixels[keep], real.objects[keep], real.styles[keep])  # noqa: E731
     return Context(pipe, target, D.Templates(), sub(named), sub(~named), SampleConfig(steps=2, images_per_prompt=1, batch_size=64), 16, 7)
 

@@ -79,11 +79,12 @@ def check_targets(names: list, key: str, seed_images: bool = True) -> list[Targe
     return out
 
 
-def named_mask(answers: AnswerSet, target: Target) -> torch.Tensor:
-    """The answers whose prompt names the target."""
+def named_mask(labelled, target: Target) -> torch.Tensor:
+    """The items (an AnswerSet's prompts, or `unlearn.sd.data.Images`: anything with `objects`
+    and `styles` indices) of the target's cells."""
     if target.axis == "object":
-        return answers.objects == OBJECT_AXIS.index(target.name)
-    return answers.styles == STYLE_AXIS.index(target.name)
+        return labelled.objects == OBJECT_AXIS.index(target.name)
+    return labelled.styles == STYLE_AXIS.index(target.name)
 
 
 def score(answers: AnswerSet, pred: dict[str, torch.Tensor], target: Target) -> dict[str, float]:
