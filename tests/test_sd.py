@@ -116,6 +116,33 @@ def test_judged_answer_set_counts_every_prompt(pipeline, tmp_path):
         assert acc[axis]["accuracy"] == round(float((judges[axis].predict(drawn) == labels).float().mean()), 4)
 
 
+def test_the_search_evaluator_draws_the_rest_set_once_per_text_encoder_state(pipeline, monkeypatch):
+    from unlearn.sd import unlearn as U
+
+    images = D.render_images(0, D.JUDGE_STREAM, 1, 16)
+    cfg = JudgeConfig(channels=[8], steps=2, batch_size=16)
+    judges = {"object": train_judge(images.as_float(), images.objects, list(D.OBJECT_AXIS), cfg)[0],
+              "style": train_judge(images.as_float(), images.styles, list(D.STYLE_AXIS), cfg)[0]}
+    drawn = []
+    monkeypatch.setattr(U, "generate", lambda pipe, prompts, *a, **k: drawn.append(len(prompts)) or generate(pipe, prompts, *a, **k))
+    pipe = copy.deepcopy(pipeline)
+    ev = U.SdEvaluator(pipe, judges, U.target_of("Sepia", "style"), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
+    rest = ev.sizes["retain"]
+    both = ev.evaluate(sets=("retain", "utility"))
+    assert ev.evaluate(sets=("retain",))["retain_top1"] == both["retain_top1"]
+    assert ev.evaluate(sets=("utility",))["utility_top1"] == both["utility_top1"]
+    assert drawn == [rest]  # one drawing of the rest set served three calls
+    first = ev.images["rest"].clone()
+    name, param = next((n, p) for n, p in pipe.text_encoder.named_parameters() if "fc2.weight" in n)
+    with torch.no_grad():
+        param.add_(torch.randn_like(param))
+    ev.evaluate(sets=("retain",))
+    assert drawn == [rest, rest] and not torch.equal(ev.images["rest"], first)  # a changed text encoder draws again
+    fresh = U.SdEvaluator(copy.deepcopy(pipe), judges, U.target_of("Sepia", "style"), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
+    fresh.evaluate(sets=("retain",))
+    assert torch.equal(fresh.images["rest"], ev.images["rest"]), name  # the cache holds what a fresh drawing gives
+
+
 def test_target_prompts_and_other_names():
     from unlearn.sd.unlearn import prompt_sets, target_of
 

@@ -151,6 +151,39 @@ def test_search_layers_reports_non_convergence(adapter):
     assert choice["converged"] is False and len(rows) == 3
 
 
+@pytest.mark.parametrize("stop", ["all", "first"])
+def test_search_stop_first_skips_the_layers_after_the_first_that_passes(adapter, stop):
+    class Passes:
+        """The forget accuracy falls with the step on every layer; the guard always holds."""
+
+        def __init__(self):
+            self.layers = []
+
+        def prepare(self, edited):
+            self.layers.append(edited)
+
+        def evaluate(self, edited=None, sets=("forget", "retain", "utility")):
+            p = dict(adapter.model.named_parameters())[edited] if edited else None
+            moved = 0.0 if p is None else float((p.detach() - originals[edited]).norm() / originals[edited].norm())
+            full = {"forget_top1": 0.0 if moved >= 0.3 else 0.5, "forget_top5": 0.0 if moved >= 0.3 else 1.0,
+                    "retain_top1": 0.9, "retain_top5": 1.0, "utility_top1": 0.9, "utility_top5": 1.0}
+            return {k: v for k, v in full.items() if k.split("_")[0] in sets}
+
+    layers = ["visual.proj", "text_projection"]
+    params = dict(adapter.model.named_parameters())
+    originals = {n: params[n].detach().clone() for n in layers}
+    grads = {n: torch.ones_like(p) for n, p in params.items()}
+    ev = Passes()
+    cfg = slug.SearchConfig(max_layers=2, rho_start=0.1, rho_max=1.6, evals_per_layer=4, stop=stop)
+    rows, choice = slug.search_layers(adapter, ev, grads, layers, cfg, ev.evaluate(), "identity")
+    assert choice["converged"] is True and choice["layer"] == "visual.proj" and choice["forget_top1"] == 0.0
+    assert ev.layers == (layers[:1] if stop == "first" else layers)
+    assert {r["layer"] for r in rows} == set(ev.layers)
+    assert all(torch.equal(params[n], originals[n]) for n in layers)  # the search leaves the model as it was
+    with pytest.raises(UnlearnError, match=r"^slug.search.stop is 'best'; use all .* or first"):
+        slug.SearchConfig(stop="best")
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_clip):
     return tiny_clip

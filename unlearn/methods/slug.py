@@ -376,9 +376,13 @@ class SearchConfig:
     direction: str = "retain_preconditioned"  # or gradient: g_f (the paper); see step_directions
     damping: float = 0.1           # lam of retain_preconditioned, as a fraction of the mean eigenvalue of C_r
     evaluate: str = "decisions"    # decisions: retain and other-kind sets scored only where the choice reads them (see search_layers) | all
+    stop: str = "all"              # all: search every planned layer, keep the best | first: stop at the first layer (by Pareto rank) that passes
 
     def __post_init__(self) -> None:
         check_direction(self.direction, self.damping)
+        if self.stop not in ("all", "first"):
+            raise UnlearnError(f"slug.search.stop is {self.stop!r}; use all (search every planned layer and keep the best) or first "
+                               "(stop at the first layer, by Pareto rank, whose edit passes the forget criterion and the guard)")
         unknown = set(self.top5_kinds) - set(KINDS)
         if unknown:
             raise UnlearnError(f"slug.search.top5_kinds names {sorted(unknown)}; use kinds of the concept table ({', '.join(KINDS)})")
@@ -432,7 +436,9 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     itself when the margin step fails the guard).  The choice: among layers whose edit passes
     the forget criterion and the utility guard, those whose margin step passed first, then the
     highest mean of retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
-    the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead.
+    the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead.  With
+    `cfg.stop == "first"` the layers after the first that passes are not searched (the reference's
+    one front layer, at a fraction of the evaluations; the choice may differ from `all`'s).
 
     With `cfg.evaluate == "decisions"` every step is scored on the target's images, and on the
     retain and other-kind sets only where the choice reads them: a layer's margin step when it
@@ -512,6 +518,8 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
                      final["guard_ok"])
             if final["forget_ok"] and final["guard_ok"]:
                 passing.append(final)
+                if cfg.stop == "first":
+                    break
         else:
             log.info("%s: no step up to rho %.4g passes the forget criterion", layer, cfg.rho_max)
     if passing:

@@ -14,11 +14,14 @@ the keys SLUG's search reads:
 - retain (`retain_top1`): the prompts of every other concept of the target's axis, the judge's
   accuracy on that axis (IRA);
 - utility (`utility_top1`): the same drawings, the other axis's judge accuracy (CRA).
-A drawing has no top 5, so `_top5` repeats `_top1`.  UA = 1 - forget.
+A drawing has no top 5, so `_top5` repeats `_top1`.  UA = 1 - forget.  The retain and utility
+sets are the same drawings: they are drawn once per state of the text encoder (the search scores
+them in two calls), and drawn again only when a text-encoder tensor changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +147,16 @@ class SdEvaluator:
         self.pipe, self.judges, self.target, self.sample, self.seed, self.size = pipe, judges, target, sample, seed, size
         self.sets = prompt_sets(target, templates, per_prompt, name_as, forget_per_prompt)
         self.images: dict[str, torch.Tensor] = {}
+        self._rest_state: bytes | None = None
+
+    def _text_state(self) -> bytes:
+        """A digest of every text-encoder tensor: the drawings are a function of it (UNet,
+        autoencoder, prompts and seeds are fixed)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, t in self.pipe.text_encoder.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.digest()
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -167,7 +180,10 @@ class SdEvaluator:
             pred = self.judges[t.axis].predict(x)
             out["forget_top1"] = out["forget_top5"] = float((pred == self.labels("forget", t.axis)).float().mean())
         if "retain" in sets or "utility" in sets:
-            x = self.images["rest"] = generate(self.pipe, self.sets["rest"][0], self.sample, self.seed + 1, self.size)
+            state = self._text_state()
+            if state != self._rest_state:
+                self.images["rest"], self._rest_state = generate(self.pipe, self.sets["rest"][0], self.sample, self.seed + 1, self.size), state
+            x = self.images["rest"]
             for key, axis in (("retain", t.axis), ("utility", t.other)):
                 if key in sets:
                     pred = self.judges[axis].predict(x)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from unlearn.errors import UnlearnError
 from unlearn.params import as_config
 from unlearn.sd.methods import Context, Result, check_ranges, register
 
@@ -61,9 +62,13 @@ class SlugConfig:
     evals_per_layer: int = 10
     damping: float = 0.1
     prompt_moments: float = 0.5
+    stop: str = "first"   # first: stop at the first layer (by Pareto rank) that passes, as the reference edits one front layer | all
 
     def __post_init__(self) -> None:
         check_ranges(self, "slug", positive=("images_per_prompt", "forget_images_per_prompt", "max_layers", "evals_per_layer", "damping"))
+        if self.stop not in ("all", "first"):
+            raise UnlearnError(f"unlearncanvas.slug.stop is {self.stop!r}; use first (stop at the first layer that passes) or all "
+                               "(search max_layers layers and keep the best)")
 
 
 @register("slug", SlugConfig, "SLUG: one text-encoder tensor edited along its (retain-preconditioned) forget gradient, step searched")
@@ -80,7 +85,8 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
                                                                             cfg.prompt_moments))
     search = as_config(SearchConfig, {**inputs.search, "forget_top1": cfg.forget_rate, "forget_top5": cfg.forget_rate,
                                       "max_identity_drop": cfg.max_drop, "max_object_drop": cfg.max_drop, "max_style_drop": cfg.max_drop,
-                                      "max_layers": cfg.max_layers, "evals_per_layer": cfg.evals_per_layer, "damping": cfg.damping},
+                                      "max_layers": cfg.max_layers, "evals_per_layer": cfg.evals_per_layer, "damping": cfg.damping,
+                                      "stop": cfg.stop},
                        "slug.search + unlearncanvas.slug")
     rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
     val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, ctx.sample, cfg.images_per_prompt, ctx.validation_seed, ctx.size,
