@@ -89,7 +89,7 @@ def test_repro_writes_every_output(repo):
     assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "retain_set", "retain_stats", "gradients", "rank_layers", "search",
                                    "evaluate", "export", "forget_many", "compare_data", "compare", "report",
                                    "vlm_retain_stats", "vlm_base", "vlm_unlearn", "sd_judges", "sd_base", "sd_base_small",
-                                   "sd_unlearn", "sd_unlearn_small",
+                                   "sd_unlearn", "sd_unlearn_small", "report_diffusion", "report_diffusion_small",
                                    *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd")),
                                    *(f"{s}{m}" for s in ("unlearncanvas", "unlearncanvas_small")
                                      for m in ("_base", "_report", *(f"@{x}" for x in ("slug", "esd", "salun", "uce", "ca"))))}
@@ -722,6 +722,10 @@ def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
         assert not all(torch.equal(v, pipe.unet.state_dict()[k.removeprefix("unet.")]) for k, v in saved.items())
         assert apply_changed(pipe, path) == sorted(saved)
         assert all(torch.equal(v, pipe.unet.state_dict()[k.removeprefix("unet.")]) for k, v in saved.items())
+        # the diffusion track's page: self-contained, every method's row and drawings
+        page = (repo / "report" / f"diffusion{stage.removeprefix('unlearncanvas')}.html").read_text()
+        assert "href=" not in page and 'src="plots' not in page and page.count('src="data:image/png;base64,') == 3 + len(m["methods"])  # sd_base, sd_unlearn, the scatter, the grids
+        assert all(f"<td>{k}</td>" in page for k in m["methods"]) and "forgetting Mickey" in page
 
 
 @pytest.mark.parametrize("bad,message", [
