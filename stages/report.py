@@ -12,9 +12,9 @@ from pathlib import Path
 
 from unlearn.cli import run_stage
 from unlearn.compare import pct
-from unlearn.io import atomic_outputs, read_json
+from unlearn.io import read_json
 from unlearn.params import stage_params
-from unlearn.report import examples, inline_image, markdown_table
+from unlearn.report import examples, inline_image, markdown_table, write_page
 
 OUT = "report/index.html"
 FORGET = "data/forget"
@@ -81,13 +81,7 @@ image {max(export[k]['image_embedding_max_abs_diff'] for k in ('base', 'unlearne
 <h2>Forget-set examples</h2>
 {examples(FORGET, n_examples)}
 """
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>unlearn report: {html.escape(m['concept'])}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}img{{max-width:100%}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>{body}</body></html>
-"""
-    with atomic_outputs(OUT) as (out,):
-        out.write_text(page)
-    log.info("wrote %s (%d kB)", OUT, len(page) // 1024)
+    write_page(OUT, m["concept"], body, log)
 
 
 if __name__ == "__main__":

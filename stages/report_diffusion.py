@@ -18,9 +18,9 @@ from pathlib import Path
 from unlearn.cli import run_stage
 from unlearn.compare import pct
 from unlearn.errors import UnlearnError
-from unlearn.io import atomic_outputs, read_json
+from unlearn.io import read_json
 from unlearn.params import stage_params
-from unlearn.report import inline_image, markdown_table
+from unlearn.report import inline_image, markdown_table, write_page
 
 log = logging.getLogger("report_diffusion")
 
@@ -93,13 +93,7 @@ def main() -> None:
             raise UnlearnError(f"{f} is missing; run `dvc repro {args.stage}` (it runs the diffusion stages first)")
     body = (f"<h1>unlearn: the diffusion track{' (small twins)' if small else ''}</h1>" + base_section(small) + unlearn_section(small)
             + canvas_section(small, list(p("unlearncanvas.methods"))))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>unlearn report: diffusion{small}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}img{{max-width:100%}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>{body}</body></html>
-"""
-    with atomic_outputs(out_path) as (out,):
-        out.write_text(page)
-    log.info("wrote %s (%d kB)", out_path, len(page) // 1024)
+    write_page(out_path, f"diffusion{small}", body, log)
 
 
 if __name__ == "__main__":

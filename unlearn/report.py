@@ -15,6 +15,19 @@ from unlearn.data.shards import iter_samples
 from unlearn.errors import UnlearnError
 
 
+def write_page(path: str | Path, title: str, body: str, log) -> None:
+    """The report's HTML page around `body` (one style for every page), written atomically."""
+    from unlearn.io import atomic_outputs
+
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>unlearn report: {html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}img{{max-width:100%}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>{body}</body></html>
+"""
+    with atomic_outputs(path) as (out,):
+        out.write_text(page)
+    log.info("wrote %s (%d kB)", path, len(page) // 1024)
+
+
 def inline_image(path: str | Path, alt: str) -> str:
     """An <img> with the PNG inlined; a missing file is a one-line error."""
     p = Path(path)
