@@ -27,7 +27,7 @@ from unlearn.io import atomic_outputs
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
 from unlearn.runs import write_metrics
-from unlearn.sd.canvas import AnswerSet, answer_set, check_targets, named_mask, score
+from unlearn.sd.canvas import AnswerSet, answer_set, check_cells, check_targets, named_mask, score
 from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, TRAIN_STREAM, Images, Templates, canvas_images, render_images, to_pil
 from unlearn.sd.evaluate import SampleConfig, generate, judge_images
 from unlearn.sd.fid import frechet_distance
@@ -90,6 +90,7 @@ def main() -> None:
             raise UnlearnError(f"the {axis} judge in {JUDGES} knows {judges[axis].classes}, not the canvas's {list(names)}; re-run `dvc repro sd_judges`")
     answers = answer_set(templates, per_prompt, seed_images)
     held = canvas_images(CANVAS, size)
+    check_cells(held, CANVAS)
     grid_targets = [next(t for t in targets if t.axis == a) for a in ("style", "object") if any(t.axis == a for t in targets)]
 
     def draw(pipe) -> torch.Tensor:

@@ -135,6 +135,21 @@ def test_targets_must_be_styles_or_objects_of_the_canvas():
         check_targets([D.PHOTO], "unlearncanvas.targets")
 
 
+def test_a_canvas_with_a_missing_or_empty_cell_is_refused(tmp_path):
+    from unlearn.data import synthetic as S
+    from unlearn.sd.canvas import check_cells
+
+    S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "canvas")
+    check_cells(D.canvas_images(tmp_path / "canvas", 16), tmp_path / "canvas")  # complete: no error
+    for image in (tmp_path / "canvas" / "Sepia" / "apple").iterdir():
+        image.unlink()  # an empty cell
+    import shutil
+
+    shutil.rmtree(tmp_path / "canvas" / "Seed_Images" / "car")  # a missing one
+    with pytest.raises(UnlearnError, match=r"has no image in 2 cell\(s\): Seed_Images/car, Sepia/apple; every <Style>/<Object>/ folder"):
+        check_cells(D.canvas_images(tmp_path / "canvas", 16), tmp_path / "canvas")
+
+
 def test_saved_tensors_turn_the_base_pipeline_into_the_unlearned_one(pipeline, real, tmp_path):
     import safetensors.torch
 

@@ -79,6 +79,18 @@ def check_targets(names: list, key: str, seed_images: bool = True) -> list[Targe
     return out
 
 
+def check_cells(images, root: str | Path) -> None:
+    """Every (style, object) cell of the canvas, Seed_Images included, holds an image: a missing
+    or empty cell would leave its concept out of the FID's real set unnoticed."""
+    have = set(zip(images.styles.tolist(), images.objects.tolist()))
+    missing = [f"{STYLE_AXIS[s] if STYLE_AXIS[s] != PHOTO else 'Seed_Images'}/{o_name}" for s in range(len(STYLE_AXIS))
+               for o, o_name in enumerate(OBJECT_AXIS) if (s, o) not in have]
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise UnlearnError(f"the canvas at {root} has no image in {len(missing)} cell(s): {shown}; every <Style>/<Object>/ folder "
+                           "needs at least one image (re-run `dvc repro download`, or complete the folder)")
+
+
 def named_mask(labelled, target: Target) -> torch.Tensor:
     """The items (an AnswerSet's prompts, or `unlearn.sd.data.Images`: anything with `objects`
     and `styles` indices) of the target's cells."""
