@@ -242,3 +242,103 @@ def test_a_pipeline_reading_fewer_layers_ties_them_and_refuses_an_edit_of_the_re
     save_patch(tmp_path, last, torch.zeros_like(dict(clip.model.named_parameters())[last]), {"track": "sd"})
     with pytest.raises(UnlearnError, match="which this pipeline's text encoder lacks"):
         apply_sd_patch(pipe, tmp_path)
+
+
+class _Opaque:
+    """An object a full pickle would rebuild by running code: what weights_only refuses."""
+
+
+def _foreign_classifier(folder, classes, arch="vit_tiny_patch16_224", rows=None, axis="style", wrapped=True):
+    """A timm classifier saved as UnlearnCanvas ships its own (torch.save({"model_state_dict": ...}),
+    or a bare state dict), its class order in classes.json."""
+    import json
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=rows or len(classes)).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 3} if wrapped else model.state_dict(), folder / f"{axis}_classifier.pth")
+    listed = folder / "classes.json"
+    listed.write_text(json.dumps((json.loads(listed.read_text()) if listed.is_file() else {}) | {axis: classes}))
+    return model
+
+
+def test_a_classifier_trained_elsewhere_is_read_weights_only_reordered_to_the_axis_and_saved_as_safetensors(tmp_path, monkeypatch):
+    """UnlearnCanvas's real path: its classifier answers in its own class order (Seed_Images for
+    the photos, classes the canvas lacks); imported, it answers in the axis's order, drawings it
+    puts on a class beyond the axis count as wrong, and it round-trips through models/sd_judges."""
+    from unlearn.sd.fid import frechet_distance
+    from unlearn.sd.judges import Judges, classifier_classes, import_classifier
+
+    axis = list(D.STYLE_AXIS)
+    theirs = ["Cubism", *reversed(axis[1:]), "Seed_Images"]  # another order, one class beyond the axis, photo by its canvas name
+    model = _foreign_classifier(tmp_path / "uc", theirs)
+    judge = import_classifier(tmp_path / "uc" / "style_classifier.pth", classifier_classes(tmp_path / "uc", "style"), axis,
+                              "vit_tiny_patch16_224", 224, D.PHOTO)
+    assert judge.classes == [*axis, "Cubism"] and judge.num_features == 192
+    x = D.render_images(0, D.JUDGE_STREAM, 1, 16).as_float()[:12]
+    with torch.no_grad():
+        their_pred = model(torch.nn.functional.interpolate(x, size=224, mode="bilinear", antialias=True)).argmax(-1)
+    expected = torch.tensor([judge.classes.index(D.PHOTO if theirs[k] == "Seed_Images" else theirs[k]) for k in their_pred.tolist()])
+    assert torch.equal(judge.predict(x), expected)
+    (tmp_path / "judges").mkdir()
+    save_judges(tmp_path / "judges", {"style": judge}, 16, {"held_out": {}})
+    loaded = load_judges(tmp_path / "judges")
+    assert sorted(p.name for p in (tmp_path / "judges").iterdir()) == ["judges.json", "style.safetensors"]
+    assert loaded["style"].classes == judge.classes and torch.equal(loaded["style"].predict(x), expected)
+    assert frechet_distance(Judges({"style": loaded["style"]}, 16, {}), x[:6], x[6:]) > 0
+    # without classes.json the order is UnlearnCanvas's: its folder names sorted, Seed_Images among them
+    (tmp_path / "uc" / "classes.json").unlink()
+    uc = classifier_classes(tmp_path / "uc", "style")
+    assert len(uc) == 51 and uc == sorted(uc) and "Seed_Images" in uc and len(classifier_classes(tmp_path / "uc", "object")) == 20
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("pickle", r"is not a weights-only torch checkpoint \(UnpicklingError\); re-save its state dict"),
+    ("classes", r"does not know Sepia of the canvas .*give judges of this canvas's classes"),
+    ("rows", r"answers over 5 classes but its class list has 9; give classes.json"),
+    ("arch", r"is not a resnet10t .*set sd.judges.timm.arch to its architecture"),
+    ("missing", r"no classifier at .*object_classifier.pth"),
+])
+def test_a_classifier_by_path_that_does_not_fit_is_one_line(tmp_path, fault, message):
+    from unlearn.sd.judges import classifier_classes, import_classifier
+
+    axis = list(D.STYLE_AXIS)
+    folder = tmp_path / "uc"
+    theirs = [c for c in axis if c != "Sepia"] + ["Cubism"] if fault == "classes" else axis
+    _foreign_classifier(folder, theirs, rows=5 if fault == "rows" else None)
+    path = folder / ("object_classifier.pth" if fault == "missing" else "style_classifier.pth")
+    if fault == "pickle":  # a full pickle (an object, not tensors): weights_only refuses to run it
+        torch.save({"model_state_dict": _Opaque()}, path)
+    with pytest.raises(UnlearnError, match=message):
+        import_classifier(path, classifier_classes(folder, "style"), axis, "resnet10t" if fault == "arch" else "vit_tiny_patch16_224", 224, D.PHOTO)
+
+
+def test_stage_sd_judges_converts_classifiers_by_path_and_tests_them_on_the_canvas(tmp_path, monkeypatch):
+    """`sd.judges.pretrained: folder`: both axes' classifiers (here timm resnet10t, whose head is
+    `fc`) converted into models/sd_judges and tested on the held-out canvas like trained judges."""
+    import json
+    import time
+
+    from stages import sd_judges
+    from unlearn.data import synthetic as S
+
+    S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "data" / "eval" / "canvas")
+    folder = tmp_path / "uc"
+    _foreign_classifier(folder, list(D.STYLE_AXIS), arch="resnet10t")
+    _foreign_classifier(folder, list(D.OBJECT_AXIS), arch="resnet10t", axis="object", wrapped=False)
+    monkeypatch.chdir(tmp_path)
+    for d in ("models", "metrics"):
+        (tmp_path / d).mkdir()
+    sd_judges.imported(folder, {"arch": "resnet10t", "input_size": 32}, 16, time.perf_counter())
+    judges = load_judges(tmp_path / "models" / "sd_judges")
+    assert {a: j.classes for a, j in judges.by_axis.items()} == {"object": list(D.OBJECT_AXIS), "style": list(D.STYLE_AXIS)}
+    assert judges.config["axes"]["style"]["kind"] == "timm" and judges.config["pretrained"] == str(folder)
+    metrics = json.loads((tmp_path / "metrics" / "sd_judges.json").read_text())
+    assert metrics["held_out_images"] == len(D.OBJECT_AXIS) * len(D.STYLE_AXIS)
+    assert 0 <= metrics["held_out_real"]["object"]["accuracy"] <= 1 and judges.config["held_out"]["style"] == metrics["held_out_real"]["style"]["accuracy"]
+    with pytest.raises(UnlearnError, match=r"sd.judges.timm has unknown keys size; known: arch, input_size"):
+        sd_judges.imported(folder, {"arch": "resnet10t", "input_size": 32, "size": 1}, 16, time.perf_counter())
+    with pytest.raises(UnlearnError, match=r"sd.judges.pretrained .*none is not a folder"):
+        sd_judges.imported(tmp_path / "none", {"arch": "resnet10t", "input_size": 32}, 16, time.perf_counter())

@@ -19,12 +19,12 @@ class JudgeFeatures(nn.Module):
     def __init__(self, judges: Judges):
         super().__init__()
         self.judges = nn.ModuleList(judges.by_axis[a] for a in sorted(judges.by_axis))
-        self.num_features = sum(j.channels[-1] for j in self.judges)
+        self.num_features = sum(j.num_features for j in self.judges)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * 2 - 1
-        return torch.cat([j.features(x) for j in self.judges], dim=1)
+        return torch.cat([j.embed(x) for j in self.judges], dim=1)
 
 
 def frechet_distance(judges: Judges, real: torch.Tensor, drawn: torch.Tensor, batch_size: int = 256) -> float:
