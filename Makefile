@@ -17,7 +17,7 @@ repro: install
 	dvc repro
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -11,12 +11,27 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on two cores: each worker, and every stage it starts
+    # (tests/dvc_repo.py), takes one thread, since two processes of two threads each on two cores
+    # run several times slower than one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 from unlearn.data import synthetic as S  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = S.SyntheticConfig(seed=3, image_size=64, shards=2, samples_per_shard=60, eval_per_class=3, workers=1)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """The tiny DVC project after `dvc repro` (tests/dvc_repo.py); one per test module."""
+    from tests.dvc_repo import build_tiny_repo
+
+    return build_tiny_repo(tmp_path_factory)
 
 
 def direct_gradient(adapter, loss, images, tokens) -> dict:

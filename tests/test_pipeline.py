@@ -1,77 +1,16 @@
 """`dvc repro` of a tiny world in a temporary git repository, and bad input through the stages."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT
-
-
-def _run(args, cwd, check=True, **extra_env):
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1"} | extra_env
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _set_params(repo: Path, **updates) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for dotted, value in updates.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "unlearn"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    _set_params(
-        repo,
-        **{
-            "data.synthetic.shards": 2, "data.synthetic.samples_per_shard": 150, "data.synthetic.eval_per_class": 3,
-            "data.synthetic.canvas_per_cell": 2, "data.synthetic.workers": 1, "model.train.epochs": 2, "model.train.batch_size": 32,
-            "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
-            "eval.mia.folds": 2, "eval.mia.seeds": 2, "compare.concepts": ["Elon Musk", "Taylor Swift"],
-            "forget_many.concepts": ["Elon Musk", "Taylor Swift"], "forget_many.counts": [1, 2],
-            "vlm.train.examples": 64, "vlm.train.epochs": 1, "vlm.train.batch_size": 16, "vlm.train.warmup_steps": 2,
-            "vlm.train.hidden_size": 32, "vlm.train.intermediate_size": 64, "vlm.train.layers": 1, "vlm.train.heads": 2,
-            "vlm.train.vocab_size": 400,
-            "sd.judges.images_per_cell": 1, "sd.judges.steps": 20, "sd.judges.channels": [8, 16],
-            "sd.sample.steps": 2, "sd.sample.images_per_prompt": 1, "sd.search.images_per_prompt": 1, "sd.search.forget_images_per_prompt": 1, "sd.search.max_layers": 1,
-            "sd.search.evals_per_layer": 2,
-            **{f"sd.{b}": {"images_per_cell": 1, "vae": {"channels": [8, 16], "steps": 3, "batch_size": 16},
-                           "unet": {"channels": [16, 32], "attention_head_dim": 4, "steps": 4, "batch_size": 8, "checkpoints": 2}}
-               for b in ("base", "base_small")},
-            **{f"{m}.epochs": 2 for m in ("ft", "ga", "ga_ft", "salun")}, **{f"{m}.lr": 1e-3 for m in ("ft", "ga", "ga_ft", "salun")},
-            "unlearncanvas.targets": ["Sepia", "apple"], "unlearncanvas.images_per_prompt": 1, "unlearncanvas.train_images_per_cell": 1,
-            "unlearncanvas.slug.images_per_prompt": 1, "unlearncanvas.slug.forget_images_per_prompt": 1, "unlearncanvas.slug.max_layers": 1,
-            "unlearncanvas.slug.evals_per_layer": 2, **{f"unlearncanvas.{m}.iterations": 2 for m in ("esd", "salun", "ca")},
-            **{f"unlearncanvas.{m}.batch_size": 2 for m in ("esd", "salun", "ca")}, "unlearncanvas.salun.mask_batches": 1,
-            "unlearncanvas.ca.anchor_images": 1, "unlearncanvas_small.targets": ["Neon", "car"],
-        },
-    )
-    _run(["git", "init", "-q"], repo)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], repo)
-    _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], repo)
-    _run([sys.executable, "-m", "dvc", "repro"], repo)
-    return repo
+from tests.dvc_repo import _commit, _run, _set_params, _stages_run
 
 
 def test_repro_writes_every_output(repo):
@@ -224,136 +163,6 @@ def test_unknown_concept_fails_cleanly(repo):
         (repo / "params.yaml").write_text(original)
 
 
-def _commit(repo: Path, message: str) -> None:
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--allow-empty", "-qm", message], repo)
-
-
-def _stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", output)
-
-
-def test_exp_run_forgets_another_concept(repo):
-    _commit(repo, "baseline")
-    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "-S", "concept=Mickey", "-n", "mickey"], repo)
-    # the check's stamp does not change with the concept, so nothing upstream of curate reruns
-    assert _stages_run(proc.stdout)[:3] == ["check", "curate", "gradients"], proc.stdout[-2000:]
-    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
-    text = json.dumps(shown)
-    assert '"concept": "Mickey"' in text and '"kind": "object"' in text
-
-
-def test_plots_diff_draws_both_revisions(repo):
-    """After the Mickey experiment the workspace differs from the committed Elon Musk run: `dvc
-    plots diff HEAD` draws each declared plot for both."""
-    shown = json.loads(_run([sys.executable, "-m", "dvc", "plots", "diff", "HEAD", "--json"], repo).stdout)["data"]
-    assert {"plots/search.csv", "plots/pareto/text.csv", "utility vs forget (compare)"} <= set(shown)
-    search = shown["plots/search.csv"][0]
-    assert set(search["revisions"]) == {"HEAD", "workspace"}
-    layers = {rev: {row["layer"] for row in search["content"]["data"]["values"] if row["rev"] == rev} for rev in search["revisions"]}
-    assert layers["HEAD"] and layers["workspace"]  # each revision's own search rows
-
-
-@pytest.mark.parametrize("override, message", [
-    ("concept=Elon Mask", "error: concept 'Elon Mask' is not in the concept table; closest known: 'Elon Musk'"),
-    ("compare.concepts=[Taylor Swift,Mikey]", "error: concept 'Mikey' is not in the concept table; closest known: 'Mickey'"),
-    ("compare.methods=[slug,salun2]", "error: unknown method 'salun2'; known methods: ft, ga, ga_ft, salun, slug, ssd"),
-    ("model.family=timm", "error: unknown model family 'timm'; known families: open_clip, hf_clip"),
-    ("slug.search.direction=retain", "error: slug.search.direction is 'retain'; known: gradient, retain_preconditioned"),
-    ("vlm.concept=Mickey", "error: vlm.concept 'Mickey' is an object; the VLM track forgets an identity of the table"),
-])
-def test_exp_run_with_an_unknown_name_stops_before_any_other_stage(repo, override, message):
-    _commit(repo, "before the bad experiment")
-    params, lock = (repo / "params.yaml").read_bytes(), (repo / "dvc.lock").read_bytes()
-    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", override, "-n", "bad"], repo, check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and message in out, out[-2000:]
-    if "not in the concept table" in message:
-        assert "all known (params.yaml `concepts`): Elon Musk, Mark Zuckerberg" in out
-    assert _stages_run(out) == ["check"], out[-2000:]
-    assert (repo / "params.yaml").read_bytes() == params and (repo / "dvc.lock").read_bytes() == lock
-
-
-def test_queued_sweep_over_concepts_and_methods(repo):
-    """The README's sweep: concepts x methods queued with -S sweeps, run by `dvc queue start`, read with `dvc exp show`."""
-    _commit(repo, "before the sweep")
-    dvc = [sys.executable, "-m", "dvc"]
-    queued = _run([*dvc, "exp", "run", "--queue", "-S", "compare.concepts=[Taylor Swift],[Mickey]", "-S", "compare.methods=[slug],[ga_ft]"], repo)
-    assert queued.stdout.count("Queued experiment") == 4, queued.stdout
-    _run([*dvc, "queue", "start", "-j", "1"], repo)
-    for _ in range(600):
-        status = _run([*dvc, "queue", "status"], repo).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(1)
-    assert status.count("Success") == 4, status
-    shown = json.loads(_run([*dvc, "exp", "show", "--json"], repo).stdout)
-    runs = {}
-    for commit in shown:
-        for exp in commit.get("experiments") or []:
-            for rev in exp["revs"]:
-                data = rev["data"]
-                params = data["params"]["params.yaml"]["data"]["compare"]
-                metrics = data["metrics"]["metrics/compare.json"]["data"]
-                runs[(params["concepts"][0], params["methods"][0])] = metrics
-    assert set(runs) == {(c, m) for c in ("Taylor Swift", "Mickey") for m in ("slug", "ga_ft")}
-    for (_concept, method), metrics in runs.items():  # dvc shows the numeric metrics (rows are lists: not shown)
-        summary = metrics["methods"]
-        assert list(summary) == [method] and summary[method]["concepts"] == 1 and summary[method]["failed"] == 0
-        assert 0.0 <= summary[method]["forget_top1"] <= 1.0 and 0.0 <= summary[method]["utility_top1"] <= 1.0
-    # one base model, two concepts: the base accuracies of the two concepts' retain classes differ
-    assert runs[("Mickey", "slug")]["base"] == runs[("Mickey", "ga_ft")]["base"] != runs[("Taylor Swift", "slug")]["base"]
-
-
-
-
-def _exp_runs(repo: Path) -> list[tuple[str, tuple, dict]]:
-    """(name, (concepts, methods), metrics/compare.json) of every experiment on any commit."""
-    runs = []
-    for commit in json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--all-commits", "--json"], repo).stdout):
-        for exp in commit.get("experiments") or []:
-            for rev in exp["revs"]:
-                data = rev.get("data") or {}
-                if "metrics/compare.json" not in (data.get("metrics") or {}):
-                    continue
-                compare = data["params"]["params.yaml"]["data"]["compare"]
-                runs.append((rev.get("name") or exp.get("name") or rev["rev"], (tuple(compare["concepts"]), tuple(compare["methods"])),
-                             data["metrics"]["metrics/compare.json"]["data"]))
-    return runs
-
-
-def _run_queue(repo: Path, jobs: int, runs: list[tuple[str, str]]) -> None:
-    for name, concept in runs:
-        _run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", f"compare.concepts=[{concept}]",
-              "-S", "compare.methods=[ga_ft]"], repo)
-    _run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], repo)
-    for _ in range(900):
-        status = _run([sys.executable, "-m", "dvc", "queue", "status"], repo).stdout
-        if not re.search(r"\b(Queued|Running)\b", status):
-            break
-        time.sleep(1)
-    assert all(re.search(rf"{name}\s.*Success", status) for name, _ in runs), status
-
-
-def test_two_queued_experiments_at_once_give_the_metrics_each_gives_alone(repo):
-    """`dvc queue start -j 2`: two experiments in two temporary copies at the same time give the
-    metrics each gives run alone (-j 1: the sweep above ran the same params one at a time; run
-    alone, this test queues them one at a time itself), to the last digit."""
-    _run_queue(repo, 2, [("both-ts", "Taylor Swift"), ("both-mi", "Mickey")])
-    runs = _exp_runs(repo)
-    for concept, both in (("Taylor Swift", "both-ts"), ("Mickey", "both-mi")):
-        key = ((concept,), ("ga_ft",))
-        alone = [m for name, k, m in runs if k == key and not name.startswith("both-")]
-        if not alone:
-            _run_queue(repo, 1, [(f"alone-{both[-2:]}", concept)])
-            alone = [m for name, k, m in _exp_runs(repo) if k == key and not name.startswith("both-")]
-        together = [m for name, k, m in runs if name == both]
-        assert len(together) == 1 and together[0]["methods"]["ga_ft"]["concepts"] == 1
-        assert all(together[0] == m for m in alone), (together, alone)
-    pair = [m for name, _, m in runs if name.startswith("both-")]
-    assert pair[0] != pair[1]
-
-
 KILL_ON_RENAME = """
 import os, signal, sys
 from pathlib import Path
@@ -476,49 +285,6 @@ def test_export_writes_transformers_folders_equal_to_open_clip(repo):
         assert transformers.CLIPModel.from_pretrained(repo / "models" / "hf" / name).config.model_type == "clip"
     patch = json.loads((repo / "models" / "unlearned" / "patch.json").read_text())
     assert export["patch_layer"] == patch["layer"]
-
-
-def test_the_hf_clip_family_runs_the_clip_track(repo):
-    """`dvc exp run -S model.family=hf_clip`: the base model exported to a transformers CLIPModel,
-    then curate .. evaluate, the export and the comparison on it."""
-    _commit(repo, "before the hf_clip experiment")
-    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "model.family=hf_clip", "-n", "hf"], repo)
-    ran = _stages_run(proc.stdout)
-    assert {"base_model", "gradients", "search", "evaluate", "export", "compare_run@slug", "compare_run@salun", "report"} <= set(ran), ran
-    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
-    hf = [e for rev in shown for e in (rev.get("experiments") or []) if (e.get("name") == "hf")]
-    assert hf, json.dumps(shown)[:2000]
-    data = hf[0]["revs"][0]["data"]
-    unlearn = data["metrics"]["metrics/unlearn.json"]["data"]
-    layers = data["metrics"]["metrics/layers.json"]["data"]
-    assert layers["family"] == "hf_clip" and unlearn["layer"].startswith(("text_model.", "vision_model.", "text_projection", "visual_projection"))
-    # q, k, v, out, fc1, fc2 per block (open_clip: in_proj, out_proj, c_fc, c_proj) and the projection
-    assert layers["candidates"] == {"image": 4 * 6 + 1, "text": 3 * 6 + 1}
-    export = data["metrics"]["metrics/export.json"]["data"]
-    assert export["base"]["family"] == "hf_clip" and export["base"]["image_embedding_max_abs_diff"] == 0.0
-    compare = data["metrics"]["metrics/compare.json"]["data"]
-    assert set(compare["methods"]) == {"slug", "ft", "ga", "ga_ft", "salun", "ssd"}
-    assert (repo / "models" / "base" / "open_clip_model.safetensors").is_file()  # --temp: the workspace keeps the open_clip run
-
-
-def test_exp_run_forgets_a_style(repo):
-    """`dvc exp run -S concept=Sepia`: the forget set is the pairs whose caption names the style,
-    and the CLIP track scores it among the styles on the canvas, with the objects as utility."""
-    _commit(repo, "before the style experiment")
-    proc = _run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "concept=Sepia", "-n", "sepia"], repo)
-    ran = _stages_run(proc.stdout)
-    assert {"curate", "gradients", "search", "evaluate"} <= set(ran) and not {"download", "base_model", "retain_stats"} & set(ran), ran
-    shown = json.loads(_run([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo).stdout)
-    sepia = [e for rev in shown for e in (rev.get("experiments") or []) if e.get("name") == "sepia"]
-    assert sepia, json.dumps(shown)[:2000]
-    unlearn = sepia[0]["revs"][0]["data"]["metrics"]["metrics/unlearn.json"]["data"]
-    assert unlearn["concept"] == "Sepia" and unlearn["kind"] == "style"
-    # test part of 14 objects x 2 canvas images per style; the utility set is ImageNet-style (14 objects x 3 images)
-    frac = yaml.safe_load((repo / "params.yaml").read_text())["eval"]["split"]["val_fraction"]
-    per_style, per_object = 28 - round(frac * 28), 3 - round(frac * 3)
-    assert unlearn["images"] == {"forget": per_style, "retain": 7 * per_style, "utility": 14 * per_object}
-    base = json.loads((repo / "metrics" / "base.json").read_text())
-    assert base["style_images"] == 8 * 14 * 2 and 0.0 <= base["style_top1"] <= 1.0
 
 
 def test_forget_many_adds_the_edits_up(repo):
