@@ -1,4 +1,4 @@
-"""Stage `report_diffusion` (and `report_diffusion_small`, on the small twins CI reproduces): one
+"""Stage `report_diffusion` (and `report_diffusion_small`, on the small twins): one
 self-contained HTML page (images inlined) of the diffusion track: what the base pipeline draws,
 the SLUG edit of its text encoder (`sd_unlearn`) with drawings before and after, and the
 UnlearnCanvas benchmark (leaderboard with the published rows beside it, UA against IRA, the

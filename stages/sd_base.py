@@ -8,7 +8,7 @@ what the judges recognise in its drawings on the test seeds (every object and st
 judges' accuracy on real held-out images beside, the autoencoder's ceiling (the judges on its
 reconstructions of held-out canvas images and of held-out images of the training distribution), times and memory;
 plots/<stage>.png: one drawing per prompt; plots/<stage>_curve.csv: accuracy against training
-minutes.  `sd_base_small` is the same with `sd.base_small` (the config CI reproduces)."""
+minutes.  `sd_base_small` is the same with `sd.base_small` (the small twin)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Stages `unlearncanvas_base` and `unlearncanvas@<method>` (and their `_small` twins on
-sd_base_small, what CI reproduces): the UnlearnCanvas benchmark (`unlearn.sd.canvas`).
+sd_base_small): the UnlearnCanvas benchmark (`unlearn.sd.canvas`).
 
     python -m stages.unlearncanvas --stage unlearncanvas --method esd
 
