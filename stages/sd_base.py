@@ -3,7 +3,9 @@ Diffusion").  On the default world, a tiny `StableDiffusionPipeline` trained her
 `AutoencoderKL` on the world's objects in its styles, then a `UNet2DConditionModel` on their
 latents with the text states of the CLIP base model's text tower (models/hf/base, frozen), caption
 dropout and an EMA; DDIM sampling.  Saved with `save_pretrained` (safetensors) in
-models/<stage>, loadable offline with `StableDiffusionPipeline.from_pretrained`.  metrics/<stage>.json:
+models/<stage>, loadable offline with `StableDiffusionPipeline.from_pretrained`.  With
+`sd.pretrained: path/to/a diffusers folder` nothing is trained: that pipeline is checked, judged
+and saved as models/<stage> (`adopt`).  metrics/<stage>.json:
 what the judges recognise in its drawings on the test seeds (every object and style prompt), the
 judges' accuracy on real held-out images beside, the autoencoder's ceiling (the judges on its
 reconstructions of held-out canvas images and of held-out images of the training distribution), times and memory;
@@ -16,6 +18,7 @@ import argparse
 import csv
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,7 +28,7 @@ from unlearn.io import atomic_outputs
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
 from unlearn.runs import write_metrics
-from unlearn.sd.data import HELD_STREAM, OBJECT_AXIS, STYLE_AXIS, TRAIN_STREAM, Templates, canvas_images, render_images, to_pil
+from unlearn.sd.data import HELD_STREAM, TRAIN_STREAM, WORLD, Templates, canvas_images, render_images, to_pil
 from unlearn.sd.evaluate import SampleConfig, judge_images, judged_accuracy
 from unlearn.sd.judges import load_judges
 from unlearn.sd.model import UnetConfig, VaeConfig, build_pipeline, load_text_encoder, text_states
@@ -44,8 +47,7 @@ def main() -> None:
     p = stage_params(args.stage)
     out_dir, metrics_path, sheet, curve_csv = f"models/{args.stage}", f"metrics/{args.stage}.json", f"plots/{args.stage}.png", f"plots/{args.stage}_curve.csv"
     if p("sd.pretrained") != "synthetic":
-        raise UnlearnError(f"{args.stage} trains the tiny pipeline (sd.pretrained: synthetic); a pipeline by path "
-                           f"({p('sd.pretrained')}) is read by sd_unlearn directly, not copied here")
+        return adopt(Path(str(p("sd.pretrained"))), p, out_dir, metrics_path, sheet, curve_csv, args.stage, start)
     if p("data.source") != "synthetic":
         raise UnlearnError("sd.pretrained: synthetic trains on the synthetic world only; with real data give sd.pretrained: path/to/a diffusers folder")
     device = torch_device(p("model.device"))
@@ -62,6 +64,8 @@ def main() -> None:
     judges = load_judges(JUDGES)
     if judges.image_size != size:
         raise UnlearnError(f"the judges in {JUDGES} see {judges.image_size} px images but sd.image_size is {size}; re-run `dvc repro sd_judges`")
+    if judges.axes != WORLD:
+        raise UnlearnError(f"the judges in {JUDGES} answer over another canvas than the world's; re-run `dvc repro sd_judges` on the synthetic world")
     text_encoder, tokenizer = load_text_encoder(CLIP, device)
 
     data = render_images(seed, TRAIN_STREAM, per_cell, size, progress="render")
@@ -70,7 +74,7 @@ def main() -> None:
     vae, vae_losses = train_vae(x, vae_cfg, seed, progress="autoencoder")
     vae_s = time.perf_counter() - t0
     ceiling = {}  # the autoencoder's ceiling: PSNR and the judges on its reconstructions of held-out images
-    for name, held in (("canvas", canvas_images(CANVAS, size)), ("rendered", render_images(seed, HELD_STREAM, 2, size))):
+    for name, held in (("canvas", canvas_images(CANVAS, size, WORLD)), ("rendered", render_images(seed, HELD_STREAM, 2, size))):
         with torch.no_grad():
             xr = held.as_float()
             rec = torch.cat([vae.decode(vae.encode(xr[s : s + 256].to(device)).latent_dist.mode()).sample.cpu() for s in range(0, len(held), 256)])
@@ -82,9 +86,9 @@ def main() -> None:
 
     latents, scale = encode_latents(vae, x)
     vae.register_to_config(scaling_factor=scale)
-    prompts = [templates.prompt(OBJECT_AXIS[o], STYLE_AXIS[s]) for o in range(len(OBJECT_AXIS)) for s in range(len(STYLE_AXIS))] + [""]
+    prompts = [WORLD.prompt(templates, c) for c in WORLD.cells()] + [""]
     states = text_states(text_encoder, tokenizer, prompts)
-    prompt_index = data.objects * len(STYLE_AXIS) + data.styles
+    prompt_index = data.objects * len(WORLD.styles) + data.styles
     curve, minutes = [], []  # validation accuracy at each checkpoint (a plot); the training minutes to it (its cost)
 
     def checkpoint(ema, step: int, seconds: float) -> None:
@@ -103,10 +107,10 @@ def main() -> None:
     sample_s = time.perf_counter() - t0
     log.info("test seeds: the judges recognise object %.3f, style %.3f of %d drawings (real held-out: %.3f, %.3f)", test["object"]["accuracy"],
              test["style"]["accuracy"], test["images"], judges.config["held_out"]["object"], judges.config["held_out"]["style"])
-    first = len(OBJECT_AXIS) * len(STYLE_AXIS)  # the first seed of every prompt, object by object
+    first = len(WORLD.cells())  # the first seed of every prompt, object by object
     with atomic_outputs(out_dir, metrics_path, sheet, curve_csv) as (out, metrics, sheet_tmp, curve_tmp):
         pipe.save_pretrained(out, safe_serialization=True)
-        image_grid(to_pil(images[:first]), sheet_tmp, size=48, cols=len(STYLE_AXIS))
+        image_grid(to_pil(images[:first]), sheet_tmp, size=48, cols=len(WORLD.styles))
         with open(curve_tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["step", "object", "style"])
             w.writeheader()
@@ -120,6 +124,43 @@ def main() -> None:
             "vae_s": round(vae_s, 1), "unet_train_s": round(unet_train_s, 1), "unet_with_checkpoints_s": round(unet_s, 1),
             "sample_s": round(sample_s, 1), "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
             "checkpoints_train_min": minutes, "threads": torch.get_num_threads()}, args.stage)
+
+
+def adopt(folder: Path, p, out_dir: str, metrics_path: str, sheet: str, curve_csv: str, stage: str, start: float) -> None:
+    """`sd.pretrained: path/to/a diffusers folder`: a pipeline trained elsewhere (UnlearnCanvas's SD
+    v1.5, say) becomes models/<stage> as it is: loaded offline, its text encoder checked against
+    the CLIP whose text tower it must be (models/hf/base: names, shapes and values), drawn for every
+    prompt of the judges' axes on the test seeds and judged, then saved with `save_pretrained`.
+    Nothing is trained; the curve CSV holds its header only."""
+    from unlearn.sd.model import check_text_encoder, load_pipeline, sample_scheduler_like
+
+    device = torch_device(p("model.device"))
+    templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
+    sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
+    judges = load_judges(JUDGES)
+    if judges.image_size != int(p("sd.image_size")):
+        raise UnlearnError(f"the judges in {JUDGES} see {judges.image_size} px images but sd.image_size is {p('sd.image_size')}; "
+                           "re-run `dvc repro sd_judges`")
+    pipe = load_pipeline(folder, device)
+    tower, _ = load_text_encoder(CLIP, device)
+    check_text_encoder(pipe.text_encoder, tower, str(folder), CLIP)
+    pipe.scheduler = sample_scheduler_like(pipe.scheduler)  # the track's one sampler (DDIM) over the pipeline's own noise schedule
+    t0 = time.perf_counter()
+    test, images = judged_accuracy(pipe, judges, templates, sample, sample.images_per_prompt, sample.seed, judges.image_size)
+    sample_s = time.perf_counter() - t0
+    log.info("%s: the judges recognise object %.3f, style %.3f of %d drawings (real held-out: %.3f, %.3f)", folder, test["object"]["accuracy"],
+             test["style"]["accuracy"], test["images"], judges.config["held_out"]["object"], judges.config["held_out"]["style"])
+    axes = judges.axes
+    with atomic_outputs(out_dir, metrics_path, sheet, curve_csv) as (out, metrics, sheet_tmp, curve_tmp):
+        pipe.save_pretrained(out, safe_serialization=True)
+        image_grid(to_pil(images[: len(axes.cells())]), sheet_tmp, size=48, cols=len(axes.styles))
+        with open(curve_tmp, "w", newline="") as f:
+            csv.DictWriter(f, fieldnames=["step", "object", "style"]).writeheader()
+        write_metrics(metrics, {
+            "test": test, "judges_held_out_real": judges.config["held_out"], "pretrained": str(folder),
+            "unet": {"parameters": sum(q.numel() for q in pipe.unet.parameters())}, "sampler": {"scheduler": type(pipe.scheduler).__name__, **sample.__dict__},
+            "sample_s": round(sample_s, 1), "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
+            "threads": torch.get_num_threads()}, stage)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
 from unlearn.runs import write_metrics
-from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, Templates, canvas_images, to_pil
+from unlearn.sd.data import Templates, canvas_images, to_pil
 from unlearn.sd.evaluate import SampleConfig
 from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
@@ -57,7 +57,8 @@ def main() -> None:
                                                            f"plots/{args.stage}_search.png", f"plots/{args.stage}.png")
     table = p("concepts")
     concept = resolve_concept(str(p("sd.concept")), table)
-    target = target_of(concept.name, concept.kind)
+    judges = load_judges(JUDGES)
+    target = target_of(concept.name, concept.kind, judges.axes)
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     ss = dict(p("sd.search"))
@@ -76,7 +77,6 @@ def main() -> None:
     pipe = load_pipeline(base_dir, device)
     tie_text_encoder(pipe, clip.model, base_dir, CLIP)
     frozen = {f"{part}.{n}": t.detach().clone() for part in ("unet", "vae") for n, t in getattr(pipe, part).state_dict().items()}
-    judges = load_judges(JUDGES)
     size = judges.image_size
     retain, _ = load_retain_stats(STATS, clip, CLIP, f"{RETAIN}/manifest.json")
     protected = retain_prompts(target, templates)
@@ -110,10 +110,10 @@ def main() -> None:
         log.warning("no step up to rho %g on the %d searched layers passes the forget criterion and the guard; keeping the best step seen "
                     "(%s, rho %.4g) and reporting converged: false", cfg.rho_max, len(edit.layers), edit.layer, edit.rho)
 
-    held = canvas_images(CANVAS, size)
+    held = canvas_images(CANVAS, size, target.axes)
     axis_of = {"object": held.objects, "style": held.styles}
-    names = OBJECT_AXIS if target.axis == "object" else STYLE_AXIS
-    t_index = names.index(target.name)
+    names = target.axes.names(target.axis)
+    t_index = target.index
     real = held.as_float()[axis_of[target.axis] != t_index]  # real held-out images without the target
     fid = {"base": round(frechet_distance(judges, real, base_images["rest"]), 3), "after": round(frechet_distance(judges, real, test.images["rest"]), 3),
            "real_images": int(real.shape[0]), "drawn_images": int(test.images["rest"].shape[0])}

@@ -27,8 +27,8 @@ from unlearn.io import atomic_outputs
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
 from unlearn.runs import write_metrics
-from unlearn.sd.canvas import AnswerSet, answer_set, check_cells, check_targets, named_mask, score
-from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, TRAIN_STREAM, Images, Templates, canvas_images, render_images, to_pil
+from unlearn.sd.canvas import AnswerSet, answer_set, check_cells, check_targets, named_mask, score, split_cells
+from unlearn.sd.data import TRAIN_STREAM, Templates, canvas_images, render_images, to_pil
 from unlearn.sd.evaluate import SampleConfig, generate, judge_images
 from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
@@ -39,10 +39,6 @@ from unlearn.sd.model import load_pipeline
 JUDGES, CANVAS = "models/sd_judges", "data/eval/canvas"
 VALIDATION = 1_000_000
 log = logging.getLogger("unlearncanvas")
-
-
-def subset(images: Images, keep: torch.Tensor) -> Images:
-    return Images(images.pixels[keep], images.objects[keep], images.styles[keep])
 
 
 def grid_rows(answers: AnswerSet, x: torch.Tensor, targets, per_prompt: int) -> list[torch.Tensor]:
@@ -76,21 +72,23 @@ def main() -> None:
     methods = check_methods(list(section["methods"]), "unlearncanvas.methods")
     if args.method != "base" and args.method not in methods:
         raise UnlearnError(f"method {args.method!r} is not in unlearncanvas.methods ({', '.join(methods)}); add it there")
-    targets = check_targets(section["targets"], f"{args.stage}.targets")
+    judges = load_judges(JUDGES)
+    axes, size = judges.axes, judges.image_size
+    targets = check_targets(section["targets"], f"{args.stage}.targets", axes)
     per_prompt, seed, seed_images = int(section["images_per_prompt"]), int(section["seed"]), bool(section["seed_images"])
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     device = torch_device(p("model.device"))
     base_dir = "models/" + args.stage.replace("unlearncanvas", "sd_base")
     metrics_out, grid_out = f"metrics/{args.stage}/{args.method}.json", f"plots/{args.stage}/{args.method}.png"
-    judges = load_judges(JUDGES)
-    size = judges.image_size
-    for axis, names in (("object", OBJECT_AXIS), ("style", STYLE_AXIS)):
-        if list(judges[axis].classes) != list(names):
-            raise UnlearnError(f"the {axis} judge in {JUDGES} knows {judges[axis].classes}, not the canvas's {list(names)}; re-run `dvc repro sd_judges`")
-    answers = answer_set(templates, per_prompt, seed_images)
-    held = canvas_images(CANVAS, size)
-    check_cells(held, CANVAS)
+    answers = answer_set(templates, per_prompt, seed_images, axes)
+    held = canvas_images(CANVAS, size, axes)
+    check_cells(held, CANVAS, axes)
+    per_cell = int(section["train_images_per_cell"])
+    if p("data.source") == "synthetic":  # the methods train on the world's renderings (their own seed stream), never on the canvas
+        real = None
+    else:  # a real canvas: the methods train on the first images of each cell, the FID's real set is the rest
+        real, held = split_cells(held, per_cell, CANVAS)
     grid_targets = [next(t for t in targets if t.axis == a) for a in ("style", "object") if any(t.axis == a for t in targets)]
 
     def draw(pipe) -> torch.Tensor:
@@ -113,8 +111,8 @@ def main() -> None:
         grid = grid_rows(answers, x, grid_targets, per_prompt)
     else:
         cfg_params = section[args.method]
-        per_cell = int(section["train_images_per_cell"])
-        real = render_images(int(p("data.synthetic.seed")), TRAIN_STREAM, per_cell, size)
+        if real is None:
+            real = render_images(int(p("data.synthetic.seed")), TRAIN_STREAM, per_cell, size)
         slug_inputs = None
         if args.method == "slug":
             from unlearn.sd.methods.slug import slug_inputs as build_slug_inputs
@@ -123,7 +121,7 @@ def main() -> None:
         for t in targets:
             pipe = load_pipeline(base_dir, device)
             keep = named_mask(real, t)
-            ctx = Context(pipe, t, templates, subset(real, keep), subset(real, ~keep), sample, size, seed + VALIDATION, judges, slug_inputs)
+            ctx = Context(pipe, t, templates, real.subset(keep), real.subset(~keep), sample, size, seed + VALIDATION, judges, slug_inputs)
             torch.manual_seed(0)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()

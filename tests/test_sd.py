@@ -10,7 +10,7 @@ from unlearn.errors import UnlearnError
 from unlearn.models.export import to_hf_clip
 from unlearn.sd import data as D
 from unlearn.sd.evaluate import SampleConfig, answer_set, generate, judge_images, judged_accuracy
-from unlearn.sd.judges import JudgeConfig, load_judges, save_judges, train_judge
+from unlearn.sd.judges import JudgeConfig, Judges, load_judges, save_judges, train_judge
 from unlearn.sd.model import load_pipeline, load_text_encoder
 
 
@@ -34,13 +34,13 @@ def test_canvas_images_read_the_unlearncanvas_layout(tmp_path):
     from unlearn.data import synthetic as S
 
     S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "canvas")
-    images = D.canvas_images(tmp_path / "canvas", 16)
+    images = D.canvas_images(tmp_path / "canvas", 16, D.WORLD)
     assert len(images) == len(D.OBJECT_AXIS) * len(D.STYLE_AXIS) and images.pixels.shape[-1] == 16
     assert int((images.styles == D.STYLE_AXIS.index(D.PHOTO)).sum()) == len(D.OBJECT_AXIS)  # Seed_Images is the photo style
     (tmp_path / "canvas" / "Cubism" / "apple").mkdir(parents=True)
     (tmp_path / "canvas" / "Sepia" / "apple" / "1.jpg").rename(tmp_path / "canvas" / "Cubism" / "apple" / "1.jpg")
     with pytest.raises(UnlearnError, match=r"style 'Cubism' / object 'apple' is not on the judges' axes"):
-        D.canvas_images(tmp_path / "canvas", 16)
+        D.canvas_images(tmp_path / "canvas", 16, D.WORLD)
 
 
 def test_judges_learn_save_load_and_refuse_a_corrupt_file(tmp_path):
@@ -101,7 +101,7 @@ def test_judged_answer_set_counts_every_prompt(pipeline, tmp_path):
     styles, _ = train_judge(images.as_float(), images.styles, list(D.STYLE_AXIS), cfg)
     save_judges(tmp_path, {"object": objects, "style": styles}, 16, {})
     judges = load_judges(tmp_path)
-    prompts, o, s = answer_set(D.Templates(), 2)
+    prompts, o, s = answer_set(D.Templates(), 2, D.WORLD)
     assert len(prompts) == len(o) == len(s) == 2 * len(D.OBJECT_AXIS) * len(D.STYLE_AXIS)
     assert prompts[1] == D.Templates().prompt(D.OBJECT_AXIS[int(o[1])], D.STYLE_AXIS[int(s[1])]) == f"An {D.OBJECT_AXIS[0]} image in Watercolor style."
     res = judge_images(judges, images.as_float(), images.objects, images.styles)
@@ -121,12 +121,12 @@ def test_the_search_evaluator_draws_the_rest_set_once_per_text_encoder_state(pip
 
     images = D.render_images(0, D.JUDGE_STREAM, 1, 16)
     cfg = JudgeConfig(channels=[8], steps=2, batch_size=16)
-    judges = {"object": train_judge(images.as_float(), images.objects, list(D.OBJECT_AXIS), cfg)[0],
-              "style": train_judge(images.as_float(), images.styles, list(D.STYLE_AXIS), cfg)[0]}
+    judges = Judges({"object": train_judge(images.as_float(), images.objects, list(D.OBJECT_AXIS), cfg)[0],
+                     "style": train_judge(images.as_float(), images.styles, list(D.STYLE_AXIS), cfg)[0]}, 16, {})
     drawn = []
     monkeypatch.setattr(U, "generate", lambda pipe, prompts, *a, **k: drawn.append(len(prompts)) or generate(pipe, prompts, *a, **k))
     pipe = copy.deepcopy(pipeline)
-    ev = U.SdEvaluator(pipe, judges, U.target_of("Sepia", "style"), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
+    ev = U.SdEvaluator(pipe, judges, U.target_of("Sepia", "style", D.WORLD), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
     rest = ev.sizes["retain"]
     both = ev.evaluate(sets=("retain", "utility"))
     assert ev.evaluate(sets=("retain",))["retain_top1"] == both["retain_top1"]
@@ -138,7 +138,7 @@ def test_the_search_evaluator_draws_the_rest_set_once_per_text_encoder_state(pip
         param.add_(torch.randn_like(param))
     ev.evaluate(sets=("retain",))
     assert drawn == [rest, rest] and not torch.equal(ev.images["rest"], first)  # a changed text encoder draws again
-    fresh = U.SdEvaluator(copy.deepcopy(pipe), judges, U.target_of("Sepia", "style"), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
+    fresh = U.SdEvaluator(copy.deepcopy(pipe), judges, U.target_of("Sepia", "style", D.WORLD), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
     fresh.evaluate(sets=("retain",))
     assert torch.equal(fresh.images["rest"], ev.images["rest"]), name  # the cache holds what a fresh drawing gives
 
@@ -146,17 +146,17 @@ def test_the_search_evaluator_draws_the_rest_set_once_per_text_encoder_state(pip
 def test_target_prompts_and_other_names():
     from unlearn.sd.unlearn import prompt_sets, target_of
 
-    t = target_of("Sepia", "style")
+    t = target_of("Sepia", "style", D.WORLD)
     sets = prompt_sets(t, D.Templates(), 2)
     assert len(sets["forget"][0]) == 2 * len(D.OBJECT_AXIS) and all("Sepia" in q for q in sets["forget"][0])
     assert len(sets["rest"][0]) == 2 * len(D.OBJECT_AXIS) * (len(D.STYLE_AXIS) - 1) and not any("Sepia" in q for q in sets["rest"][0])
     renamed = prompt_sets(t, D.Templates(), 1, "sepia-toned")["forget"][0]
     assert all("sepia-toned style" in q for q in renamed)
-    mickey = prompt_sets(target_of("Mickey", "object"), D.Templates(), 1, "Micky")["forget"]
+    mickey = prompt_sets(target_of("Mickey", "object", D.WORLD), D.Templates(), 1, "Micky")["forget"]
     assert len(mickey[0]) == len(D.STYLE_AXIS) and mickey[0][0] == "A photo of a Micky." and set(mickey[1].tolist()) == {0}
     with pytest.raises(UnlearnError, match=r"sd.concept 'Elon Musk' \(identity\) is not drawn by the pipeline"):
-        target_of("Elon Musk", "identity")
-    more = prompt_sets(target_of("Mickey", "object"), D.Templates(), 1, forget_per_prompt=4)
+        target_of("Elon Musk", "identity", D.WORLD)
+    more = prompt_sets(target_of("Mickey", "object", D.WORLD), D.Templates(), 1, forget_per_prompt=4)
     assert len(more["forget"][0]) == 4 * len(D.STYLE_AXIS) and len(more["rest"][0]) == (len(D.OBJECT_AXIS) - 1) * len(D.STYLE_AXIS)
 
 
@@ -165,7 +165,7 @@ def test_prompt_moments_mix_into_the_text_tensors_only(tiny_clip):
     from unlearn.sd.unlearn import mix_prompt_moments, retain_prompts, target_of
 
     clip = to_hf_clip(copy.deepcopy(tiny_clip))
-    prompts = retain_prompts(target_of("Mickey", "object"), D.Templates())
+    prompts = retain_prompts(target_of("Mickey", "object", D.WORLD), D.Templates())
     assert "" in prompts and not any("Mickey" in q for q in prompts) and len(prompts) == (len(D.OBJECT_AXIS) - 1) * len(D.STYLE_AXIS) + 1
     text = next(c for c in clip.candidate_layers() if c.startswith("text_model.") and "fc2" in c)
     image = next(c for c in clip.candidate_layers() if c.startswith("vision_model.") and "fc2" in c)
@@ -323,6 +323,7 @@ def test_stage_sd_judges_converts_classifiers_by_path_and_tests_them_on_the_canv
 
     from stages import sd_judges
     from unlearn.data import synthetic as S
+    from unlearn.sd.judges import TimmConfig
 
     S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "data" / "eval" / "canvas")
     folder = tmp_path / "uc"
@@ -331,14 +332,131 @@ def test_stage_sd_judges_converts_classifiers_by_path_and_tests_them_on_the_canv
     monkeypatch.chdir(tmp_path)
     for d in ("models", "metrics"):
         (tmp_path / d).mkdir()
-    sd_judges.imported(folder, {"arch": "resnet10t", "input_size": 32}, 16, time.perf_counter())
+    sd_judges.imported(folder, TimmConfig("resnet10t", 32), 16, time.perf_counter())
     judges = load_judges(tmp_path / "models" / "sd_judges")
     assert {a: j.classes for a, j in judges.by_axis.items()} == {"object": list(D.OBJECT_AXIS), "style": list(D.STYLE_AXIS)}
     assert judges.config["axes"]["style"]["kind"] == "timm" and judges.config["pretrained"] == str(folder)
     metrics = json.loads((tmp_path / "metrics" / "sd_judges.json").read_text())
     assert metrics["held_out_images"] == len(D.OBJECT_AXIS) * len(D.STYLE_AXIS)
     assert 0 <= metrics["held_out_real"]["object"]["accuracy"] <= 1 and judges.config["held_out"]["style"] == metrics["held_out_real"]["style"]["accuracy"]
-    with pytest.raises(UnlearnError, match=r"sd.judges.timm has unknown keys size; known: arch, input_size"):
-        sd_judges.imported(folder, {"arch": "resnet10t", "input_size": 32, "size": 1}, 16, time.perf_counter())
     with pytest.raises(UnlearnError, match=r"sd.judges.pretrained .*none is not a folder"):
-        sd_judges.imported(tmp_path / "none", {"arch": "resnet10t", "input_size": 32}, 16, time.perf_counter())
+        sd_judges.imported(tmp_path / "none", TimmConfig("resnet10t", 32), 16, time.perf_counter())
+
+
+# A canvas that is not the world's: UnlearnCanvas's folder names (underscores for spaces), its
+# Seed_Images, three objects and two styles; the axes, the judges and every prompt follow it.
+UC_OBJECTS, UC_STYLES = ["Dogs", "Cats", "Towers"], ["Van_Gogh", "Ukiyoe"]
+
+
+def _uc_canvas(root, per_cell=1):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for s in ["Seed_Images", *UC_STYLES]:
+        for o in UC_OBJECTS:
+            (root / s / o).mkdir(parents=True)
+            for n in range(1, per_cell + 1):
+                pix = (torch.rand(20, 20, 3, generator=rng) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pix).save(root / s / o / f"{n}.jpg")
+    return root
+
+
+def test_axes_are_read_from_the_canvas_and_label_its_images(tmp_path):
+    from unlearn.data import synthetic as S
+
+    axes = D.canvas_axes(_uc_canvas(tmp_path / "uc"))
+    assert axes == D.Axes(("Cats", "Dogs", "Towers"), (D.PHOTO, "Ukiyoe", "Van Gogh")) and axes != D.WORLD
+    assert axes.cells()[:4] == [(0, 0), (0, 1), (0, 2), (1, 0)] and axes.prompt(D.Templates(), (2, 2)) == "An Towers image in Van Gogh style."
+    images = D.canvas_images(tmp_path / "uc", 8, axes)
+    assert len(images) == 9 and sorted(set(zip(images.objects.tolist(), images.styles.tolist()))) == sorted(axes.cells())
+    with pytest.raises(UnlearnError, match=r"style 'photo' / object 'Cats' is not on the judges' axes \(styles .*; objects Mickey"):
+        D.canvas_images(tmp_path / "uc", 8, D.WORLD)
+    S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "world")
+    assert D.canvas_axes(tmp_path / "world") is D.WORLD  # the world's canvas keeps the world's order
+    import shutil
+
+    shutil.rmtree(tmp_path / "uc" / "Seed_Images")
+    with pytest.raises(UnlearnError, match=r"has no Seed_Images/ folder"):
+        D.canvas_axes(tmp_path / "uc")
+    with pytest.raises(UnlearnError, match=r"with 'photo' first"):
+        D.Axes(("a",), ("Sepia", D.PHOTO))
+    with pytest.raises(UnlearnError, match=r"the object axis names a class twice"):
+        D.Axes(("a", "a"), (D.PHOTO,))
+
+
+def test_judges_by_path_on_another_canvas_carry_its_axes_to_every_prompt(tmp_path, monkeypatch, pipeline):
+    """UnlearnCanvas's real path end to end on the library: classifiers that know more classes
+    than the canvas (and name them with underscores) become judges over the canvas's axes; targets,
+    prompt sets, answer sets and the search's evaluator all follow those axes."""
+    import time
+
+    from stages import sd_judges
+    from unlearn.sd.canvas import answer_set as canvas_answers
+    from unlearn.sd.canvas import check_targets
+    from unlearn.sd.judges import TimmConfig
+    from unlearn.sd.unlearn import SdEvaluator, prompt_sets, target_of
+
+    _uc_canvas(tmp_path / "data" / "eval" / "canvas")
+    folder = tmp_path / "uc"
+    _foreign_classifier(folder, ["Seed_Images", "Monet", *reversed(UC_STYLES)], arch="resnet10t")
+    _foreign_classifier(folder, ["Birds", *UC_OBJECTS], arch="resnet10t", axis="object")
+    monkeypatch.chdir(tmp_path)
+    for d in ("models", "metrics"):
+        (tmp_path / d).mkdir()
+    sd_judges.imported(folder, TimmConfig("resnet10t", 32), 16, time.perf_counter())
+    judges = load_judges(tmp_path / "models" / "sd_judges")
+    axes = judges.axes
+    assert axes == D.Axes(("Cats", "Dogs", "Towers"), (D.PHOTO, "Ukiyoe", "Van Gogh"))
+    assert judges["style"].classes == [D.PHOTO, "Ukiyoe", "Van Gogh", "Monet"] and judges["object"].classes[-1] == "Birds"
+    target = target_of("Van Gogh", "style", axes)
+    sets = prompt_sets(target, D.Templates(), 1)
+    assert sets["forget"][0] == [f"An {o} image in Van Gogh style." for o in axes.objects] and len(sets["rest"][0]) == 6
+    assert len(canvas_answers(D.Templates(), 2, False, axes)) == 12
+    assert [t.index for t in check_targets(["Dogs", "Van Gogh"], "k", axes)] == [1, 2]
+    with pytest.raises(UnlearnError, match=r"sd.concept 'Sepia' \(style\) is not drawn by the pipeline; .*styles Ukiyoe, Van Gogh"):
+        target_of("Sepia", "style", axes)
+    ev = SdEvaluator(pipeline, judges, target, D.Templates(), SampleConfig(steps=1, batch_size=64), 1, 3, 16)
+    r = ev.evaluate()
+    assert ev.sizes == {"forget": 3, "retain": 6, "utility": 6} and 0 <= r["forget_top1"] <= 1
+    assert ev.images["forget"].shape == (3, 3, 16, 16)
+    with pytest.raises(UnlearnError, match=r"the judges answer over other axes than the target 'Sepia'"):
+        SdEvaluator(pipeline, judges, target_of("Sepia", "style", D.WORLD), D.Templates(), SampleConfig(steps=1), 1, 3, 16)
+
+
+def test_a_diffusers_folder_is_adopted_as_the_base_pipeline_and_a_foreign_text_encoder_refused(tmp_path, monkeypatch, pipeline, clip_dir):
+    """`sd.pretrained: path`: sd_base checks the folder's text encoder against the CLIP (values
+    too: a fine-tuned encoder would be silently replaced when tied), switches it to DDIM, draws and
+    judges every prompt of the judges' axes, and saves it as models/sd_base, loadable offline."""
+    import json
+    import shutil
+    import time
+
+    from stages import sd_base
+
+    judges = {"object": train_judge(torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 0]), list(D.OBJECT_AXIS), JudgeConfig(steps=1, batch_size=4))[0],
+              "style": train_judge(torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 0]), list(D.STYLE_AXIS), JudgeConfig(steps=1, batch_size=4))[0]}
+    for d in ("models/sd_judges", "models/hf", "metrics", "plots"):
+        (tmp_path / d).mkdir(parents=True)
+    save_judges(tmp_path / "models" / "sd_judges", judges, 16, {"held_out": {"object": 0.5, "style": 0.5}})
+    shutil.copytree(clip_dir, tmp_path / "models" / "hf" / "base")
+    pipeline.save_pretrained(tmp_path / "elsewhere", safe_serialization=True)
+    monkeypatch.chdir(tmp_path)
+    params = {"model.device": "cpu", "sd.image_size": 16, "sd.templates": {}, "sd.sample": {"steps": 2, "images_per_prompt": 1, "batch_size": 256}}
+    outs = ("models/sd_base", "metrics/sd_base.json", "plots/sd_base.png", "plots/sd_base_curve.csv")
+    sd_base.adopt(tmp_path / "elsewhere", params.get, *outs, "sd_base", time.perf_counter())
+    metrics = json.loads((tmp_path / "metrics" / "sd_base.json").read_text())
+    assert metrics["test"]["images"] == len(D.WORLD.cells()) and metrics["pretrained"] == str(tmp_path / "elsewhere")
+    assert metrics["sampler"]["scheduler"] == "DDIMScheduler" and (tmp_path / "plots" / "sd_base_curve.csv").read_text().strip() == "step,object,style"
+    adopted = load_pipeline(tmp_path / "models" / "sd_base")
+    assert type(adopted.scheduler).__name__ == "DDIMScheduler"
+    assert all(torch.equal(v, pipeline.unet.state_dict()[k]) for k, v in adopted.unet.state_dict().items())
+    # a text encoder with the CLIP's names and shapes but other values: refused, nothing overwritten
+    before = {p: (tmp_path / p).stat().st_mtime_ns for p in outs[1:]}
+    moved = copy.deepcopy(pipeline)
+    with torch.no_grad():
+        moved.text_encoder.encoder.layers[0].mlp.fc1.weight.add_(0.01)
+    moved.save_pretrained(tmp_path / "finetuned", safe_serialization=True)
+    with pytest.raises(UnlearnError, match=r"has the CLIP models/hf/base's names and shapes but other values \(1 tensors, first: "
+                                           r"encoder.layers.0.mlp.fc1.weight\); give the CLIPModel the pipeline was trained with"):
+        sd_base.adopt(tmp_path / "finetuned", params.get, *outs, "sd_base", time.perf_counter())
+    assert {p: (tmp_path / p).stat().st_mtime_ns for p in outs[1:]} == before

@@ -26,8 +26,7 @@ def real():
 
 def _context(pipe, target: Target, real) -> Context:
     named = named_mask(real, target)
-    sub = lambda keep: D.Images(real.pixels[keep], real.objects[keep], real.styles[keep])  # noqa: E731
-    return Context(pipe, target, D.Templates(), sub(named), sub(~named), SampleConfig(steps=2, images_per_prompt=1, batch_size=64), 16, 7)
+    return Context(pipe, target, D.Templates(), real.subset(named), real.subset(~named), SampleConfig(steps=2, images_per_prompt=1, batch_size=64), 16, 7)
 
 
 def test_every_diffusion_method_is_registered_with_its_config():
@@ -97,7 +96,7 @@ def test_a_diverging_method_raises_diverged(pipeline, real):
 
 
 def test_answer_set_and_scores():
-    full, no_photo = answer_set(D.Templates(), 2, True), answer_set(D.Templates(), 1, False)
+    full, no_photo = answer_set(D.Templates(), 2, True, D.WORLD), answer_set(D.Templates(), 1, False, D.WORLD)
     cells = len(D.OBJECT_AXIS) * len(D.STYLE_AXIS)
     assert len(full) == 2 * cells and full.prompts[:cells] == full.prompts[cells:]
     assert len(no_photo) == len(D.OBJECT_AXIS) * (len(D.STYLE_AXIS) - 1) and not any(p.startswith("A photo") for p in no_photo.prompts)
@@ -126,13 +125,13 @@ def test_answer_set_and_scores():
 
 
 def test_targets_must_be_styles_or_objects_of_the_canvas():
-    assert [t.axis for t in check_targets(["Sepia", "apple"], "k")] == ["style", "object"]
-    with pytest.raises(UnlearnError, match=r"^unlearncanvas.targets names 'Elon Musk', neither a style \(.*\) nor an object \(.*\) of the canvas"):
-        check_targets(["Elon Musk"], "unlearncanvas.targets")
+    assert [t.axis for t in check_targets(["Sepia", "apple"], "k", D.WORLD)] == ["style", "object"]
+    with pytest.raises(UnlearnError, match=r"^unlearncanvas.targets names 'Elon Musk', neither a style nor an object of the canvas \(styles .*; objects .*\)"):
+        check_targets(["Elon Musk"], "unlearncanvas.targets", D.WORLD)
     with pytest.raises(UnlearnError, match="names a target twice"):
-        check_targets(["Sepia", "Sepia"], "unlearncanvas.targets")
+        check_targets(["Sepia", "Sepia"], "unlearncanvas.targets", D.WORLD)
     with pytest.raises(UnlearnError, match="photo"):
-        check_targets([D.PHOTO], "unlearncanvas.targets")
+        check_targets([D.PHOTO], "unlearncanvas.targets", D.WORLD)
 
 
 def test_a_canvas_with_a_missing_or_empty_cell_is_refused(tmp_path):
@@ -140,14 +139,14 @@ def test_a_canvas_with_a_missing_or_empty_cell_is_refused(tmp_path):
     from unlearn.sd.canvas import check_cells
 
     S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "canvas")
-    check_cells(D.canvas_images(tmp_path / "canvas", 16), tmp_path / "canvas")  # complete: no error
+    check_cells(D.canvas_images(tmp_path / "canvas", 16, D.WORLD), tmp_path / "canvas", D.WORLD)  # complete: no error
     for image in (tmp_path / "canvas" / "Sepia" / "apple").iterdir():
         image.unlink()  # an empty cell
     import shutil
 
     shutil.rmtree(tmp_path / "canvas" / "Seed_Images" / "car")  # a missing one
     with pytest.raises(UnlearnError, match=r"has no image in 2 cell\(s\): Seed_Images/car, Sepia/apple; every <Style>/<Object>/ folder"):
-        check_cells(D.canvas_images(tmp_path / "canvas", 16), tmp_path / "canvas")
+        check_cells(D.canvas_images(tmp_path / "canvas", 16, D.WORLD), tmp_path / "canvas", D.WORLD)
 
 
 def test_saved_tensors_turn_the_base_pipeline_into_the_unlearned_one(pipeline, real, tmp_path):
@@ -164,3 +163,21 @@ def test_saved_tensors_turn_the_base_pipeline_into_the_unlearned_one(pipeline, r
     safetensors.torch.save_file({"unet.no.such.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(UnlearnError, match=r"sets unet.no.such.weight \[2\], which this pipeline lacks"):
         apply_changed(fresh, tmp_path / "other.safetensors")
+
+
+def test_a_real_canvas_splits_into_training_images_and_the_fid_real_set(tmp_path):
+    """On real data the methods train on the first images of every cell and the FID compares with
+    the rest; a cell too small to leave any is a one-line error."""
+    from unlearn.data import synthetic as S
+    from unlearn.sd.canvas import split_cells
+
+    S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=3), tmp_path / "canvas")
+    images = D.canvas_images(tmp_path / "canvas", 16, D.WORLD)
+    train, rest = split_cells(images, 2, tmp_path / "canvas")
+    cells = len(D.WORLD.cells())
+    assert len(train) == 2 * cells and len(rest) == cells and len(images) == 3 * cells
+    key = lambda im: sorted(zip(im.objects.tolist(), im.styles.tolist()))  # noqa: E731
+    assert key(rest) == sorted(D.WORLD.cells()) and key(train) == sorted(D.WORLD.cells() * 2)
+    assert not any(torch.equal(a, b) for a in rest.pixels[:5] for b in train.pixels)
+    with pytest.raises(UnlearnError, match=r"a cell of the canvas at .* holds 3 image\(s\), not more than unlearncanvas.train_images_per_cell \(3\)"):
+        split_cells(images, 3, tmp_path / "canvas")

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from unlearn.data.canvas import SEED_IMAGES
 from unlearn.errors import UnlearnError
-from unlearn.sd.data import OBJECT_AXIS, PHOTO, STYLE_AXIS, Templates
+from unlearn.sd.data import PHOTO, Axes, Images, Templates
 from unlearn.sd.unlearn import Target
 
 # UnlearnCanvas's leaderboard (SD v1.5, 50 styles x 20 objects, 100 DDIM steps, guidance 9, 5
@@ -50,61 +51,71 @@ class AnswerSet:
         return len(self.prompts)
 
 
-def answer_set(templates: Templates, per_prompt: int, seed_images: bool) -> AnswerSet:
-    """Every (object, style) cell `per_prompt` times, object-major, seed-major (the first
+def answer_set(templates: Templates, per_prompt: int, seed_images: bool, axes: Axes) -> AnswerSet:
+    """Every (object, style) cell of `axes` `per_prompt` times, object-major, seed-major (the first
     len(cells) prompts are one drawing of every cell)."""
     if per_prompt < 1:
         raise UnlearnError(f"unlearncanvas.images_per_prompt is {per_prompt}; use 1 or more")
-    styles = [s for s in range(len(STYLE_AXIS)) if seed_images or STYLE_AXIS[s] != PHOTO]
-    cells = [(o, s) for o in range(len(OBJECT_AXIS)) for s in styles] * per_prompt
-    return AnswerSet([templates.prompt(OBJECT_AXIS[o], STYLE_AXIS[s]) for o, s in cells], torch.tensor([o for o, _ in cells]),
-                     torch.tensor([s for _, s in cells]))
+    cells = [c for c in axes.cells() if seed_images or axes.styles[c[1]] != PHOTO] * per_prompt
+    return AnswerSet([axes.prompt(templates, c) for c in cells], torch.tensor([o for o, _ in cells]), torch.tensor([s for _, s in cells]))
 
 
-def check_targets(names: list, key: str, seed_images: bool = True) -> list[Target]:
-    """The benchmark's targets: each a style or an object of the canvas, none twice."""
+def check_targets(names: list, key: str, axes: Axes) -> list[Target]:
+    """The benchmark's targets: each a style or an object of the canvas (`axes`), none twice."""
     if not names:
-        raise UnlearnError(f"{key} is empty; list styles ({', '.join(STYLE_AXIS[1:])}) and objects ({', '.join(OBJECT_AXIS)})")
+        raise UnlearnError(f"{key} is empty; list {axes.describe()}")
     out = []
     for n in map(str, names):
-        if n in STYLE_AXIS[1:]:
-            out.append(Target(n, "style"))
-        elif n in OBJECT_AXIS:
-            out.append(Target(n, "object"))
+        if n in axes.styles[1:]:
+            out.append(Target(n, "style", axes))
+        elif n in axes.objects:
+            out.append(Target(n, "object", axes))
         else:
-            raise UnlearnError(f"{key} names {n!r}, neither a style ({', '.join(STYLE_AXIS[1:])}) nor an object ({', '.join(OBJECT_AXIS)}) "
-                               "of the canvas; use one of those")
+            raise UnlearnError(f"{key} names {n!r}, neither a style nor an object of the canvas ({axes.describe()}); use one of those")
     if len({t.name for t in out}) != len(out):
         raise UnlearnError(f"{key} names a target twice: {', '.join(map(str, names))}")
     return out
 
 
-def check_cells(images, root: str | Path) -> None:
+def check_cells(images, root: str | Path, axes: Axes) -> None:
     """Every (style, object) cell of the canvas, Seed_Images included, holds an image: a missing
     or empty cell would leave its concept out of the FID's real set unnoticed."""
     have = set(zip(images.styles.tolist(), images.objects.tolist()))
-    missing = [f"{STYLE_AXIS[s] if STYLE_AXIS[s] != PHOTO else 'Seed_Images'}/{o_name}" for s in range(len(STYLE_AXIS))
-               for o, o_name in enumerate(OBJECT_AXIS) if (s, o) not in have]
+    missing = [f"{s_name if s_name != PHOTO else SEED_IMAGES}/{o_name}" for s, s_name in enumerate(axes.styles)
+               for o, o_name in enumerate(axes.objects) if (s, o) not in have]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise UnlearnError(f"the canvas at {root} has no image in {len(missing)} cell(s): {shown}; every <Style>/<Object>/ folder "
                            "needs at least one image (re-run `dvc repro download`, or complete the folder)")
 
 
+def split_cells(images: Images, per_cell: int, root: str | Path) -> tuple[Images, Images]:
+    """The first `per_cell` images of every cell (what the methods train on) and the rest (the
+    real set of the FID), from a real canvas; every cell must keep at least one image for the rest."""
+    cell = images.objects * (int(images.styles.max()) + 1) + images.styles
+    rank = torch.zeros_like(cell)
+    seen: dict[int, int] = {}
+    for i, c in enumerate(cell.tolist()):
+        rank[i], seen[c] = seen.get(c, 0), seen.get(c, 0) + 1
+    short = min(seen.values())
+    if short <= per_cell:
+        raise UnlearnError(f"a cell of the canvas at {root} holds {short} image(s), not more than unlearncanvas.train_images_per_cell "
+                           f"({per_cell}): nothing would be left for the FID's real set; lower train_images_per_cell or give a fuller canvas")
+    train = rank < per_cell
+    return images.subset(train), images.subset(~train)
+
+
 def named_mask(labelled, target: Target) -> torch.Tensor:
     """The items (an AnswerSet's prompts, or `unlearn.sd.data.Images`: anything with `objects`
     and `styles` indices) of the target's cells."""
-    if target.axis == "object":
-        return labelled.objects == OBJECT_AXIS.index(target.name)
-    return labelled.styles == STYLE_AXIS.index(target.name)
+    return (labelled.objects if target.axis == "object" else labelled.styles) == target.index
 
 
 def score(answers: AnswerSet, pred: dict[str, torch.Tensor], target: Target) -> dict[str, float]:
     """UA, IRA and CRA (in %) of one target from the judges' predictions on the answer set."""
     named = named_mask(answers, target)
     truth = {"object": answers.objects, "style": answers.styles}
-    t = (OBJECT_AXIS if target.axis == "object" else STYLE_AXIS).index(target.name)
-    ua = 1 - float((pred[target.axis][named] == t).float().mean())
+    ua = 1 - float((pred[target.axis][named] == target.index).float().mean())
     ira = float((pred[target.axis][~named] == truth[target.axis][~named]).float().mean())
     cra = float((pred[target.other][~named] == truth[target.other][~named]).float().mean())
     return {"UA": round(100 * ua, 2), "IRA": round(100 * ira, 2), "CRA": round(100 * cra, 2)}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, Templates
+from unlearn.sd.data import Axes, Templates
 from unlearn.sd.judges import Judges
 
 
@@ -34,10 +34,10 @@ def generate(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int) 
     return torch.cat(out)
 
 
-def answer_set(templates: Templates, per_prompt: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Every (object, style) prompt `per_prompt` times: (prompts, object index, style index)."""
-    cells = [(o, s) for o in range(len(OBJECT_AXIS)) for s in range(len(STYLE_AXIS))] * per_prompt
-    prompts = [templates.prompt(OBJECT_AXIS[o], STYLE_AXIS[s]) for o, s in cells]
+def answer_set(templates: Templates, per_prompt: int, axes: Axes) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every (object, style) prompt of `axes` `per_prompt` times: (prompts, object index, style index)."""
+    cells = axes.cells() * per_prompt
+    prompts = [axes.prompt(templates, c) for c in cells]
     return prompts, torch.tensor([o for o, _ in cells]), torch.tensor([s for _, s in cells])
 
 
@@ -54,7 +54,7 @@ def judge_images(judges: Judges, images: torch.Tensor, objects: torch.Tensor, st
 
 
 def judged_accuracy(pipe, judges: Judges, templates: Templates, cfg: SampleConfig, per_prompt: int, seed: int, size: int) -> tuple[dict, torch.Tensor]:
-    prompts, objects, styles = answer_set(templates, per_prompt)
+    prompts, objects, styles = answer_set(templates, per_prompt, judges.axes)
     images = generate(pipe, prompts, cfg, seed, size)
     res = judge_images(judges, images, objects, styles)
     return {axis: {k: v for k, v in r.items() if k != "pred"} for axis, r in res.items()} | {"images": len(prompts)}, images

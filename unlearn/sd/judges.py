@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from unlearn.data.canvas import SEED_IMAGES, display_name
 from unlearn.errors import UnlearnError
+from unlearn.sd.data import Axes
 
 CONFIG = "judges.json"
 
@@ -58,6 +60,11 @@ class Classifier(nn.Module):
     classes: list[str]
     num_features: int
     batch_size = 512
+
+    @property
+    def axis_classes(self) -> list[str]:
+        """The classes of the axis it judges (a classifier trained elsewhere may know more, after them)."""
+        return self.classes
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -107,11 +114,12 @@ class TimmJudge(Classifier):
 
     batch_size = 64
 
-    def __init__(self, classes: list[str], arch: str, input_size: int):
+    def __init__(self, classes: list[str], arch: str, input_size: int, on_axis: int | None = None):
         super().__init__()
         import timm
 
         self.classes, self.arch, self.input_size = list(classes), arch, int(input_size)
+        self.on_axis = len(self.classes) if on_axis is None else int(on_axis)
         try:
             self.model = timm.create_model(arch, pretrained=False, num_classes=len(classes))
         except RuntimeError as e:  # timm's "Unknown model (...)"
@@ -130,7 +138,11 @@ class TimmJudge(Classifier):
         return self.model.forward_head(self.model.forward_features(self._resized(x)), pre_logits=True)
 
     def spec(self) -> dict:
-        return {"kind": "timm", "classes": self.classes, "arch": self.arch, "input_size": self.input_size}
+        return {"kind": "timm", "classes": self.classes, "on_axis": self.on_axis, "arch": self.arch, "input_size": self.input_size}
+
+    @property
+    def axis_classes(self) -> list[str]:
+        return self.classes[: self.on_axis]
 
 
 def train_judge(x: torch.Tensor, y: torch.Tensor, classes: list[str], cfg: JudgeConfig, device: str = "cpu",
@@ -181,6 +193,14 @@ UNLEARNCANVAS_CLASSES = {
 }
 
 
+@dataclass(frozen=True)
+class TimmConfig:
+    """The architecture of classifiers given by path (`sd.judges.timm`)."""
+
+    arch: str = "vit_large_patch16_224"
+    input_size: int = 224
+
+
 def classifier_classes(folder: Path, axis: str) -> list[str]:
     """The order a foreign classifier answers in: `classes.json` in its folder ({"object": [...],
     "style": [...]}) where there is one, else UnlearnCanvas's."""
@@ -211,13 +231,13 @@ def import_classifier(path: Path, classes: list[str], axis_names: list[str], arc
     state = blob.get("model_state_dict", blob) if isinstance(blob, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UnlearnError(f"{path} holds no state dict (expected tensors, or {{'model_state_dict': tensors}})")
-    named = [photo if c == "Seed_Images" else c for c in classes]
+    named = [photo if c == SEED_IMAGES else display_name(c) for c in classes]  # "Van_Gogh" is the canvas's "Van Gogh"
     missing = [c for c in axis_names if c not in named]
     if missing:
         raise UnlearnError(f"the classifier {path} does not know {', '.join(missing)} of the canvas (it knows {len(named)} classes: "
                            f"{', '.join(named[:6])}, ...); give judges of this canvas's classes, or list its classes in classes.json")
     order = [named.index(c) for c in axis_names] + [k for k, c in enumerate(named) if c not in axis_names]
-    judge = TimmJudge([named[k] for k in order], arch, input_size)
+    judge = TimmJudge([named[k] for k in order], arch, input_size, on_axis=len(axis_names))
     head = judge.model.pretrained_cfg.get("classifier", "head")  # the head's name in the state dict ("head" for a ViT)
     state = dict(state)
     for k in (f"{head}.weight", f"{head}.bias"):
@@ -243,6 +263,11 @@ class Judges:
     def __getitem__(self, axis: str) -> Classifier:
         return self.by_axis[axis]
 
+    @property
+    def axes(self) -> Axes:
+        """What they judge: every later stage draws and scores on these axes."""
+        return Axes(tuple(self["object"].axis_classes), tuple(self["style"].axis_classes))
+
 
 def load_judges(directory: str | Path, device: str = "cpu") -> Judges:
     directory = Path(directory)
@@ -252,7 +277,8 @@ def load_judges(directory: str | Path, device: str = "cpu") -> Judges:
     config = json.loads(path.read_text())
     out = {}
     for axis, spec in config["axes"].items():
-        judge = TimmJudge(spec["classes"], spec["arch"], spec["input_size"]) if spec.get("kind") == "timm" else Judge(spec["classes"], spec["channels"])
+        judge = (TimmJudge(spec["classes"], spec["arch"], spec["input_size"], spec.get("on_axis")) if spec.get("kind") == "timm"
+                 else Judge(spec["classes"], spec["channels"]))
         try:
             state = safetensors.torch.load_file(directory / spec["weights"])
             judge.load_state_dict(state)

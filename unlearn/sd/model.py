@@ -88,6 +88,35 @@ def sample_scheduler():
     return DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+def sample_scheduler_like(scheduler):
+    """DDIM over another scheduler's noise schedule (a pipeline trained elsewhere keeps its betas)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+def check_text_encoder(te, tower, pipe_name: str, clip_name: str) -> int:
+    """The pipeline's text encoder `te` is the CLIP's text tower `tower`: the same tensors (names
+    relative to the tower, shapes, values up to half-precision rounding).  A pipeline may hold only
+    the first layers of the CLIP's encoder (SD 2.x's converted encoders stop at the penultimate
+    layer): the CLIP's later layers are then not compared.  Returns how many layers it holds."""
+    if te is None:
+        raise UnlearnError(f"the pipeline {pipe_name} has no text encoder; SLUG edits the text encoder of a full pipeline")
+    theirs, ours = dict(te.named_parameters()), dict(tower.named_parameters())
+    n_pipe = len(te.encoder.layers)
+    beyond = {n for n in ours if ".layers." in n and int(n.split(".layers.")[1].split(".")[0]) >= n_pipe}
+    mismatch = sorted(set(theirs) ^ (set(ours) - beyond)) or [n for n in theirs if theirs[n].shape != ours[n].shape]
+    if mismatch:
+        raise UnlearnError(f"the text encoder of {pipe_name} does not match the CLIP {clip_name} (first difference: {mismatch[0]}); "
+                           "give the CLIPModel whose text tower the pipeline uses (openai/clip-vit-large-patch14 for SD v1.x)")
+    with torch.no_grad():
+        moved = [n for n in sorted(theirs) if not torch.allclose(theirs[n].float().cpu(), ours[n].float().cpu(), rtol=1e-3, atol=1e-4)]
+    if moved:
+        raise UnlearnError(f"the text encoder of {pipe_name} has the CLIP {clip_name}'s names and shapes but other values ({len(moved)} tensors, "
+                           f"first: {moved[0]}); give the CLIPModel the pipeline was trained with (its text encoder was fine-tuned, or is another CLIP)")
+    return n_pipe
+
+
 def load_text_encoder(clip_dir: str | Path, device: str = "cpu"):
     """The CLIP's text tower and tokenizer (a transformers CLIPModel folder), frozen."""
     from transformers import CLIPTextModel, CLIPTokenizerFast
@@ -136,7 +165,7 @@ def load_pipeline(folder: str | Path, device: str = "cpu", half: bool = False):
             raise UnlearnError(f"the pipeline at {folder} has no {part}/ folder; SLUG edits the text encoder of a full "
                                "StableDiffusionPipeline folder")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16 if half else torch.float32, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16 if half else torch.float32, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

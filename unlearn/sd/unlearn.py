@@ -28,28 +28,18 @@ from pathlib import Path
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS, Templates
+from unlearn.sd.data import WORLD, Axes, Templates
 from unlearn.sd.evaluate import SampleConfig, generate
 from unlearn.sd.judges import Judges
+from unlearn.sd.model import check_text_encoder
 
 
 def tie_text_encoder(pipe, clip_model, pipe_name: str, clip_name: str) -> None:
     """Make the pipeline's text encoder read the CLIP's text tower: the same tensors (names
     relative to the tower, shapes; checked), its modules replaced by the CLIP's own."""
     te = pipe.text_encoder
-    if te is None:
-        raise UnlearnError(f"the pipeline {pipe_name} has no text encoder; SLUG edits the text encoder of a full pipeline")
     tower = clip_model.text_model
-    theirs = {n: p.shape for n, p in te.named_parameters()}
-    ours = {n: p.shape for n, p in tower.named_parameters()}
-    n_pipe = len(te.encoder.layers)
-    # a pipeline may hold only the first layers of the CLIP's encoder (SD 2.x's converted encoders
-    # stop at the penultimate layer): the CLIP's later layers are then not read, and not tied
-    beyond = {n for n in ours if ".layers." in n and int(n.split(".layers.")[1].split(".")[0]) >= n_pipe}
-    mismatch = sorted(set(theirs) ^ (set(ours) - beyond)) or [n for n in theirs if theirs[n] != ours[n]]
-    if mismatch:
-        raise UnlearnError(f"the text encoder of {pipe_name} does not match the CLIP {clip_name} (first difference: {mismatch[0]}); "
-                           "give the CLIPModel whose text tower the pipeline uses (openai/clip-vit-large-patch14 for SD v1.x)")
+    n_pipe = check_text_encoder(te, tower, pipe_name, clip_name)
     te.embeddings, te.final_layer_norm = tower.embeddings, tower.final_layer_norm
     for i in range(n_pipe):
         te.encoder.layers[i] = tower.encoder.layers[i]
@@ -80,21 +70,30 @@ def reads(name: str, n_used: int) -> bool:
 
 @dataclass(frozen=True)
 class Target:
+    """A concept to unlearn: a name on one axis of the `axes` the pipeline is judged on."""
+
     name: str
     axis: str  # "object" | "style"
+    axes: Axes = WORLD
+
+    def __post_init__(self) -> None:
+        if self.name not in self.axes.names(self.axis)[1 if self.axis == "style" else 0 :]:
+            raise UnlearnError(f"{self.name!r} is not a{'n' if self.axis == 'object' else ''} {self.axis} the judges know ({self.axes.describe()})")
 
     @property
     def other(self) -> str:
         return "style" if self.axis == "object" else "object"
 
+    @property
+    def index(self) -> int:
+        return self.axes.index(self.axis, self.name)
 
-def target_of(name: str, kind: str) -> Target:
-    if kind == "object" and name in OBJECT_AXIS:
-        return Target(name, "object")
-    if kind == "style" and name in STYLE_AXIS:
-        return Target(name, "style")
-    raise UnlearnError(f"sd.concept {name!r} ({kind}) is not drawn by the pipeline; use an object ({', '.join(OBJECT_AXIS)}) or a style "
-                       f"({', '.join(STYLE_AXIS[1:])}) of the concept table")
+
+def target_of(name: str, kind: str, axes: Axes) -> Target:
+    if kind in ("object", "style") and name in axes.names(kind)[1 if kind == "style" else 0 :]:
+        return Target(name, kind, axes)
+    raise UnlearnError(f"sd.concept {name!r} ({kind}) is not drawn by the pipeline; use an object or a style of the judges' axes "
+                       f"({axes.describe()}) that is in the concept table")
 
 
 def prompt_sets(target: Target, templates: Templates, per_prompt: int, name_as: str | None = None,
@@ -102,15 +101,15 @@ def prompt_sets(target: Target, templates: Templates, per_prompt: int, name_as: 
     """forget: the prompts naming the target (written `name_as` if given: an alias or a
     misspelling), `forget_per_prompt` times (default `per_prompt`); rest: every other cell,
     `per_prompt` times.  Each: (prompts, object index, style index)."""
-    cells = [(o, s) for o in range(len(OBJECT_AXIS)) for s in range(len(STYLE_AXIS))]
-    t = (OBJECT_AXIS if target.axis == "object" else STYLE_AXIS).index(target.name)
-    named = [c for c in cells if c[0 if target.axis == "object" else 1] == t]
+    axes = target.axes
+    cells = axes.cells()
+    named = [c for c in cells if c[0 if target.axis == "object" else 1] == target.index]
     rest = [c for c in cells if c not in named]
 
     def build(cs, rename, times):
         cs = cs * times
-        prompts = [templates.prompt(rename if (rename and target.axis == "object") else OBJECT_AXIS[o],
-                                    rename if (rename and target.axis == "style") else STYLE_AXIS[s]) for o, s in cs]
+        prompts = [templates.prompt(rename if (rename and target.axis == "object") else axes.objects[o],
+                                    rename if (rename and target.axis == "style") else axes.styles[s]) for o, s in cs]
         return prompts, torch.tensor([o for o, _ in cs]), torch.tensor([s for _, s in cs])
 
     return {"forget": build(named, name_as, forget_per_prompt or per_prompt), "rest": build(rest, None, per_prompt)}
@@ -145,6 +144,9 @@ class SdEvaluator:
     def __init__(self, pipe, judges: Judges, target: Target, templates: Templates, sample: SampleConfig, per_prompt: int, seed: int, size: int,
                  name_as: str | None = None, forget_per_prompt: int | None = None):
         self.pipe, self.judges, self.target, self.sample, self.seed, self.size = pipe, judges, target, sample, seed, size
+        if judges.axes != target.axes:
+            raise UnlearnError(f"the judges answer over other axes than the target {target.name!r} ({judges.axes.describe()}); "
+                               "take the target from the judges' axes")
         self.sets = prompt_sets(target, templates, per_prompt, name_as, forget_per_prompt)
         self.images: dict[str, torch.Tensor] = {}
         self._rest_state: bytes | None = None

@@ -36,8 +36,8 @@ class CaConfig:
 def run(ctx: Context, cfg: CaConfig) -> Result:
     pipe, unet = ctx.pipe, ctx.pipe.unet
     cells = cells_of(ctx.target)
-    targets = [prompt_of(ctx.templates, c) for c in cells]
-    anchors = [prompt_of(ctx.templates, anchor_cell(ctx.target, c)) for c in cells]
+    targets = [prompt_of(ctx.templates, ctx.target, c) for c in cells]
+    anchors = [prompt_of(ctx.templates, ctx.target, anchor_cell(ctx.target, c)) for c in cells]
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         pool = pipe(anchors * cfg.anchor_images, height=ctx.size, width=ctx.size, num_inference_steps=ctx.sample.steps,

@@ -9,18 +9,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from unlearn.sd.data import OBJECT_AXIS, PHOTO, STYLE_AXIS, Images
+from unlearn.sd.data import PHOTO, Images
 from unlearn.sd.methods import Diverged
 from unlearn.sd.model import text_states
 
 
 def cells_of(target) -> list[tuple[int, int]]:
-    """The (object, style) cells whose prompt names the target."""
-    if target.axis == "object":
-        o = OBJECT_AXIS.index(target.name)
-        return [(o, s) for s in range(len(STYLE_AXIS))]
-    s = STYLE_AXIS.index(target.name)
-    return [(o, s) for o in range(len(OBJECT_AXIS))]
+    """The (object, style) cells of the target's axes whose prompt names the target."""
+    return [c for c in target.axes.cells() if c[0 if target.axis == "object" else 1] == target.index]
 
 
 def anchor_cell(target, cell: tuple[int, int]) -> tuple[int, int]:
@@ -28,12 +24,13 @@ def anchor_cell(target, cell: tuple[int, int]) -> tuple[int, int]:
     (UnlearnCanvas's Seed_Images), an object target's cell as the next object in the same style."""
     o, s = cell
     if target.axis == "style":
-        return o, STYLE_AXIS.index(PHOTO)
-    return (o + 1) % len(OBJECT_AXIS), s
+        return o, target.axes.styles.index(PHOTO)
+    return (o + 1) % len(target.axes.objects), s
 
 
-def prompt_of(templates, cell: tuple[int, int]) -> str:
-    return templates.prompt(OBJECT_AXIS[cell[0]], STYLE_AXIS[cell[1]])
+def prompt_of(templates, target, cell: tuple[int, int]) -> str:
+    """The prompt of a cell of the target's axes."""
+    return target.axes.prompt(templates, cell)
 
 
 def states(pipe, prompts: list[str]) -> torch.Tensor:
@@ -49,8 +46,9 @@ def latents_of(pipe, images: Images, batch_size: int = 256) -> torch.Tensor:
     return z * pipe.vae.config.scaling_factor
 
 
-def cell_index(images: Images) -> torch.Tensor:
-    return images.objects * len(STYLE_AXIS) + images.styles
+def cell_index(images: Images, axes) -> torch.Tensor:
+    """Each image's cell as an index into `axes.cells()`."""
+    return images.objects * len(axes.styles) + images.styles
 
 
 def attn2_params(unet, projections: tuple[str, ...] | None = None) -> dict[str, torch.nn.Parameter]:

@@ -50,7 +50,7 @@ def run(ctx: Context, cfg: EsdConfig) -> Result:
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
     params = attn2_params(unet)
     opt = torch.optim.Adam(train_only(unet, params), lr=cfg.lr)
-    prompts = [prompt_of(ctx.templates, c) for c in cells_of(ctx.target)]
+    prompts = [prompt_of(ctx.templates, ctx.target, c) for c in cells_of(ctx.target)]
     with torch.no_grad():
         c_all, u = states(pipe, prompts), states(pipe, [""])
     sched = DDIMScheduler.from_config(pipe.scheduler.config)

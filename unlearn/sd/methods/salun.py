@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.sd.data import OBJECT_AXIS, STYLE_AXIS
 from unlearn.sd.methods import Context, Result, check_ranges, register
 from unlearn.sd.methods.common import anchor_cell, cell_index, finite, latents_of, mse, prompt_of, states
 
@@ -50,13 +49,14 @@ def saliency_mask(grads: dict[str, torch.Tensor], fraction: float) -> dict[str, 
 @register("salun", SalunConfig, "SalUn: a saliency mask over the UNet, forget prompts steered to anchors, retain denoising")
 def run(ctx: Context, cfg: SalunConfig) -> Result:
     pipe, unet = ctx.pipe, ctx.pipe.unet
-    all_cells = [(o, s) for o in range(len(OBJECT_AXIS)) for s in range(len(STYLE_AXIS))]
+    axes = ctx.target.axes
+    all_cells = axes.cells()
     with torch.no_grad():
-        cell_states = states(pipe, [prompt_of(ctx.templates, c) for c in all_cells])
+        cell_states = states(pipe, [prompt_of(ctx.templates, ctx.target, c) for c in all_cells])
         anchor_of = torch.tensor([all_cells.index(anchor_cell(ctx.target, c)) for c in all_cells])
         u = states(pipe, [""])
-    zf, cf = latents_of(pipe, ctx.forget), cell_index(ctx.forget)
-    zr, cr = latents_of(pipe, ctx.retain), cell_index(ctx.retain)
+    zf, cf = latents_of(pipe, ctx.forget), cell_index(ctx.forget, axes)
+    zr, cr = latents_of(pipe, ctx.retain), cell_index(ctx.retain, axes)
     sched = pipe.scheduler
     n_train = sched.config.num_train_timesteps
     gen = torch.Generator().manual_seed(cfg.seed)

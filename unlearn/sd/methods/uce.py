@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.sd.data import OBJECT_AXIS, PHOTO, STYLE_AXIS
+from unlearn.sd.data import PHOTO
 from unlearn.sd.methods import Context, Result, check_ranges, register
 from unlearn.sd.methods.common import attn2_params, changed_unet
 
@@ -46,7 +46,7 @@ def name_states(pipe, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 def run(ctx: Context, cfg: UceConfig) -> Result:
     pipe, unet, target = ctx.pipe, ctx.pipe.unet, ctx.target
     anchor = PHOTO if target.axis == "style" else ""
-    preserved = [n for n in (*STYLE_AXIS[1:], *OBJECT_AXIS) if n != target.name]
+    preserved = [n for n in (*target.axes.styles[1:], *target.axes.objects) if n != target.name]
     s, ends = name_states(pipe, [target.name, anchor])
     last = int(ends.max()) + 1
     c, ca = s[0, :last].double(), s[1, :last].double()
