@@ -126,6 +126,11 @@ def test_answer_set_and_scores():
 
 def test_targets_must_be_styles_or_objects_of_the_canvas():
     assert [t.axis for t in check_targets(["Sepia", "apple"], "k", D.WORLD)] == ["style", "object"]
+    every = check_targets("all", "k", D.WORLD)
+    assert [t.name for t in every] == [*D.WORLD.styles[1:], *D.WORLD.objects] and D.PHOTO not in [t.name for t in every]
+    assert check_targets(["Pixel_Art"], "k", D.WORLD)[0].name == "Pixel Art"  # UnlearnCanvas's folder spelling
+    with pytest.raises(UnlearnError, match=r"^unlearncanvas.targets is 'Sepia'; list the targets \(\[Sepia, apple\]\) or write all"):
+        check_targets("Sepia", "unlearncanvas.targets", D.WORLD)
     with pytest.raises(UnlearnError, match=r"^unlearncanvas.targets names 'Elon Musk', neither a style nor an object of the canvas \(styles .*; objects .*\)"):
         check_targets(["Elon Musk"], "unlearncanvas.targets", D.WORLD)
     with pytest.raises(UnlearnError, match="names a target twice"):

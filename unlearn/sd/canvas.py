@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn.data.canvas import SEED_IMAGES
+from unlearn.data.canvas import SEED_IMAGES, display_name
 from unlearn.errors import UnlearnError
 from unlearn.sd.data import PHOTO, Axes, Images, Templates
 from unlearn.sd.unlearn import Target
@@ -60,12 +60,16 @@ def answer_set(templates: Templates, per_prompt: int, seed_images: bool, axes: A
     return AnswerSet([axes.prompt(templates, c) for c in cells], torch.tensor([o for o, _ in cells]), torch.tensor([s for _, s in cells]))
 
 
-def check_targets(names: list, key: str, axes: Axes) -> list[Target]:
-    """The benchmark's targets: each a style or an object of the canvas (`axes`), none twice."""
-    if not names:
-        raise UnlearnError(f"{key} is empty; list {axes.describe()}")
+def check_targets(names: list | str, key: str, axes: Axes) -> list[Target]:
+    """The benchmark's targets: each a style or an object of the canvas (`axes`), none twice;
+    `all` is every style, then every object.  A name may be written as its folder
+    ("Van_Gogh" for "Van Gogh")."""
+    if names == "all":
+        names = [*axes.styles[1:], *axes.objects]
+    if not names or isinstance(names, str):
+        raise UnlearnError(f"{key} is {names!r}; list the targets ([Sepia, apple]) or write all, from {axes.describe()}")
     out = []
-    for n in map(str, names):
+    for n in (display_name(str(n)) for n in names):
         if n in axes.styles[1:]:
             out.append(Target(n, "style", axes))
         elif n in axes.objects:
