@@ -28,7 +28,7 @@ from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
 from unlearn.runs import write_metrics
 from unlearn.sd.canvas import AnswerSet, answer_set, check_cells, check_targets, named_mask, score, split_cells
-from unlearn.sd.data import TRAIN_STREAM, Templates, canvas_images, render_images, to_pil
+from unlearn.sd.data import TRAIN_STREAM, WORLD, Templates, canvas_images, render_images, to_pil
 from unlearn.sd.evaluate import SampleConfig, generate, judge_images
 from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
@@ -85,7 +85,7 @@ def main() -> None:
     held = canvas_images(CANVAS, size, axes)
     check_cells(held, CANVAS, axes)
     per_cell = int(section["train_images_per_cell"])
-    if p("data.source") == "synthetic":  # the methods train on the world's renderings (their own seed stream), never on the canvas
+    if axes == WORLD:  # the methods train on the world's renderings (their own seed stream), never on the canvas
         real = None
     else:  # a real canvas: the methods train on the first images of each cell, the FID's real set is the rest
         real, held = split_cells(held, per_cell, CANVAS)
