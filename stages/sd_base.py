@@ -39,6 +39,14 @@ VALIDATION = 1_000_000  # validation seeds are the test seeds + this: never the 
 log = logging.getLogger("sd_base")
 
 
+def judges_at(size: int):
+    """The judges of `sd_judges`, refused unless they see `sd.image_size` images."""
+    judges = load_judges(JUDGES)
+    if judges.image_size != size:
+        raise UnlearnError(f"the judges in {JUDGES} see {judges.image_size} px images but sd.image_size is {size}; re-run `dvc repro sd_judges`")
+    return judges
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stage", default="sd_base")
@@ -61,9 +69,7 @@ def main() -> None:
     unet_cfg = as_config(UnetConfig, b.pop("unet"), f"{section}.unet")
     if b:
         raise UnlearnError(f"{section} has unknown keys {', '.join(sorted(b))}; known: images_per_cell, vae, unet")
-    judges = load_judges(JUDGES)
-    if judges.image_size != size:
-        raise UnlearnError(f"the judges in {JUDGES} see {judges.image_size} px images but sd.image_size is {size}; re-run `dvc repro sd_judges`")
+    judges = judges_at(size)
     if judges.axes != WORLD:
         raise UnlearnError(f"the judges in {JUDGES} answer over another canvas than the world's; re-run `dvc repro sd_judges` on the synthetic world")
     text_encoder, tokenizer = load_text_encoder(CLIP, device)
@@ -88,7 +94,7 @@ def main() -> None:
     vae.register_to_config(scaling_factor=scale)
     prompts = [WORLD.prompt(templates, c) for c in WORLD.cells()] + [""]
     states = text_states(text_encoder, tokenizer, prompts)
-    prompt_index = data.objects * len(WORLD.styles) + data.styles
+    prompt_index = WORLD.cell_of(data)
     curve, minutes = [], []  # validation accuracy at each checkpoint (a plot); the training minutes to it (its cost)
 
     def checkpoint(ema, step: int, seconds: float) -> None:
@@ -137,10 +143,7 @@ def adopt(folder: Path, p, out_dir: str, metrics_path: str, sheet: str, curve_cs
     device = torch_device(p("model.device"))
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
-    judges = load_judges(JUDGES)
-    if judges.image_size != int(p("sd.image_size")):
-        raise UnlearnError(f"the judges in {JUDGES} see {judges.image_size} px images but sd.image_size is {p('sd.image_size')}; "
-                           "re-run `dvc repro sd_judges`")
+    judges = judges_at(int(p("sd.image_size")))
     pipe = load_pipeline(folder, device)
     tower, _ = load_text_encoder(CLIP, device)
     check_text_encoder(pipe.text_encoder, tower, str(folder), CLIP)

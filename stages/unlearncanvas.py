@@ -88,7 +88,7 @@ def main() -> None:
     if axes == WORLD:  # the methods train on the world's renderings (their own seed stream), never on the canvas
         real = None
     else:  # a real canvas: the methods train on the first images of each cell, the FID's real set is the rest
-        real, held = split_cells(held, per_cell, CANVAS)
+        real, held = split_cells(held, per_cell, CANVAS, axes)
     grid_targets = [next(t for t in targets if t.axis == a) for a in ("style", "object") if any(t.axis == a for t in targets)]
 
     def draw(pipe) -> torch.Tensor:

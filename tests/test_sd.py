@@ -369,6 +369,10 @@ def test_axes_are_read_from_the_canvas_and_label_its_images(tmp_path):
     assert axes.cells()[:4] == [(0, 0), (0, 1), (0, 2), (1, 0)] and axes.prompt(D.Templates(), (2, 2)) == "An Towers image in Van Gogh style."
     images = D.canvas_images(tmp_path / "uc", 8, axes)
     assert len(images) == 9 and sorted(set(zip(images.objects.tolist(), images.styles.tolist()))) == sorted(axes.cells())
+    cells = axes.cell_of(images)  # an index into cells(), whose styles axis is 3 long (not the highest label + 1)
+    assert [axes.cells()[i] for i in cells.tolist()] == list(zip(images.objects.tolist(), images.styles.tolist()))
+    drawn = images.subset(images.styles < 2)  # no image of the last style: the index must not shrink with it
+    assert [axes.cells()[i] for i in axes.cell_of(drawn).tolist()] == list(zip(drawn.objects.tolist(), drawn.styles.tolist()))
     with pytest.raises(UnlearnError, match=r"style 'photo' / object 'Cats' is not on the judges' axes \(styles .*; objects Mickey"):
         D.canvas_images(tmp_path / "uc", 8, D.WORLD)
     S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=1), tmp_path / "world")

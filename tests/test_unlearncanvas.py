@@ -43,7 +43,7 @@ def test_every_diffusion_method_is_registered_with_its_config():
 
 
 @pytest.mark.parametrize("method", UNET_METHODS)
-@pytest.mark.parametrize("target", [Target("Sepia", "style"), Target("apple", "object")], ids=["style", "object"])
+@pytest.mark.parametrize("target", [Target("Sepia", "style", D.WORLD), Target("apple", "object", D.WORLD)], ids=["style", "object"])
 def test_a_unet_method_changes_only_the_unet_tensors_it_returns_and_is_seeded(pipeline, real, method, target):
     pipe = copy.deepcopy(pipeline)
     before = {f"{part}.{n}": t.detach().clone() for part in ("unet", "vae", "text_encoder") for n, t in getattr(pipe, part).state_dict().items()}
@@ -65,7 +65,7 @@ def test_a_unet_method_changes_only_the_unet_tensors_it_returns_and_is_seeded(pi
 def test_salun_moves_only_the_salient_half_of_the_unet(pipeline, real):
     pipe = copy.deepcopy(pipeline)
     before = {n: t.detach().clone() for n, t in pipe.unet.named_parameters()}
-    result = run_method("salun", _context(pipe, Target("Sepia", "style"), real), TINY["salun"], "unlearncanvas")
+    result = run_method("salun", _context(pipe, Target("Sepia", "style", D.WORLD), real), TINY["salun"], "unlearncanvas")
     d = result.details
     assert d["mask_total"] == sum(t.numel() for t in before.values()) and abs(d["mask_kept"] / d["mask_total"] - 0.5) < 0.01
     moved = sum(int((t.detach() != before[n]).sum()) for n, t in pipe.unet.named_parameters())
@@ -81,7 +81,7 @@ def test_uce_maps_the_target_onto_its_anchor_and_keeps_the_preserved(pipeline, r
     n = int(ends[:2].max()) + 1
     c, ca, cp = s[0, :n], s[1, :n], s[2, : int(ends[2]) + 1]
     old = {k: p.detach().clone() for k, p in attn2_params(pipe.unet, ("to_k", "to_v")).items()}
-    run_method("uce", _context(pipe, Target("Sepia", "style"), real), {"lamb": 1e-3}, "unlearncanvas")
+    run_method("uce", _context(pipe, Target("Sepia", "style", D.WORLD), real), {"lamb": 1e-3}, "unlearncanvas")
     for k, p in attn2_params(pipe.unet, ("to_k", "to_v")).items():
         w, w1 = old[k], p.detach()
         gap_before, gap_after = (c @ w.T - ca @ w.T).norm(), (c @ w1.T - ca @ w.T).norm()
@@ -91,7 +91,7 @@ def test_uce_maps_the_target_onto_its_anchor_and_keeps_the_preserved(pipeline, r
 
 def test_a_diverging_method_raises_diverged(pipeline, real):
     with pytest.raises(Diverged, match=r"^esd: the loss is (nan|inf) at step \d+; lower its lr$"):
-        run_method("esd", _context(copy.deepcopy(pipeline), Target("Sepia", "style"), real), {**TINY["esd"], "lr": 1e12, "iterations": 20},
+        run_method("esd", _context(copy.deepcopy(pipeline), Target("Sepia", "style", D.WORLD), real), {**TINY["esd"], "lr": 1e12, "iterations": 20},
                    "unlearncanvas")
 
 
@@ -101,7 +101,7 @@ def test_answer_set_and_scores():
     assert len(full) == 2 * cells and full.prompts[:cells] == full.prompts[cells:]
     assert len(no_photo) == len(D.OBJECT_AXIS) * (len(D.STYLE_AXIS) - 1) and not any(p.startswith("A photo") for p in no_photo.prompts)
     truth = {"object": full.objects.clone(), "style": full.styles.clone()}
-    sepia = Target("Sepia", "style")
+    sepia = Target("Sepia", "style", D.WORLD)
     assert score(full, truth, sepia) == {"UA": 0.0, "IRA": 100.0, "CRA": 100.0}
     named = named_mask(full, sepia)
     assert int(named.sum()) == 2 * len(D.OBJECT_AXIS)
@@ -160,7 +160,7 @@ def test_saved_tensors_turn_the_base_pipeline_into_the_unlearned_one(pipeline, r
     from unlearn.sd.methods import apply_changed
 
     pipe = copy.deepcopy(pipeline)
-    result = run_method("ca", _context(pipe, Target("apple", "object"), real), TINY["ca"], "unlearncanvas")
+    result = run_method("ca", _context(pipe, Target("apple", "object", D.WORLD), real), TINY["ca"], "unlearncanvas")
     safetensors.torch.save_file({k: v.contiguous() for k, v in result.changed.items()}, tmp_path / "apple.safetensors")
     fresh = copy.deepcopy(pipeline)
     assert apply_changed(fresh, tmp_path / "apple.safetensors") == sorted(result.changed)
@@ -178,11 +178,11 @@ def test_a_real_canvas_splits_into_training_images_and_the_fid_real_set(tmp_path
 
     S.write_canvas(S.SyntheticConfig(seed=3, image_size=32, canvas_per_cell=3), tmp_path / "canvas")
     images = D.canvas_images(tmp_path / "canvas", 16, D.WORLD)
-    train, rest = split_cells(images, 2, tmp_path / "canvas")
+    train, rest = split_cells(images, 2, tmp_path / "canvas", D.WORLD)
     cells = len(D.WORLD.cells())
     assert len(train) == 2 * cells and len(rest) == cells and len(images) == 3 * cells
     key = lambda im: sorted(zip(im.objects.tolist(), im.styles.tolist()))  # noqa: E731
     assert key(rest) == sorted(D.WORLD.cells()) and key(train) == sorted(D.WORLD.cells() * 2)
     assert not any(torch.equal(a, b) for a in rest.pixels[:5] for b in train.pixels)
     with pytest.raises(UnlearnError, match=r"a cell of the canvas at .* holds 3 image\(s\), not more than unlearncanvas.train_images_per_cell \(3\)"):
-        split_cells(images, 3, tmp_path / "canvas")
+        split_cells(images, 3, tmp_path / "canvas", D.WORLD)

@@ -93,10 +93,10 @@ def check_cells(images, root: str | Path, axes: Axes) -> None:
                            "needs at least one image (re-run `dvc repro download`, or complete the folder)")
 
 
-def split_cells(images: Images, per_cell: int, root: str | Path) -> tuple[Images, Images]:
+def split_cells(images: Images, per_cell: int, root: str | Path, axes: Axes) -> tuple[Images, Images]:
     """The first `per_cell` images of every cell (what the methods train on) and the rest (the
-    real set of the FID), from a real canvas; every cell must keep at least one image for the rest."""
-    cell = images.objects * (int(images.styles.max()) + 1) + images.styles
+    real set of the FID), from a real canvas over `axes`; every cell must keep at least one image for the rest."""
+    cell = axes.cell_of(images)
     rank = torch.zeros_like(cell)
     seen: dict[int, int] = {}
     for i, c in enumerate(cell.tolist()):

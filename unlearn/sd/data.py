@@ -58,6 +58,11 @@ class Axes:
         """Every (object, style) cell, object-major."""
         return [(o, s) for o in range(len(self.objects)) for s in range(len(self.styles))]
 
+    def cell_of(self, labelled) -> torch.Tensor:
+        """Each item's cell (anything with `objects` and `styles` indices: `Images`, an answer
+        set) as an index into `cells()`."""
+        return labelled.objects * len(self.styles) + labelled.styles
+
     def prompt(self, templates: Templates, cell: tuple[int, int]) -> str:
         return templates.prompt(self.objects[cell[0]], self.styles[cell[1]])
 

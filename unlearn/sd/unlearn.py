@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.sd.data import WORLD, Axes, Templates
+from unlearn.sd.data import Axes, Templates
 from unlearn.sd.evaluate import SampleConfig, generate
 from unlearn.sd.judges import Judges
 from unlearn.sd.model import check_text_encoder
@@ -74,7 +74,7 @@ class Target:
 
     name: str
     axis: str  # "object" | "style"
-    axes: Axes = WORLD
+    axes: Axes  # the judges' (`Judges.axes`); the world's is `unlearn.sd.data.WORLD`
 
     def __post_init__(self) -> None:
         if self.name not in self.axes.names(self.axis)[1 if self.axis == "style" else 0 :]:

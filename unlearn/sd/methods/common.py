@@ -46,11 +46,6 @@ def latents_of(pipe, images: Images, batch_size: int = 256) -> torch.Tensor:
     return z * pipe.vae.config.scaling_factor
 
 
-def cell_index(images: Images, axes) -> torch.Tensor:
-    """Each image's cell as an index into `axes.cells()`."""
-    return images.objects * len(axes.styles) + images.styles
-
-
 def attn2_params(unet, projections: tuple[str, ...] | None = None) -> dict[str, torch.nn.Parameter]:
     """The UNet's cross-attention tensors (`attn2`, the ones that read the text), all of them or
     only the given projections (e.g. ("to_k", "to_v"))."""

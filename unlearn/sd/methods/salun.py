@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn.sd.methods import Context, Result, check_ranges, register
-from unlearn.sd.methods.common import anchor_cell, cell_index, finite, latents_of, mse, prompt_of, states
+from unlearn.sd.methods.common import anchor_cell, finite, latents_of, mse, prompt_of, states
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ def run(ctx: Context, cfg: SalunConfig) -> Result:
         cell_states = states(pipe, [prompt_of(ctx.templates, ctx.target, c) for c in all_cells])
         anchor_of = torch.tensor([all_cells.index(anchor_cell(ctx.target, c)) for c in all_cells])
         u = states(pipe, [""])
-    zf, cf = latents_of(pipe, ctx.forget), cell_index(ctx.forget, axes)
-    zr, cr = latents_of(pipe, ctx.retain), cell_index(ctx.retain, axes)
+    zf, cf = latents_of(pipe, ctx.forget), axes.cell_of(ctx.forget)
+    zr, cr = latents_of(pipe, ctx.retain), axes.cell_of(ctx.retain)
     sched = pipe.scheduler
     n_train = sched.config.num_train_timesteps
     gen = torch.Generator().manual_seed(cfg.seed)
