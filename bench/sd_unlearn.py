@@ -11,6 +11,7 @@ beside the base pipeline's, the stage's wall time and the unlearning time; write
     python bench/sd_unlearn.py                              # Mickey, rocket, Sepia (about 4 min each on 2 CPU cores)
     python bench/sd_unlearn.py --concepts apple Neon        # other targets
     python bench/sd_unlearn.py --stage sd_unlearn_small     # on the small pipeline CI reproduces
+    python bench/sd_unlearn.py --concepts Mickey -S sd.search.damping=0.01 --tag damping0.01   # a param changed (README "Stable Diffusion")
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ def main() -> None:
     ap.add_argument("--stage", default="sd_unlearn", choices=["sd_unlearn", "sd_unlearn_small"])
     ap.add_argument("--concepts", nargs="+", default=["Mickey", "rocket", "Sepia"], help="objects or styles of the concept table")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the stage (default: torch's choice)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a param of params.yaml by its dotted key, the value read as YAML (as `dvc exp run -S`); repeatable")
+    ap.add_argument("--tag", default="", help="suffix of the output files (<stage>_<tag>.{json,md}), for runs with -S")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     pipeline = "models/" + args.stage.replace("unlearn", "base")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    overrides = dict(override(params, s) for s in args.set)
     missing = [p for p in (*INPUTS, pipeline) if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"} | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_sd_unlearn_") as tmp:
@@ -66,7 +71,8 @@ def main() -> None:
             results.append({"concept": concept, "kind": m["kind"], "layer": m["layer"], "rho": m["rho"], "converged": m["converged"],
                             "test": m["test"], "base_test": m["base_test"], "other_names": m["other_names"], "validation": m["validation"],
                             "evaluations": m["evaluations"], "stage_s": round(wall, 1), "unlearn_s": m["unlearn_s"], "peak_memory_mb": m["peak_memory_mb"],
-                            "stored_bytes": m["stored_bytes"], "unet_vae_unchanged": m["unet_vae_unchanged"], "threads": m["threads"]})
+                            "stored_bytes": m["stored_bytes"], "unet_vae_unchanged": m["unet_vae_unchanged"], "threads": m["threads"],
+                            "searched_layers": m["searched_layers"], "overrides": overrides})
             r = results[-1]
             print(f"{concept}: {r['layer']} rho {r['rho']:.3g} (converged {r['converged']}); UA {r['base_test']['UA']:.3f} -> {r['test']['UA']:.3f}, "
                   f"IRA {r['base_test']['IRA']:.3f} -> {r['test']['IRA']:.3f}, CRA {r['base_test']['CRA']:.3f} -> {r['test']['CRA']:.3f}; "
@@ -75,7 +81,8 @@ def main() -> None:
     def pct(x: float) -> str:
         return f"{100 * x:.1f}"
 
-    lines = [f"{args.stage} on {pipeline}, test seeds; UA / IRA / CRA in %, base pipeline -> after SLUG", "",
+    changed = "; " + ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""
+    lines = [f"{args.stage} on {pipeline}, test seeds; UA / IRA / CRA in %, base pipeline -> after SLUG{changed}", "",
              "| target | kind | layer, rho | converged | UA | UA by other names | IRA | CRA | stage | unlearning | peak memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -85,9 +92,26 @@ def main() -> None:
                      f"{pct(r['base_test']['CRA'])} -> {pct(r['test']['CRA'])} | {r['stage_s']:.0f} s | {r['unlearn_s']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.stage}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{args.stage}.md").write_text("\n".join(lines) + "\n")
+    stem = args.stage + (f"_{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def override(params: dict, assignment: str) -> tuple[str, object]:
+    """Set params[a][b]... from "a.b...=value" in place (the value parsed as YAML); the key must
+    already exist, so a misspelt one is an error, not a new param the stage never reads."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        sys.exit(f"-S {assignment!r}: give KEY=VALUE, e.g. -S sd.search.damping=0.01")
+    *parents, leaf = key.split(".")
+    node = params
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or leaf not in node:
+        sys.exit(f"-S {assignment!r}: params.yaml has no key {key}; use a key it has (e.g. sd.search.damping)")
+    node[leaf] = yaml.safe_load(text)
+    return key, node[leaf]
 
 
 if __name__ == "__main__":
