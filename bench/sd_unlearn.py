@@ -6,7 +6,8 @@ Needs the stage's inputs in the workspace (`dvc repro sd_base vlm_retain_stats`,
 `sd_base_small` with --stage sd_unlearn_small).  Prints per target the chosen layer and step, UA
 on the prompts that name it (and by each alias or misspelling in `sd.other_names`), IRA and CRA
 beside the base pipeline's, the stage's wall time and the unlearning time; writes them to
---out (default bench/results/<stage>.{json,md}).
+--out (default bench/results/<stage>.{json,md}), and each concept's search log (every step scored)
+to <stage>_<concept>_search.csv beside them.
 
     python bench/sd_unlearn.py                              # Mickey, rocket, Sepia (about 4 min each on 2 CPU cores)
     python bench/sd_unlearn.py --concepts apple Neon        # other targets
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +54,9 @@ def main() -> None:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
     env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"} | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
     results = []
+    stem = args.stage + (f"_{args.tag}" if args.tag else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_sd_unlearn_") as tmp:
         work = Path(tmp)
         for name in ("stages", "unlearn", "dvc.yaml"):
@@ -67,6 +72,7 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"sd_unlearn for {concept} failed:\n{proc.stderr[-2000:]}")
             wall = time.perf_counter() - t
+            shutil.copyfile(work / f"plots/{args.stage}_search.csv", out / f"{stem}_{concept.replace(' ', '_')}_search.csv")  # every step scored
             m = read_metrics(work / f"metrics/{args.stage}.json", args.stage, work / "runs")
             results.append({"concept": concept, "kind": m["kind"], "layer": m["layer"], "rho": m["rho"], "converged": m["converged"],
                             "test": m["test"], "base_test": m["base_test"], "other_names": m["other_names"], "validation": m["validation"],
@@ -90,9 +96,6 @@ def main() -> None:
         lines.append(f"| {r['concept']} | {r['kind']} | {r['layer'].removeprefix('text_model.')} {r['rho']:.3g} | {r['converged']} | "
                      f"{pct(r['base_test']['UA'])} -> {pct(r['test']['UA'])} | {names} | {pct(r['base_test']['IRA'])} -> {pct(r['test']['IRA'])} | "
                      f"{pct(r['base_test']['CRA'])} -> {pct(r['test']['CRA'])} | {r['stage_s']:.0f} s | {r['unlearn_s']:.0f} s | {r['peak_memory_mb']:.0f} MB |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.stage + (f"_{args.tag}" if args.tag else "")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
