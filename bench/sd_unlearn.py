@@ -31,6 +31,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from unlearn.params import lookup  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges")
@@ -107,10 +108,8 @@ def override(params: dict, assignment: str) -> tuple[str, object]:
     key, sep, text = assignment.partition("=")
     if not sep:
         sys.exit(f"-S {assignment!r}: give KEY=VALUE, e.g. -S sd.search.damping=0.01")
-    *parents, leaf = key.split(".")
-    node = params
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
+    parent, _, leaf = key.rpartition(".")
+    node = lookup(params, parent, None) if parent else params
     if not isinstance(node, dict) or leaf not in node:
         sys.exit(f"-S {assignment!r}: params.yaml has no key {key}; use a key it has (e.g. sd.search.damping)")
     node[leaf] = yaml.safe_load(text)
