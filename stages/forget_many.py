@@ -3,7 +3,8 @@
 shared retain statistics, its validation images) and saved as a patch under models/many/<concept>;
 then for every k in `forget_many.counts` the first k edits are summed, checked on validation
 (rescaled jointly if the sum breaks the forget criterion or the guard) and reported on test.
-Writes metrics/forget_many.json and plots/forget_many.{csv,png}."""
+The other `forget_many.modes`: sequential (each edit found on the model holding the previous
+ones) and joint (one SLUG search for the first k together, unlearn/many.py).  Writes metrics/forget_many.json and plots/forget_many.{csv,png}."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from unlearn.data.curate import curate_forget, resolve_concepts, table_concepts
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
 from unlearn.io import atomic_outputs
-from unlearn.many import ConceptEdit, forget_ok_all, guard_ok_all, judge
+from unlearn.many import ConceptEdit, JointEvaluator, check_modes, forget_ok_all, guard_ok_all, judge
 from unlearn.methods.registry import chunks
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import apply_edit, find_edit, save_patch, slug_config
@@ -31,7 +32,8 @@ from unlearn.plots import forget_many_plot
 from unlearn.runs import write_metrics
 
 MODEL, SHARDS, EVAL, RETAIN, STATS = "models/base", "data/laion", "data/eval", "data/retain", "models/retain"
-PATCHES, METRICS, CSV, PNG = "models/many", "metrics/forget_many.json", "plots/forget_many.csv", "plots/forget_many.png"
+PATCHES, METRICS, CSV = "models/many", "metrics/forget_many.json", "plots/forget_many.csv"
+PNG, JOINT_PNG = "plots/forget_many.png", "plots/forget_many_joint.png"
 log = logging.getLogger("forget_many")
 
 
@@ -42,6 +44,7 @@ def main() -> None:
     counts = [int(k) for k in p("forget_many.counts")]
     if not counts or counts != sorted(set(counts)) or counts[0] < 1 or counts[-1] > len(concepts):
         raise UnlearnError(f"forget_many.counts is {counts}; list increasing numbers from 1 to {len(concepts)} (the length of forget_many.concepts)")
+    modes = check_modes(p("forget_many.modes"), concepts)
     cfg = slug_config(p("slug"))
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     batch, grad_batch = int(p("eval.batch_size")), int(p("gradients.batch_size"))
@@ -59,60 +62,85 @@ def main() -> None:
     params = dict(adapter.model.named_parameters())
     original = {n: t.detach().clone() for n, t in params.items()}
 
+    def restore() -> None:
+        with torch.no_grad():
+            for n, t in params.items():
+                t.copy_(original[n])
+
     def slug_for(c):
         forget = forget_sets[c.name]
         return find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluators[c.name], c.kind, cfg.rank, cfg.search)
 
-    with atomic_outputs(PATCHES, METRICS, CSV, PNG) as (patches, metrics, csv_path, png):
-        # the paper's way: every edit found on the base model, the first k added up
-        edits, per_concept = [], []
-        for c in concepts:
-            edit, times = slug_for(c)
-            (patches / c.slug).mkdir()
-            save_patch(patches / c.slug, edit.layer, edit.delta, {"concept": c.name, "kind": c.kind, "rho": edit.rho, "converged": edit.converged,
-                                                                  "family": adapter.family, "base_model_sha256": fingerprint(MODEL)})
-            edits.append(ConceptEdit(c.name, edit.layer, edit.delta))
-            per_concept.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
-                                "time_s": round(times["unlearn"], 3)})
-            log.info("%s: %s rho %.4g (converged %s, %.1f s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged, times["unlearn"])
-        base = {e.layer: original[e.layer] for e in edits}
-        results = []
-        for k in counts:
-            r = judge(adapter, base, edits[:k], val, test, cfg.search)
-            results.append(r)
-            _log("sum", k, r)
-        # sequentially: each concept's edit found on the model that already holds the previous ones
-        sequential, seq_concepts = [], []
+    with atomic_outputs(PATCHES, METRICS, CSV, PNG, JOINT_PNG) as (patches, metrics, csv_path, png, joint_png):
         names_of = {k: [x.name for x in concepts[:k]] for k in counts}
         base_val = {k: val.evaluate(names_of[k]) for k in counts}    # the unedited model, the first k as targets
         base_test = {k: test.evaluate(names_of[k]) for k in counts}
-        for i, c in enumerate(concepts, 1):
-            edit, times = slug_for(c)
-            apply_edit(adapter, edit.layer, edit.delta)
-            seq_concepts.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
-            log.info("sequential %s: %s rho %.4g (converged %s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
-            if i in counts:
-                v, t = val.evaluate(names_of[i]), test.evaluate(names_of[i])
-                r = {"k": i, "concepts": names_of[i], "scale": 1.0, "converged": forget_ok_all(v, cfg.search) and guard_ok_all(v, base_val[i], cfg.search),
-                     "validation": v, "test": t, "base_test": base_test[i]}
-                sequential.append(r)
-                _log("sequential", i, r)
-        with torch.no_grad():
-            for n, t in params.items():
-                t.copy_(original[n])
+
+        def removed(k: int, **extra) -> dict:
+            """The model as it is now, with the first k concepts as targets: validation and test."""
+            v, t = val.evaluate(names_of[k]), test.evaluate(names_of[k])
+            return {"k": k, "concepts": names_of[k], "scale": 1.0, **extra,
+                    "converged": forget_ok_all(v, cfg.search) and guard_ok_all(v, base_val[k], cfg.search),
+                    "validation": v, "test": t, "base_test": base_test[k]}
+
+        # the paper's way: every edit found on the base model, the first k added up
+        results, per_concept = [], []
+        if "sum" in modes:
+            edits = []
+            for c in concepts:
+                edit, times = slug_for(c)
+                (patches / c.slug).mkdir()
+                save_patch(patches / c.slug, edit.layer, edit.delta, {"concept": c.name, "kind": c.kind, "rho": edit.rho, "converged": edit.converged,
+                                                                      "family": adapter.family, "base_model_sha256": fingerprint(MODEL)})
+                edits.append(ConceptEdit(c.name, edit.layer, edit.delta))
+                per_concept.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
+                                    "time_s": round(times["unlearn"], 3)})
+                log.info("%s: %s rho %.4g (converged %s, %.1f s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged, times["unlearn"])
+            base = {e.layer: original[e.layer] for e in edits}
+            for k in counts:
+                r = judge(adapter, base, edits[:k], val, test, cfg.search)
+                results.append(r)
+                _log("sum", k, r)
+        # sequentially: each concept's edit found on the model that already holds the previous ones
+        sequential, seq_concepts = [], []
+        if "sequential" in modes:
+            for i, c in enumerate(concepts, 1):
+                edit, times = slug_for(c)
+                apply_edit(adapter, edit.layer, edit.delta)
+                seq_concepts.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
+                log.info("sequential %s: %s rho %.4g (converged %s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
+                if i in counts:
+                    sequential.append(removed(i))
+                    _log("sequential", i, sequential[-1])
+            restore()
+        # jointly: one search for the first k together (their forget sets' union, every target's validation images)
+        joint = []
+        if "joint" in modes:
+            for k in counts:
+                union = tuple(torch.cat([forget_sets[c.name][j] for c in concepts[:k]]) for j in (0, 1))
+                evaluator = JointEvaluator(adapter, EVAL, concepts[:k], "val", *split, batch)
+                edit, times = find_edit(adapter, lambda u=union: chunks(u, grad_batch), stats, evaluator, concepts[0].kind, cfg.rank, cfg.search)
+                apply_edit(adapter, edit.layer, edit.delta)
+                joint.append(removed(k, layer=edit.layer, rho=edit.rho, search_converged=edit.converged, forget_pairs=int(union[0].shape[0]),
+                                     time_s=round(times["unlearn"], 3)))
+                restore()
+                _log("joint", k, joint[-1])
         rows = [{"mode": mode, "removed": r["k"], "max_forget_top1": max(v["top1"] for v in r["test"]["targets"].values()),
                  "max_forget_top5": max(v["top5"] for v in r["test"]["targets"].values()),
                  "identity_retain_top1": r["test"]["retain"]["identity"]["top1"], "identity_retain_base": r["base_test"]["retain"]["identity"]["top1"],
                  "object_top1": r["test"]["retain"]["object"]["top1"], "object_base": r["base_test"]["retain"]["object"]["top1"],
-                 "scale": r["scale"], "converged": r["converged"]} for mode, rs in (("sum", results), ("sequential", sequential)) for r in rs]
+                 "scale": r["scale"], "converged": r["converged"]} for mode, rs in (("sum", results), ("sequential", sequential), ("joint", joint)) for r in rs]
         write_metrics(metrics, {"concepts": per_concept, "counts": counts, "results": results, "sequential_concepts": seq_concepts,
-                             "sequential": sequential, "rows": rows,
+                             "sequential": sequential, "joint": joint, "rows": rows,
                              "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb()}, "forget_many")
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        forget_many_plot(rows, png, f"the first k of {len(concepts)} concepts removed: SLUG edits added up / found one after another (test images)")
+        # two figures, each mode of a figure with its own line style: the sum against the sequential edits, and the joint search against the sum
+        pairs = [r for r in rows if r["mode"] != "joint"], [r for r in rows if r["mode"] == "joint"] + [r for r in rows if r["mode"] == "sum"]
+        forget_many_plot(pairs[0] or rows, png, f"the first k of {len(concepts)} concepts removed: SLUG edits added up / found one after another (test images)")
+        forget_many_plot(pairs[1] or rows, joint_png, f"the first k of {len(concepts)} concepts removed: one joint SLUG search / edits added up (test images)")
 
 
 def _log(mode: str, k: int, r: dict) -> None:

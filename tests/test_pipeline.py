@@ -299,9 +299,14 @@ def test_forget_many_adds_the_edits_up(repo):
         assert json.loads((slug_dir / "patch.json").read_text())["layer"] == c["layer"]
     assert [r["k"] for r in m["sequential"]] == [1, 2] and [c["concept"] for c in m["sequential_concepts"]] == ["Elon Musk", "Taylor Swift"]
     assert m["sequential_concepts"][0]["layer"] == m["concepts"][0]["layer"]  # the first concept: the same search on the same model
-    assert (repo / "plots" / "forget_many.png").stat().st_size > 5_000
+    # joint: one search for the first k together; for k = 1 the same search as the first concept's alone
+    assert [r["k"] for r in m["joint"]] == [1, 2] and set(m["joint"][1]["test"]["targets"]) == {"Elon Musk", "Taylor Swift"}
+    assert (m["joint"][0]["layer"], m["joint"][0]["rho"]) == (m["concepts"][0]["layer"], m["concepts"][0]["rho"])
+    assert m["joint"][1]["forget_pairs"] > m["joint"][0]["forget_pairs"]
+    for name in ("forget_many.png", "forget_many_joint.png"):
+        assert (repo / "plots" / name).stat().st_size > 5_000
     assert (repo / "plots" / "forget_many.csv").read_text().startswith("mode,removed,max_forget_top1")
-    assert [(r["mode"], r["removed"]) for r in m["rows"]] == [("sum", 1), ("sum", 2), ("sequential", 1), ("sequential", 2)]
+    assert [(r["mode"], r["removed"]) for r in m["rows"]] == [("sum", 1), ("sum", 2), ("sequential", 1), ("sequential", 2), ("joint", 1), ("joint", 2)]
 
 
 def _rel(a, b) -> float:

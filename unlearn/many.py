@@ -9,6 +9,12 @@ ImageNet-style @1 within the search's bounds of the base model).  When it does n
 scale s multiplies every edit (the joint re-search): s grows (1.25, 1.5, 2) while a target is
 still recognised, or shrinks (0.9, 0.8, 0.7) while the guard fails and every target stays
 forgotten.  Every tried s is recorded; the figures on test are those of the kept s.
+
+The joint mode searches one edit for the first k concepts together: the forget gradient over the
+union of their forget sets, and SLUG's search judged by `JointEvaluator`: the forget criterion on
+the worst target (each target's validation images scored apart, as the sum's check does), the
+guard on the classes that are not targets (`joint_tasks`).  It needs targets of one kind (one
+classifier, one guard).
 """
 
 from __future__ import annotations
@@ -18,10 +24,68 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.eval.suite import ManyEvaluator
+from unlearn.data.curate import Concept
+from unlearn.errors import UnlearnError
+from unlearn.eval.suite import SETS, ConceptTasks, Evaluator, ManyEvaluator, Task, concept_tasks
 from unlearn.methods.slug import BOUND, SearchConfig
 
 UP, DOWN = (1.25, 1.5, 2.0), (0.9, 0.8, 0.7)
+MODES = ("sum", "sequential", "joint")
+
+
+def check_modes(modes: Sequence[str], concepts: Sequence[Concept]) -> tuple[str, ...]:
+    """`forget_many.modes`, checked against MODES and (for joint) the concepts' kinds."""
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise UnlearnError(f"forget_many.modes is {list(modes)}; list some of {', '.join(MODES)}, each once")
+    kinds = sorted({c.kind for c in concepts})
+    if "joint" in modes and len(kinds) > 1:
+        raise UnlearnError(f"forget_many.modes has joint but forget_many.concepts mixes kinds ({', '.join(kinds)}): one joint search forgets "
+                           "targets of one kind; list concepts of one kind or drop joint from forget_many.modes")
+    return modes
+
+
+def joint_tasks(eval_dir, concepts: Sequence[Concept], part: str, val_fraction: float, seed: int) -> ConceptTasks:
+    """SLUG's evaluation sets for several targets of one kind searched as one: forget = every
+    target's images (each labelled with its own class), retain = the images of the kind's classes
+    that are not targets, utility = the other kind's set (as `concept_tasks` for one target)."""
+    per = [concept_tasks(eval_dir, c, part, val_fraction, seed) for c in concepts]
+    first, removed = per[0], {t.target for t in per}
+    forget = Task([p for t in per for p in t.forget.paths], [y for t in per for y in t.forget.labels], first.forget.classnames, first.forget.templates)
+    keep = [i for i, y in enumerate(first.retain.labels) if y not in removed]
+    retain = Task([first.retain.paths[i] for i in keep], [first.retain.labels[i] for i in keep], first.retain.classnames, first.retain.templates)
+    return ConceptTasks(forget, retain, first.utility, first.target)
+
+
+class JointEvaluator:
+    """SLUG's evaluator (the `Evaluator` interface the search uses) for several targets of one
+    kind: forget_top1/top5 of the worst target, each target's validation images scored apart (a
+    union's mean would let one target stay recognised), retain and utility over the classes that
+    are not targets."""
+
+    def __init__(self, adapter, eval_dir, concepts: Sequence[Concept], part: str, val_fraction: float, seed: int, batch_size: int = 256):
+        self.joint = Evaluator(adapter, joint_tasks(eval_dir, concepts, part, val_fraction, seed), batch_size)
+        self.each = []
+        for c in concepts:
+            own = concept_tasks(eval_dir, c, part, val_fraction, seed).forget   # only its forget set is ever scored
+            self.each.append(Evaluator(adapter, ConceptTasks(own, own, own, 0), batch_size))
+
+    def reset(self) -> None:
+        for e in (self.joint, *self.each):
+            e.reset()
+
+    def prepare(self, edited: str | None = None) -> None:
+        for e in (self.joint, *self.each):
+            e.prepare(edited)
+
+    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = SETS, reference: bool = False) -> dict[str, float]:
+        others = tuple(s for s in sets if s != "forget")
+        out = self.joint.evaluate(edited, others, reference) if others else {}
+        if "forget" in sets:
+            per = [e.evaluate(edited, ("forget",), reference) for e in self.each]
+            out = {"forget_top1": max(p["forget_top1"] for p in per), "forget_top5": max(p["forget_top5"] for p in per), **out}
+        return out
 
 
 @dataclass(frozen=True)
