@@ -1,0 +1,147 @@
+"""Learning-rate sweep of the UnlearnCanvas baselines on validation seeds (how the defaults of
+`unlearncanvas.<method>` were chosen).  Runs the benchmark's own stage (`python -m
+stages.unlearncanvas`, one protocol) in a scratch folder that links its inputs, with the answer set
+drawn from seeds the reported run never uses (`unlearncanvas.seed` + 3,000,000; SLUG's decisions
+use + 1,000,000), on a few targets, one drawing per prompt; the workspace's outputs are left as
+they are.
+
+Needs the stage's inputs (`dvc repro unlearncanvas_base`: models/sd_base, models/sd_judges,
+data/eval/canvas).  Prints per (method, lr) UA / IRA / CRA on the tuning targets beside the base
+pipeline's, and the unlearning time; writes bench/results/tune_unlearncanvas[_<tag>].{json,md}.  The rule
+that picks a method's lr: among the lrs whose mean UA reaches --min-ua, the highest mean of IRA
+and CRA; if none does, the highest UA.
+
+    python bench/tune_unlearncanvas.py                                   # esd, salun, ca x 3 lrs on Sepia and Mickey (~20 min on 2 CPU cores)
+    python bench/tune_unlearncanvas.py --methods esd --lrs 1e-5 1e-4 --targets Watercolor house
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.sd_unlearn import override  # noqa: E402
+from unlearn.runs import read_metrics  # noqa: E402
+
+INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges", "models/sd_base")
+TUNING = 3_000_000   # the validation answer set's seed offset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["esd", "salun", "ca"])
+    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4])
+    ap.add_argument("--targets", nargs="+", default=["Sepia", "Mickey"], help="styles and objects of the canvas (default: the first of each in unlearncanvas.targets)")
+    ap.add_argument("--min-ua", type=float, default=85.0, help="the UA (%%) a chosen lr must reach on the mean, if any does")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="another param by its dotted key (as `dvc exp run -S`); repeatable")
+    ap.add_argument("--tag", default="", help="suffix of the output files (tune_unlearncanvas_<tag>.{json,md}), e.g. for a finer grid")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for m in args.methods:
+        if m not in params["unlearncanvas"] or "lr" not in params["unlearncanvas"][m]:
+            sys.exit(f"--methods {m}: unlearncanvas.{m} has no lr in params.yaml; pick methods with an lr (esd, salun, ca)")
+    overrides = dict(override(params, s) for s in args.set)
+    seed = int(params["unlearncanvas"]["seed"]) + TUNING
+    params["unlearncanvas"] |= {"targets": args.targets, "images_per_prompt": 1, "seed": seed}
+    missing = [p for p in INPUTS if not (ROOT / p).exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(missing)}: run `dvc repro unlearncanvas_base` first (its inputs are what this bench reuses)")
+    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_tune_uc_") as tmp:
+        work = Path(tmp)
+        for name in ("stages", "unlearn", "dvc.yaml"):
+            (work / name).symlink_to(ROOT / name)
+        for p in INPUTS:
+            (work / p).parent.mkdir(parents=True, exist_ok=True)
+            (work / p).symlink_to(ROOT / p)
+
+        def run(method: str) -> tuple[list[dict], float]:
+            (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "stages.unlearncanvas", "--method", method], cwd=work, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"unlearncanvas --method {method} failed:\n{proc.stderr[-2000:]}")
+            m = read_metrics(work / f"metrics/unlearncanvas/{method}.json", f"unlearncanvas@{method}" if method != "base" else "unlearncanvas_base",
+                             work / "runs")
+            return m["rows"], time.perf_counter() - t
+
+        base, _ = run("base")
+        rows.append(summary("base", None, base, 0.0))
+        print(line(rows[-1]), flush=True)
+        for method in args.methods:
+            default = params["unlearncanvas"][method]["lr"]
+            for lr in args.lrs:
+                params["unlearncanvas"][method]["lr"] = lr
+                got, wall = run(method)
+                rows.append(summary(method, lr, got, wall))
+                print(line(rows[-1]), flush=True)
+            params["unlearncanvas"][method]["lr"] = default
+    chosen = {m: pick([r for r in rows if r["method"] == m], args.min_ua) for m in args.methods}
+    lines = [f"UnlearnCanvas baselines on validation seeds (answer set seed {seed}, one drawing per prompt), targets {', '.join(args.targets)}; "
+             f"means over the targets in %; rule: the highest (IRA + CRA) / 2 among lrs with UA >= {args.min_ua:g}, else the highest UA"
+             + (f"; {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""), "",
+             "| method | lr | UA | IRA | CRA | per target UA / IRA / CRA | unlearning s / target | chosen |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = "; ".join(f"{t['target']} {t['UA']:.0f} / {t['IRA']:.0f} / {t['CRA']:.0f}" if t["UA"] is not None else f"{t['target']} failed"
+                        for t in r["targets"])
+        mark = "**yes**" if r["method"] in chosen and chosen[r["method"]] == r["lr"] else ""
+        lines.append(f"| {r['method']} | {lr_text(r['lr'])} | {fmt(r['UA'])} | {fmt(r['IRA'])} | {fmt(r['CRA'])} | "
+                     f"{per} | {fmt(r['time_s'])} | {mark} |")
+    stem = "tune_unlearncanvas" + (f"_{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps({"targets": args.targets, "seed": seed, "min_ua": args.min_ua, "overrides": overrides,
+                                                             "rows": rows, "chosen": chosen}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def summary(method: str, lr: float | None, targets: list[dict], wall: float) -> dict:
+    ok = [t for t in targets if t["status"] == "ok"]
+
+    def mean(key: str) -> float | None:
+        return round(sum(t[key] for t in ok) / len(ok), 2) if ok else None
+
+    times = [t["time_s"] for t in ok if t.get("time_s") is not None]
+    return {"method": method, "lr": lr, "UA": mean("UA"), "IRA": mean("IRA"), "CRA": mean("CRA"), "failed": len(targets) - len(ok),
+            "time_s": round(sum(times) / len(times), 1) if times else None, "stage_s": round(wall, 1),
+            "targets": [{"target": t["target"], "UA": t["UA"], "IRA": t["IRA"], "CRA": t["CRA"]} for t in targets]}
+
+
+def pick(rows: list[dict], min_ua: float) -> float | None:
+    """The rule of the module docstring; a config with a failed target is never picked."""
+    ok = [r for r in rows if not r["failed"] and r["UA"] is not None]
+    if not ok:
+        return None
+    reaching = [r for r in ok if r["UA"] >= min_ua]
+    best = max(reaching, key=lambda r: r["IRA"] + r["CRA"]) if reaching else max(ok, key=lambda r: r["UA"])
+    return best["lr"]
+
+
+def lr_text(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:.0e}"
+
+
+def fmt(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def line(r: dict) -> str:
+    return (f"{r['method']:5s} lr {lr_text(r['lr'])}: UA {fmt(r['UA'])}, IRA {fmt(r['IRA'])}, CRA {fmt(r['CRA'])}, "
+            f"failed {r['failed']}, unlearning {fmt(r['time_s'])} s per target, stage {r['stage_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
