@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from unlearn.params import lookup  # noqa: E402
+from bench.workspace import linked_workspace, override  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges")
@@ -58,13 +57,7 @@ def main() -> None:
     stem = args.stage + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench_sd_unlearn_") as tmp:
-        work = Path(tmp)
-        for name in ("stages", "unlearn", "dvc.yaml"):
-            (work / name).symlink_to(ROOT / name)
-        for p in (*INPUTS, pipeline):
-            (work / p).parent.mkdir(parents=True, exist_ok=True)
-            (work / p).symlink_to(ROOT / p)
+    with linked_workspace("bench_sd_unlearn_", (*INPUTS, pipeline)) as work:
         for concept in args.concepts:
             params["sd"]["concept"] = concept
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -100,20 +93,6 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def override(params: dict, assignment: str) -> tuple[str, object]:
-    """Set params[a][b]... from "a.b...=value" in place (the value parsed as YAML); the key must
-    already exist, so a misspelt one is an error, not a new param the stage never reads."""
-    key, sep, text = assignment.partition("=")
-    if not sep:
-        sys.exit(f"-S {assignment!r}: give KEY=VALUE, e.g. -S sd.search.damping=0.01")
-    parent, _, leaf = key.rpartition(".")
-    node = lookup(params, parent, None) if parent else params
-    if not isinstance(node, dict) or leaf not in node:
-        sys.exit(f"-S {assignment!r}: params.yaml has no key {key}; use a key it has (e.g. sd.search.damping)")
-    node[leaf] = yaml.safe_load(text)
-    return key, node[leaf]
 
 
 if __name__ == "__main__":

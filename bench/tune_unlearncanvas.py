@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.sd_unlearn import override  # noqa: E402
+from bench.workspace import linked_workspace, override  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges", "models/sd_base")
@@ -61,13 +60,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_tune_uc_") as tmp:
-        work = Path(tmp)
-        for name in ("stages", "unlearn", "dvc.yaml"):
-            (work / name).symlink_to(ROOT / name)
-        for p in INPUTS:
-            (work / p).parent.mkdir(parents=True, exist_ok=True)
-            (work / p).symlink_to(ROOT / p)
+    with linked_workspace("bench_tune_uc_", INPUTS) as work:
 
         def run(method: str) -> tuple[list[dict], float]:
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

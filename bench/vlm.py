@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.workspace import linked_workspace  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain")
@@ -51,13 +51,7 @@ def main() -> None:
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro export vlm_retain_stats` first")
     rows: dict = {"concepts": {}}
-    with tempfile.TemporaryDirectory(prefix="bench_vlm_") as tmp:
-        work = Path(tmp)
-        for name in ("stages", "unlearn", "dvc.yaml"):
-            (work / name).symlink_to(ROOT / name)
-        for p in INPUTS:
-            (work / p).parent.mkdir(parents=True, exist_ok=True)
-            (work / p).symlink_to(ROOT / p)
+    with linked_workspace("bench_vlm_", INPUTS) as work:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         rows["vlm_base_s"] = round(run_stage(work, "vlm_base", args.threads), 1)

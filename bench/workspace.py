@@ -1,0 +1,43 @@
+"""What the benches that run a stage share: a scratch folder that links the project's code and the
+stage's inputs (so the stage runs there and the workspace's outputs stay as they are), and
+`-S KEY=VALUE` params overrides."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from unlearn.params import lookup  # noqa: E402
+
+
+@contextmanager
+def linked_workspace(prefix: str, inputs: Sequence[str]) -> Iterator[Path]:
+    """A temporary folder holding links to stages/, unlearn/, dvc.yaml and each of `inputs`
+    (paths relative to the project root); write its params.yaml, then run a stage in it."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        for name in ("stages", "unlearn", "dvc.yaml", *inputs):
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).symlink_to(ROOT / name)
+        yield work
+
+
+def override(params: dict, assignment: str) -> tuple[str, object]:
+    """Set params[a][b]... from "a.b...=value" in place (the value parsed as YAML); the key must
+    already exist, so a misspelt one is an error, not a new param the stage never reads."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        sys.exit(f"-S {assignment!r}: give KEY=VALUE, e.g. -S sd.search.damping=0.01")
+    parent, _, leaf = key.rpartition(".")
+    node = lookup(params, parent, None) if parent else params
+    if not isinstance(node, dict) or leaf not in node:
+        sys.exit(f"-S {assignment!r}: params.yaml has no key {key}; use a key it has (e.g. sd.search.damping)")
+    node[leaf] = yaml.safe_load(text)
+    return key, node[leaf]
