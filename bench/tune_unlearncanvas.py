@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from bench.workspace import linked_workspace, override  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
-INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges", "models/sd_base")
+INPUTS = ("data/eval", "models/sd_judges", "models/sd_base")   # what the stage reads for the base and a baseline (SLUG would need more)
 TUNING = 3_000_000   # the validation answer set's seed offset
 
 

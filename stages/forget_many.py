@@ -4,7 +4,8 @@ shared retain statistics, its validation images) and saved as a patch under mode
 then for every k in `forget_many.counts` the first k edits are summed, checked on validation
 (rescaled jointly if the sum breaks the forget criterion or the guard) and reported on test.
 The other `forget_many.modes`: sequential (each edit found on the model holding the previous
-ones) and joint (one SLUG search for the first k together, unlearn/many.py).  Writes metrics/forget_many.json and plots/forget_many.{csv,png}."""
+ones) and joint (one SLUG search for the first k together, unlearn/many.py).  Writes
+metrics/forget_many.json, plots/forget_many.{csv,png} and plots/forget_many_joint.png."""
 
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ def main() -> None:
                 log.info("%s: %s rho %.4g (converged %s, %.1f s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged, times["unlearn"])
             base = {e.layer: original[e.layer] for e in edits}
             for k in counts:
-                r = judge(adapter, base, edits[:k], val, test, cfg.search)
+                r = judge(adapter, base, edits[:k], val, test, cfg.search, base_val[k], base_test[k])
                 results.append(r)
                 _log("sum", k, r)
         # sequentially: each concept's edit found on the model that already holds the previous ones

@@ -50,7 +50,11 @@ def joint_tasks(eval_dir, concepts: Sequence[Concept], part: str, val_fraction: 
     """SLUG's evaluation sets for several targets of one kind searched as one: forget = every
     target's images (each labelled with its own class), retain = the images of the kind's classes
     that are not targets, utility = the other kind's set (as `concept_tasks` for one target)."""
-    per = [concept_tasks(eval_dir, c, part, val_fraction, seed) for c in concepts]
+    return merge_tasks([concept_tasks(eval_dir, c, part, val_fraction, seed) for c in concepts])
+
+
+def merge_tasks(per: Sequence[ConceptTasks]) -> ConceptTasks:
+    """`joint_tasks` from each target's own `concept_tasks`."""
     first, removed = per[0], {t.target for t in per}
     forget = Task([p for t in per for p in t.forget.paths], [y for t in per for y in t.forget.labels], first.forget.classnames, first.forget.templates)
     keep = [i for i, y in enumerate(first.retain.labels) if y not in removed]
@@ -65,11 +69,11 @@ class JointEvaluator:
     are not targets."""
 
     def __init__(self, adapter, eval_dir, concepts: Sequence[Concept], part: str, val_fraction: float, seed: int, batch_size: int = 256):
-        self.joint = Evaluator(adapter, joint_tasks(eval_dir, concepts, part, val_fraction, seed), batch_size)
-        self.each = []
-        for c in concepts:
-            own = concept_tasks(eval_dir, c, part, val_fraction, seed).forget   # only its forget set is ever scored
-            self.each.append(Evaluator(adapter, ConceptTasks(own, own, own, 0), batch_size))
+        per = [concept_tasks(eval_dir, c, part, val_fraction, seed) for c in concepts]
+        self.joint = Evaluator(adapter, merge_tasks(per), batch_size)
+        # one evaluator per target whose only set that is ever scored is its forget set (the Evaluator
+        # loads three sets: the forget set stands in for the other two)
+        self.each = [Evaluator(adapter, ConceptTasks(t.forget, t.forget, t.forget, t.target), batch_size) for t in per]
 
     def reset(self) -> None:
         for e in (self.joint, *self.each):
@@ -143,12 +147,11 @@ def combine(evaluate: Callable[[float], dict], base_val: dict, cfg: SearchConfig
 
 
 def judge(adapter, base: dict[str, torch.Tensor], edits: Sequence[ConceptEdit], val: ManyEvaluator, test: ManyEvaluator,
-          cfg: SearchConfig) -> dict:
-    """The first len(edits) concepts removed together: base and combined figures on validation
-    (the scale decision) and test (reported).  Leaves the model at the base weights."""
+          cfg: SearchConfig, base_val: dict, base_test: dict) -> dict:
+    """The first len(edits) concepts removed together: combined figures on validation (the scale
+    decision, against `base_val`, the unedited model's `val.evaluate(names)`) and test (reported,
+    with `base_test` beside them).  Leaves the model at the base weights."""
     names = [e.name for e in edits]
-    set_sum(adapter, base, edits, 0.0)
-    base_val, base_test = val.evaluate(names), test.evaluate(names)
 
     def evaluate(s: float) -> dict:
         set_sum(adapter, base, edits, s)
