@@ -2,8 +2,8 @@
 `unlearncanvas.<method>` were chosen).  Runs the benchmark's own stage (`python -m
 stages.unlearncanvas`, one protocol) in a scratch folder that links its inputs, with the answer set
 drawn from seeds the reported run never uses (`unlearncanvas.seed` + 3,000,000; SLUG's decisions
-use + 1,000,000), on a few targets, one drawing per prompt; the workspace's outputs are left as
-they are.
+use + 1,000,000), on the benchmark's targets (`unlearncanvas.targets`, or --targets), one drawing
+per prompt; the workspace's outputs are left as they are.
 
 Needs the stage's inputs (`dvc repro unlearncanvas_base`: models/sd_base, models/sd_judges,
 data/eval/canvas).  Prints per (method, lr) UA / IRA / CRA on the tuning targets beside the base
@@ -11,8 +11,9 @@ pipeline's, and the unlearning time; writes bench/results/tune_unlearncanvas[_<t
 that picks a method's lr: among the lrs whose mean UA reaches --min-ua, the highest mean of IRA
 and CRA; if none does, the highest UA.
 
-    python bench/tune_unlearncanvas.py                                   # esd, salun, ca x 3 lrs on Sepia and Mickey (~20 min on 2 CPU cores)
-    python bench/tune_unlearncanvas.py --methods esd --lrs 1e-5 1e-4 --targets Watercolor house
+    python bench/tune_unlearncanvas.py --methods esd --lrs 5e-5 7e-5 1e-4 --tag all8_esd   # 3 lrs x the 8 default targets (~50 min, 1 thread)
+    python bench/tune_unlearncanvas.py --methods ca --lrs 1e-4 2e-4 3e-4 --tag all8_ca
+    python bench/tune_unlearncanvas.py --methods salun --targets Sepia Mickey          # a quicker look on two targets
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["esd", "salun", "ca"])
     ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4])
-    ap.add_argument("--targets", nargs="+", default=["Sepia", "Mickey"], help="styles and objects of the canvas (default: the first of each in unlearncanvas.targets)")
+    ap.add_argument("--targets", nargs="+", help="styles and objects of the canvas (default: unlearncanvas.targets, the benchmark's own)")
     ap.add_argument("--min-ua", type=float, default=85.0, help="the UA (%%) a chosen lr must reach on the mean, if any does")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="another param by its dotted key (as `dvc exp run -S`); repeatable")
     ap.add_argument("--tag", default="", help="suffix of the output files (tune_unlearncanvas_<tag>.{json,md}), e.g. for a finer grid")
@@ -52,6 +53,7 @@ def main() -> None:
             sys.exit(f"--methods {m}: unlearncanvas.{m} has no lr in params.yaml; pick methods with an lr (esd, salun, ca)")
     overrides = dict(override(params, s) for s in args.set)
     seed = int(params["unlearncanvas"]["seed"]) + TUNING
+    args.targets = args.targets or list(params["unlearncanvas"]["targets"])
     params["unlearncanvas"] |= {"targets": args.targets, "images_per_prompt": 1, "seed": seed}
     missing = [p for p in INPUTS if not (ROOT / p).exists()]
     if missing:
