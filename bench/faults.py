@@ -35,6 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.workspace import assign  # noqa: E402
 from unlearn.cli import run_stage  # noqa: E402
 from unlearn.data.curate import Concept, curate_forget  # noqa: E402
 from unlearn.errors import UnlearnError  # noqa: E402
@@ -98,11 +99,7 @@ def _check_stage(tmp: Path, key: str, value) -> tuple[int, str, float]:
     (work / "data").mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", work)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    node = params
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
+    assign(params, key, value)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     (work / "data" / "checked.json").write_text("{}\n")
     start = time.perf_counter()

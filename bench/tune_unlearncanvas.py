@@ -74,8 +74,8 @@ def main() -> None:
                              work / "runs")
             return m["rows"], time.perf_counter() - t
 
-        base, _ = run("base")
-        rows.append(summary("base", None, base, 0.0))
+        base, wall = run("base")
+        rows.append(summary("base", None, base, wall))
         print(line(rows[-1]), flush=True)
         for method in args.methods:
             default = params["unlearncanvas"][method]["lr"]

@@ -4,6 +4,7 @@ stage's inputs (so the stage runs there and the workspace's outputs stay as they
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -20,24 +21,38 @@ from unlearn.params import lookup  # noqa: E402
 @contextmanager
 def linked_workspace(prefix: str, inputs: Sequence[str]) -> Iterator[Path]:
     """A temporary folder holding links to stages/, unlearn/, dvc.yaml and each of `inputs`
-    (paths relative to the project root); write its params.yaml, then run a stage in it."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        work = Path(tmp)
-        for name in ("stages", "unlearn", "dvc.yaml", *inputs):
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            (work / name).symlink_to(ROOT / name)
-        yield work
+    (paths relative to the project root); write its params.yaml, then run a stage in it.  A
+    SIGTERM (`kill`, `timeout`) exits through the cleanup: the folder is removed and a stage run
+    by `subprocess.run` is killed, instead of both being left behind."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            work = Path(tmp)
+            for name in ("stages", "unlearn", "dvc.yaml", *inputs):
+                (work / name).parent.mkdir(parents=True, exist_ok=True)
+                (work / name).symlink_to(ROOT / name)
+            yield work
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def override(params: dict, assignment: str) -> tuple[str, object]:
-    """Set params[a][b]... from "a.b...=value" in place (the value parsed as YAML); the key must
-    already exist, so a misspelt one is an error, not a new param the stage never reads."""
-    key, sep, text = assignment.partition("=")
-    if not sep:
-        sys.exit(f"-S {assignment!r}: give KEY=VALUE, e.g. -S sd.search.damping=0.01")
+def assign(params: dict, key: str, value) -> None:
+    """params[a][b]... = value for the dotted key "a.b..."; the key must already exist (KeyError),
+    so a misspelt one is an error, not a new param the stage never reads."""
     parent, _, leaf = key.rpartition(".")
     node = lookup(params, parent, None) if parent else params
     if not isinstance(node, dict) or leaf not in node:
+        raise KeyError(key)
+    node[leaf] = value
+
+
+def override(params: dict, assignment: str) -> tuple[str, object]:
+    """`assign` from "a.b...=value" (the value parsed as YAML), as `dvc exp run -S` takes it."""
+    key, sep, text = assignment.partition("=")
+    if not sep:
+        sys.exit(f"-S {assignment!r}: give KEY=VALUE, e.g. -S sd.search.damping=0.01")
+    try:
+        assign(params, key, yaml.safe_load(text))
+    except KeyError:
         sys.exit(f"-S {assignment!r}: params.yaml has no key {key}; use a key it has (e.g. sd.search.damping)")
-    node[leaf] = yaml.safe_load(text)
-    return key, node[leaf]
+    return key, lookup(params, key, None)
