@@ -16,29 +16,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.workspace import linked_workspace, run_stage  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "models/hf/base")
-
-
-def run_stage(work: Path, args: list[str], threads: int | None) -> float:
-    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
-    if threads:
-        env |= {"OMP_NUM_THREADS": str(threads)}
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=work, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -50,13 +36,7 @@ def main() -> None:
     missing = [p for p in INPUTS if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro export` first")
-    with tempfile.TemporaryDirectory(prefix="bench_sd_") as tmp:
-        work = Path(tmp)
-        for name in ("stages", "unlearn", "dvc.yaml", "params.yaml"):
-            (work / name).symlink_to(ROOT / name)
-        for p in INPUTS:
-            (work / p).parent.mkdir(parents=True, exist_ok=True)
-            (work / p).symlink_to(ROOT / p)
+    with linked_workspace("bench_sd_", (*INPUTS, "params.yaml")) as work:
         judges_s = run_stage(work, ["stages.sd_judges"], args.threads)
         judges = read_metrics(work / "metrics/sd_judges.json", "sd_judges", work / "runs")
         print(f"sd_judges: {judges_s:.0f} s; held-out real images: object {judges['held_out_real']['object']['accuracy']:.3f}, "

@@ -19,18 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.workspace import linked_workspace, override  # noqa: E402
+from bench.workspace import linked_workspace, override, run_stage  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges")
@@ -52,7 +49,6 @@ def main() -> None:
     missing = [p for p in (*INPUTS, pipeline) if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
-    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"} | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
     results = []
     stem = args.stage + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)
@@ -61,11 +57,7 @@ def main() -> None:
         for concept in args.concepts:
             params["sd"]["concept"] = concept
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            t = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "stages.sd_unlearn", "--stage", args.stage], cwd=work, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"sd_unlearn for {concept} failed:\n{proc.stderr[-2000:]}")
-            wall = time.perf_counter() - t
+            wall = run_stage(work, ["stages.sd_unlearn", "--stage", args.stage], args.threads, f"sd_unlearn for {concept}")
             shutil.copyfile(work / f"plots/{args.stage}_search.csv", out / f"{stem}_{concept.replace(' ', '_')}_search.csv")  # every step scored
             m = read_metrics(work / f"metrics/{args.stage}.json", args.stage, work / "runs")
             results.append({"concept": concept, "kind": m["kind"], "layer": m["layer"], "rho": m["rho"], "converged": m["converged"],

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.workspace import linked_workspace, override  # noqa: E402
+from bench.workspace import linked_workspace, override, run_stage  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "models/sd_judges", "models/sd_base")   # what the stage reads for the base and a baseline (SLUG would need more)
@@ -58,7 +55,6 @@ def main() -> None:
     missing = [p for p in INPUTS if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro unlearncanvas_base` first (its inputs are what this bench reuses)")
-    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -66,13 +62,10 @@ def main() -> None:
 
         def run(method: str) -> tuple[list[dict], float]:
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            t = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "stages.unlearncanvas", "--method", method], cwd=work, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                sys.exit(f"unlearncanvas --method {method} failed:\n{proc.stderr[-2000:]}")
+            wall = run_stage(work, ["stages.unlearncanvas", "--method", method], what=f"unlearncanvas --method {method}")
             m = read_metrics(work / f"metrics/unlearncanvas/{method}.json", f"unlearncanvas@{method}" if method != "base" else "unlearncanvas_base",
                              work / "runs")
-            return m["rows"], time.perf_counter() - t
+            return m["rows"], wall
 
         base, wall = run("base")
         rows.append(summary("base", None, base, wall))

@@ -14,31 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.workspace import linked_workspace  # noqa: E402
+from bench.workspace import linked_workspace, run_stage  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain")
-
-
-def run_stage(work: Path, stage: str, threads: int | None) -> float:
-    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
-    if threads:
-        env |= {"OMP_NUM_THREADS": str(threads)}
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=work, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{stage} failed:\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -54,7 +40,7 @@ def main() -> None:
     with linked_workspace("bench_vlm_", INPUTS) as work:
         params = yaml.safe_load((ROOT / "params.yaml").read_text())
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        rows["vlm_base_s"] = round(run_stage(work, "vlm_base", args.threads), 1)
+        rows["vlm_base_s"] = round(run_stage(work, ["stages.vlm_base"], args.threads), 1)
         base = read_metrics(work / "metrics/vlm_base.json", "vlm_base", work / "runs")
         rows["base"] = {"identity": base["test"]["identity"]["accuracy"], "object": base["test"]["object"]["accuracy"],
                         "train_s": base["train_s"], "peak_memory_mb": base["peak_memory_mb"]}
@@ -63,7 +49,7 @@ def main() -> None:
         for concept in args.concepts:
             params["vlm"]["concept"] = concept
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            wall = run_stage(work, "vlm_unlearn", args.threads)
+            wall = run_stage(work, ["stages.vlm_unlearn"], args.threads)
             m = read_metrics(work / "metrics/vlm_unlearn.json", "vlm_unlearn", work / "runs")
             rows["concepts"][concept] = {"stage_s": round(wall, 1), "unlearn_s": m["unlearn_s"], "layer": m["layer"], "rho": m["rho"],
                                          "converged": m["converged"], "base_test": m["base_test"], "test": m["test"],

@@ -1,12 +1,15 @@
 """What the benches that run a stage share: a scratch folder that links the project's code and the
 stage's inputs (so the stage runs there and the workspace's outputs stay as they are), and
-`-S KEY=VALUE` params overrides."""
+`-S KEY=VALUE` params overrides, running a stage there."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +37,17 @@ def linked_workspace(prefix: str, inputs: Sequence[str]) -> Iterator[Path]:
             yield work
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_stage(work: Path, args: Sequence[str], threads: int | None = None, what: str | None = None) -> float:
+    """`python -m <args>` in `work` (offline, OMP_NUM_THREADS=`threads` if given); its wall seconds.
+    A failure exits with the stage's last stderr lines, named `what` (default: the command)."""
+    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=work, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{what or ' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return time.perf_counter() - t
 
 
 def assign(params: dict, key: str, value) -> None:
