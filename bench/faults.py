@@ -41,6 +41,7 @@ from unlearn.data.curate import Concept, curate_forget  # noqa: E402
 from unlearn.errors import UnlearnError  # noqa: E402
 from unlearn.io import DEBRIS, atomic_outputs, sha256_tree, sweep_debris, write_json  # noqa: E402
 from unlearn.methods.slug import PATCH_WEIGHTS, read_patch, save_patch  # noqa: E402
+from unlearn.params import load_yaml  # noqa: E402
 
 ROWS: list[dict] = []
 ENV = os.environ | {"PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1",
@@ -98,7 +99,7 @@ def _check_stage(tmp: Path, key: str, value) -> tuple[int, str, float]:
     work = tmp / f"check-{key}-{value}"
     (work / "data").mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", work)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_yaml(ROOT / "params.yaml")
     assign(params, key, value)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     (work / "data" / "checked.json").write_text("{}\n")

@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.workspace import linked_workspace, override, run_stage  # noqa: E402
+from unlearn.params import load_yaml  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain", "models/sd_judges")
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     pipeline = "models/" + args.stage.replace("unlearn", "base")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_yaml(ROOT / "params.yaml")
     overrides = dict(override(params, s) for s in args.set)
     missing = [p for p in (*INPUTS, pipeline) if not (ROOT / p).exists()]
     if missing:

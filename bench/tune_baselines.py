@@ -18,14 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from unlearn.data.curate import resolve_concept  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
 from unlearn.methods.registry import run_method  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
 from unlearn.models.train import load_pairs  # noqa: E402
-from unlearn.params import load_yaml  # noqa: E402
+from unlearn.params import load_yaml, parse_yaml  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +42,7 @@ def main() -> None:
     forget, retain = load_pairs(base, "data/forget"), load_pairs(base, "data/retain")
     split = params["eval"]["split"]
     tasks = concept_tasks("data/eval", concept, "val", split["val_fraction"], split["seed"])
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = {k: parse_yaml(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     state = {k: v.clone() for k, v in base.model.state_dict().items()}
     evaluator = Evaluator(base, tasks, params["eval"]["batch_size"])
     print(f"{concept.name}: base val {evaluator.evaluate()}")

@@ -28,6 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.workspace import linked_workspace, override, run_stage  # noqa: E402
+from unlearn.params import load_yaml  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "models/sd_judges", "models/sd_base")   # what the stage reads for the base and a baseline (SLUG would need more)
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the output files (tune_unlearncanvas_<tag>.{json,md}), e.g. for a finer grid")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_yaml(ROOT / "params.yaml")
     for m in args.methods:
         if m not in params["unlearncanvas"] or "lr" not in params["unlearncanvas"][m]:
             sys.exit(f"--methods {m}: unlearncanvas.{m} has no lr in params.yaml; pick methods with an lr (esd, salun, ca)")

@@ -22,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.workspace import linked_workspace, run_stage  # noqa: E402
+from unlearn.params import load_yaml  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
 INPUTS = ("data/eval", "data/laion", "data/retain", "models/hf/base", "models/vlm_retain")
@@ -38,7 +39,7 @@ def main() -> None:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro export vlm_retain_stats` first")
     rows: dict = {"concepts": {}}
     with linked_workspace("bench_vlm_", INPUTS) as work:
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params = load_yaml(ROOT / "params.yaml")
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         rows["vlm_base_s"] = round(run_stage(work, ["stages.vlm_base"], args.threads), 1)
         base = read_metrics(work / "metrics/vlm_base.json", "vlm_base", work / "runs")

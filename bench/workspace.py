@@ -14,11 +14,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from unlearn.params import lookup  # noqa: E402
+from unlearn.params import lookup, parse_yaml  # noqa: E402
 
 
 @contextmanager
@@ -66,7 +64,7 @@ def override(params: dict, assignment: str) -> tuple[str, object]:
     if not sep:
         sys.exit(f"-S {assignment!r}: give KEY=VALUE, e.g. -S sd.search.damping=0.01")
     try:
-        assign(params, key, yaml.safe_load(text))
+        assign(params, key, parse_yaml(text))
     except KeyError:
         sys.exit(f"-S {assignment!r}: params.yaml has no key {key}; use a key it has (e.g. sd.search.damping)")
     return key, lookup(params, key, None)

@@ -4,8 +4,10 @@ shared retain statistics, its validation images) and saved as a patch under mode
 then for every k in `forget_many.counts` the first k edits are summed, checked on validation
 (rescaled jointly if the sum breaks the forget criterion or the guard) and reported on test.
 The other `forget_many.modes`: sequential (each edit found on the model holding the previous
-ones) and joint (one SLUG search for the first k together, unlearn/many.py).  Writes
-metrics/forget_many.json, plots/forget_many.{csv,png} and plots/forget_many_joint.png."""
+ones), joint (one SLUG search for the first k together) and cumulative (as sequential, each search
+judged on every target so far and guarded against the unedited model; unlearn/many.py; in the
+metrics and the CSV, not drawn).  Writes metrics/forget_many.json, plots/forget_many.{csv,png} and
+plots/forget_many_joint.png."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from unlearn.data.curate import curate_forget, resolve_concepts, table_concepts
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
 from unlearn.io import atomic_outputs
-from unlearn.many import ConceptEdit, JointEvaluator, check_modes, forget_ok_all, guard_ok_all, judge
+from unlearn.many import BaseGuard, ConceptEdit, JointEvaluator, check_modes, forget_ok_all, guard_ok_all, judge
 from unlearn.methods.registry import chunks
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import apply_edit, find_edit, save_patch, slug_config
@@ -126,20 +128,37 @@ def main() -> None:
                                      time_s=round(times["unlearn"], 3)))
                 restore()
                 _log("joint", k, joint[-1])
+        # cumulatively: as sequential, but each search judged on every target so far (the worst) and guarded against the unedited model
+        cumulative, cum_concepts = [], []
+        if "cumulative" in modes:
+            judges = [JointEvaluator(adapter, EVAL, concepts[:i], "val", *split, batch) for i in range(1, len(concepts) + 1)]
+            unedited = [j.evaluate() for j in judges]   # the guard's reference for every search: the model before any edit
+            for i, c in enumerate(concepts, 1):
+                edit, times = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, BaseGuard(judges[i - 1], unedited[i - 1]),
+                                        c.kind, cfg.rank, cfg.search)
+                apply_edit(adapter, edit.layer, edit.delta)
+                cum_concepts.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
+                log.info("cumulative %s: %s rho %.4g (converged %s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
+                if i in counts:
+                    cumulative.append(removed(i))
+                    _log("cumulative", i, cumulative[-1])
+            restore()
         rows = [{"mode": mode, "removed": r["k"], "max_forget_top1": max(v["top1"] for v in r["test"]["targets"].values()),
                  "max_forget_top5": max(v["top5"] for v in r["test"]["targets"].values()),
                  "identity_retain_top1": r["test"]["retain"]["identity"]["top1"], "identity_retain_base": r["base_test"]["retain"]["identity"]["top1"],
                  "object_top1": r["test"]["retain"]["object"]["top1"], "object_base": r["base_test"]["retain"]["object"]["top1"],
-                 "scale": r["scale"], "converged": r["converged"]} for mode, rs in (("sum", results), ("sequential", sequential), ("joint", joint)) for r in rs]
+                 "scale": r["scale"], "converged": r["converged"]} for mode, rs in (("sum", results), ("sequential", sequential), ("joint", joint), ("cumulative", cumulative))
+                for r in rs]
         write_metrics(metrics, {"concepts": per_concept, "counts": counts, "results": results, "sequential_concepts": seq_concepts,
-                             "sequential": sequential, "joint": joint, "rows": rows,
+                             "sequential": sequential, "joint": joint, "cumulative_concepts": cum_concepts, "cumulative": cumulative, "rows": rows,
                              "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb()}, "forget_many")
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
         # two figures, each mode of a figure with its own line style: the sum against the sequential edits, and the joint search against the sum
-        pairs = [r for r in rows if r["mode"] != "joint"], [r for r in rows if r["mode"] == "joint"] + [r for r in rows if r["mode"] == "sum"]
+        of = lambda *ms: [r for m in ms for r in rows if r["mode"] == m]  # noqa: E731
+        pairs = of("sum", "sequential"), of("joint", "sum")
         forget_many_plot(pairs[0] or rows, png, f"the first k of {len(concepts)} concepts removed: SLUG edits added up / found one after another (test images)")
         forget_many_plot(pairs[1] or rows, joint_png, f"the first k of {len(concepts)} concepts removed: one joint SLUG search / edits added up (test images)")
 

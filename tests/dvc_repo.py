@@ -14,6 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from bench.workspace import assign
+from unlearn.params import load_yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,13 +29,11 @@ def _run(args, cwd, check=True, **extra_env):
 
 
 def _set_params(repo: Path, **updates) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    """Set existing dotted keys of the repo's params.yaml (a misspelt key is a KeyError, not a new
+    param that no stage reads)."""
+    params = load_yaml(repo / "params.yaml")
     for dotted, value in updates.items():
-        node = params
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        assign(params, dotted, value)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -61,6 +62,7 @@ def build_tiny_repo(tmp_path_factory) -> Path:
             "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
             "eval.mia.folds": 2, "eval.mia.seeds": 2, "compare.concepts": ["Elon Musk", "Taylor Swift"],
             "forget_many.concepts": ["Elon Musk", "Taylor Swift"], "forget_many.counts": [1, 2],
+            "forget_many.modes": ["sum", "sequential", "joint", "cumulative"],
             "vlm.train.examples": 64, "vlm.train.epochs": 1, "vlm.train.batch_size": 16, "vlm.train.warmup_steps": 2,
             "vlm.train.hidden_size": 32, "vlm.train.intermediate_size": 64, "vlm.train.layers": 1, "vlm.train.heads": 2,
             "vlm.train.vocab_size": 400,

@@ -39,6 +39,8 @@ def test_modes_are_checked():
             check_modes(bad, [MUSK])
     with pytest.raises(UnlearnError, match="mixes kinds \\(identity, object\\).*drop joint"):
         check_modes(["joint"], [MUSK, Concept("rocket", "object")])
+    with pytest.raises(UnlearnError, match="has joint, cumulative but .* mixes kinds .*drop joint, cumulative from forget_many.modes"):
+        check_modes(["sum", "joint", "cumulative"], [MUSK, Concept("rocket", "object")])
     assert check_modes(["sum", "sequential"], [MUSK, Concept("rocket", "object")]) == ("sum", "sequential")
 
 
@@ -99,6 +101,39 @@ def test_joint_evaluator_judges_the_worst_target_and_the_classes_that_are_not_ta
         for key in ("retain_top1", "retain_top5", "utility_top1", "utility_top5"):
             assert got[key] == full[key]
         assert set(joint.evaluate(layer, ("forget",))) == {"forget_top1", "forget_top5"}
+    finally:
+        with torch.no_grad():
+            p.copy_(original)
+
+
+def test_base_guard_reports_the_unedited_models_guard_figures_as_the_reference(tiny_clip, tiny_world):
+    """BaseGuard hands SLUG's search the unedited model's retain and utility figures as the guard's
+    reference (what `evaluate(reference=True)` returns), while scoring the model as it is now, its
+    caches included."""
+    import torch
+
+    from unlearn.eval.suite import Evaluator
+    from unlearn.many import BaseGuard
+
+    layer = "transformer.resblocks.1.mlp.c_proj.weight"
+    inner = Evaluator(tiny_clip, concept_tasks(tiny_world / "eval", MUSK, "val", 0.34, 0), 16)
+    unedited = inner.evaluate()
+    p = dict(tiny_clip.model.named_parameters())[layer]
+    original = p.detach().clone()
+    try:
+        with torch.no_grad():   # an earlier edit: the model as the next search finds it
+            p.add_(2.0 * original.norm() * torch.randn_like(original, generator=torch.Generator().manual_seed(2)) / original.numel() ** 0.5)
+        now = inner.evaluate()
+        keys = ("retain_top1", "retain_top5", "utility_top1", "utility_top5")
+        assert any(now[k] != unedited[k] for k in keys)   # the case is real
+        guard = BaseGuard(inner, unedited)
+        guard.reset()
+        ref = guard.evaluate(reference=True)
+        assert {k: ref[k] for k in keys} == {k: unedited[k] for k in keys}
+        assert (ref["forget_top1"], ref["forget_top5"]) == (now["forget_top1"], now["forget_top5"])
+        guard.prepare(layer)
+        assert guard.evaluate(layer) == now     # a step is scored as the model is now, through the caches of the reference
+        assert guard.evaluate(layer, ("forget",)) == {"forget_top1": now["forget_top1"], "forget_top5": now["forget_top5"]}
     finally:
         with torch.no_grad():
             p.copy_(original)

@@ -70,3 +70,46 @@ def test_unknown_config_key_is_one_line():
     assert as_config(SyntheticConfig, {"seed": 4}, "data.synthetic").seed == 4
     with pytest.raises(UnlearnError, match="data.synthetic has unknown keys shardz"):
         as_config(SyntheticConfig, {"shardz": 4}, "data.synthetic")
+
+
+def test_exponent_floats_set_by_dvc_exp_run_reach_stages_as_numbers(tmp_path):
+    """`dvc exp run -S ga.lr=1e-5` writes `lr: 1e-05` (DVC dumps YAML 1.2), which PyYAML alone reads
+    as the string "1e-05": the params check would refuse a learning rate the user wrote correctly."""
+    from dvc.utils.hydra import apply_overrides
+
+    from unlearn.params import load_yaml
+    from unlearn.ranges import check_ranges
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    apply_overrides(str(tmp_path / "params.yaml"), ["ga.lr=1e-5", "unlearncanvas.esd.lr=7e-5", "slug.search.damping=1E-5"])
+    as_pyyaml_reads_it = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert as_pyyaml_reads_it["ga"]["lr"] == "1e-05"  # the case is real: the checks below would refuse it
+    with pytest.raises(UnlearnError, match="slug.search.damping is '1e-05'"):
+        check_ranges(as_pyyaml_reads_it)
+    params = load_yaml(tmp_path / "params.yaml")
+    assert (params["ga"]["lr"], params["unlearncanvas"]["esd"]["lr"], params["slug"]["search"]["damping"]) == (1e-5, 7e-5, 1e-5)
+    check_ranges(params)
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    assert stage_params("compare_run@ga", tmp_path)("ga.lr") == 1e-5
+
+
+def test_committed_yaml_reads_as_pyyaml_reads_it():
+    """The YAML 1.2 floats change nothing in the committed params.yaml and dvc.yaml."""
+    from unlearn.params import parse_yaml
+
+    for name in ("params.yaml", "dvc.yaml"):
+        text = (ROOT / name).read_text()
+        assert parse_yaml(text) == yaml.safe_load(text)
+    assert [parse_yaml(t) for t in ("1e-05", "-2E+3", ".5e-2", "1.0e-4", "12", "1e", "e5", "1e-5x")] == [1e-5, -2000.0, 0.005, 1e-4, 12, "1e", "e5", "1e-5x"]
+
+
+@pytest.mark.parametrize("value, message", [("1e-5x", "ga.lr is '1e-5x'; it must be a number"), (True, "ga.lr is True; it must be a number"),
+                                            (None, "ga.lr is None; it must be a number")])
+def test_a_config_number_that_is_not_one_is_a_one_line_error(value, message):
+    from unlearn.methods.registry import methods
+
+    with pytest.raises(UnlearnError, match=re.escape(message)):
+        methods()["ga"].config({**PARAMS["ga"], "lr": value}, "ga")
+    with pytest.raises(UnlearnError, match=re.escape("ga.epochs is 2.5; it must be an integer")):
+        methods()["ga"].config({**PARAMS["ga"], "epochs": 2.5}, "ga")
+    assert methods()["ga"].config({**PARAMS["ga"], "lr": 1}, "ga").lr == 1  # an integer is a number

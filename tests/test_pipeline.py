@@ -303,10 +303,13 @@ def test_forget_many_adds_the_edits_up(repo):
     assert [r["k"] for r in m["joint"]] == [1, 2] and set(m["joint"][1]["test"]["targets"]) == {"Elon Musk", "Taylor Swift"}
     assert (m["joint"][0]["layer"], m["joint"][0]["rho"]) == (m["concepts"][0]["layer"], m["concepts"][0]["rho"])
     assert m["joint"][1]["forget_pairs"] > m["joint"][0]["forget_pairs"]
+    # cumulative: for the first concept the same search as alone (its guard's reference is the unedited model either way)
+    assert [r["k"] for r in m["cumulative"]] == [1, 2] and [c["concept"] for c in m["cumulative_concepts"]] == ["Elon Musk", "Taylor Swift"]
+    assert (m["cumulative_concepts"][0]["layer"], m["cumulative_concepts"][0]["rho"]) == (m["concepts"][0]["layer"], m["concepts"][0]["rho"])
     for name in ("forget_many.png", "forget_many_joint.png"):
         assert (repo / "plots" / name).stat().st_size > 5_000
     assert (repo / "plots" / "forget_many.csv").read_text().startswith("mode,removed,max_forget_top1")
-    assert [(r["mode"], r["removed"]) for r in m["rows"]] == [("sum", 1), ("sum", 2), ("sequential", 1), ("sequential", 2), ("joint", 1), ("joint", 2)]
+    assert [(r["mode"], r["removed"]) for r in m["rows"]] == [(mode, k) for mode in ("sum", "sequential", "joint", "cumulative") for k in (1, 2)]
 
 
 def _rel(a, b) -> float:

@@ -15,6 +15,12 @@ union of their forget sets, and SLUG's search judged by `JointEvaluator`: the fo
 the worst target (each target's validation images scored apart, as the sum's check does), the
 guard on the classes that are not targets (`joint_tasks`).  It needs targets of one kind (one
 classifier, one guard).
+
+The cumulative mode finds each concept's edit on the model that holds the previous ones (as the
+sequential mode), but judges its search as the joint search does (the worst of every target so
+far, the guard on the classes that are not among them) and guards it against the unedited model
+(`BaseGuard`): the guard's bound then holds for the losses of all the edits together, where the
+sequential mode grants it to each edit anew.  Also one kind of concept.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from unlearn.eval.suite import SETS, ConceptTasks, Evaluator, ManyEvaluator, Tas
 from unlearn.methods.slug import BOUND, SearchConfig
 
 UP, DOWN = (1.25, 1.5, 2.0), (0.9, 0.8, 0.7)
-MODES = ("sum", "sequential", "joint")
+MODES = ("sum", "sequential", "joint", "cumulative")
+ONE_KIND = ("joint", "cumulative")   # modes whose search judges every target with one classifier and one guard
 
 
 def check_modes(modes: Sequence[str], concepts: Sequence[Concept]) -> tuple[str, ...]:
@@ -40,9 +47,10 @@ def check_modes(modes: Sequence[str], concepts: Sequence[Concept]) -> tuple[str,
     if not modes or unknown or len(set(modes)) != len(modes):
         raise UnlearnError(f"forget_many.modes is {list(modes)}; list some of {', '.join(MODES)}, each once")
     kinds = sorted({c.kind for c in concepts})
-    if "joint" in modes and len(kinds) > 1:
-        raise UnlearnError(f"forget_many.modes has joint but forget_many.concepts mixes kinds ({', '.join(kinds)}): one joint search forgets "
-                           "targets of one kind; list concepts of one kind or drop joint from forget_many.modes")
+    one_kind = [m for m in modes if m in ONE_KIND]
+    if one_kind and len(kinds) > 1:
+        raise UnlearnError(f"forget_many.modes has {', '.join(one_kind)} but forget_many.concepts mixes kinds ({', '.join(kinds)}): their searches "
+                           f"judge targets of one kind; list concepts of one kind or drop {', '.join(one_kind)} from forget_many.modes")
     return modes
 
 
@@ -90,6 +98,25 @@ class JointEvaluator:
             per = [e.evaluate(edited, ("forget",), reference) for e in self.each]
             out = {"forget_top1": max(p["forget_top1"] for p in per), "forget_top5": max(p["forget_top5"] for p in per), **out}
         return out
+
+
+class BaseGuard:
+    """An evaluator whose reference figures (what SLUG's guard compares a step with, read by the
+    search from `evaluate(reference=True)`) are `base`, the unedited model's, instead of the model's
+    as it is now; the forget figures and the caches are the inner evaluator's."""
+
+    def __init__(self, inner, base: dict[str, float]):
+        self.inner, self.base = inner, {k: v for k, v in base.items() if not k.startswith("forget_")}
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def prepare(self, edited: str | None = None) -> None:
+        self.inner.prepare(edited)
+
+    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = SETS, reference: bool = False) -> dict[str, float]:
+        out = self.inner.evaluate(edited, sets, reference)
+        return {**out, **{k: v for k, v in self.base.items() if k in out}} if reference else out
 
 
 @dataclass(frozen=True)

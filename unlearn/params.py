@@ -8,6 +8,7 @@ tracking.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,30 @@ from unlearn.errors import UnlearnError
 _MISSING = object()
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: PyYAML (YAML 1.1) reads `1e-05` as the string
+    "1e-05", and that is how `dvc exp run -S ga.lr=1e-5` writes the number into params.yaml
+    (DVC dumps with ruamel, YAML 1.2), so a stage would be handed a string for a learning rate.
+    Everything PyYAML already reads as a float reads the same."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as the stages read it (safe, with YAML 1.2's exponent floats)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> Any:
     p = Path(path)
     if not p.is_file():
         raise UnlearnError(f"{p} not found: run from the project root (where dvc.yaml and params.yaml live)")
-    return yaml.safe_load(p.read_text()) or {}
+    return parse_yaml(p.read_text()) or {}
 
 
 def lookup(tree: dict, dotted: str, default: Any = _MISSING) -> Any:
@@ -105,4 +125,20 @@ def as_config(cls: type, values: dict, key: str) -> Any:
     required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if required:
         raise UnlearnError(f"params.yaml {key} lacks {', '.join(required)}; add it (see README for its meaning)")
+    for f in fields:
+        if f.name in values:
+            _check_number(f, values[f.name], f"{key}.{f.name}")
     return cls(**values)
+
+
+def _check_number(field: Any, value: Any, key: str) -> None:
+    """A field declared `int` or `float` (optionally `| None`) holds a number of that kind: a quoted
+    number, a word or a boolean would otherwise fail deep inside torch, or be used as 1 (`true`)."""
+    kind = str(field.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+    if kind not in ("int", "float") or (value is None and "None" in str(field.type)):
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) if kind == "int" else (
+        isinstance(value, int | float) and not isinstance(value, bool))
+    if not ok:
+        raise UnlearnError(f"params.yaml {key} is {value!r}; it must be {'an integer' if kind == 'int' else 'a number'}"
+                           f"{' (e.g. 1.0e-5)' if kind == 'float' else ''}")

@@ -1,0 +1,46 @@
+"""The benches' shared helpers and decision rules (the benches themselves run for minutes to an
+hour and print figures; what they decide must not drift unnoticed)."""
+
+import pytest
+
+from bench.tune_unlearncanvas import pick
+from bench.workspace import assign, override
+
+
+def _params():
+    return {"ga": {"lr": 1.0e-5, "epochs": 10}, "unlearncanvas": {"esd": {"lr": 7.0e-5}}, "concept": "Elon Musk"}
+
+
+def test_assign_sets_an_existing_dotted_key_and_refuses_a_new_one():
+    params = _params()
+    assign(params, "unlearncanvas.esd.lr", 1e-4)
+    assign(params, "concept", "Mickey")
+    assert params["unlearncanvas"]["esd"]["lr"] == 1e-4 and params["concept"] == "Mickey"
+    for key in ("unlearncanvas.esd.lrr", "unlearncanvas.esdd.lr", "concept.name", "nothing"):
+        with pytest.raises(KeyError):
+            assign(params, key, 1)
+    assert params == {**_params(), "unlearncanvas": {"esd": {"lr": 1e-4}}, "concept": "Mickey"}
+
+
+def test_override_parses_values_as_dvc_exp_run_does():
+    params = _params()
+    assert override(params, "ga.lr=1e-4") == ("ga.lr", 1e-4)   # a float, as `dvc exp run -S` writes it, not the string "1e-4"
+    assert override(params, "ga.epochs=3") == ("ga.epochs", 3)
+    assert override(params, "concept=Taylor Swift") == ("concept", "Taylor Swift")
+    with pytest.raises(SystemExit, match="give KEY=VALUE"):
+        override(params, "ga.lr")
+    with pytest.raises(SystemExit, match="params.yaml has no key ga.rate"):
+        override(params, "ga.rate=1")
+
+
+def _row(lr, ua, ira, cra, failed=0):
+    return {"lr": lr, "UA": ua, "IRA": ira, "CRA": cra, "failed": failed}
+
+
+def test_the_tuning_rule_picks_the_least_collateral_among_lrs_that_forget():
+    rows = [_row(5e-5, 74.8, 87.8, 84.8), _row(7e-5, 87.6, 83.1, 79.4), _row(1e-4, 96.3, 76.7, 67.1)]
+    assert pick(rows, 85.0) == 7e-5                         # 1e-4 forgets more but costs more
+    assert pick(rows, 95.0) == 1e-4
+    assert pick(rows, 99.0) == 1e-4                         # none reaches: the highest UA
+    assert pick([*rows, _row(2e-4, 100.0, 90.0, 90.0, failed=1)], 85.0) == 7e-5   # a failed target is never picked
+    assert pick([_row(1e-4, None, None, None, failed=8)], 85.0) is None
