@@ -15,12 +15,13 @@ import csv
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
-from unlearn.data.curate import curate_forget, resolve_concepts, table_concepts
+from unlearn.data.curate import Concept, curate_forget, resolve_concepts, table_concepts
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
 from unlearn.io import atomic_outputs
@@ -104,18 +105,24 @@ def main() -> None:
                 r = judge(adapter, base, edits[:k], val, test, cfg.search, base_val[k], base_test[k])
                 results.append(r)
                 _log("sum", k, r)
-        # sequentially: each concept's edit found on the model that already holds the previous ones
-        sequential, seq_concepts = [], []
-        if "sequential" in modes:
+        def one_after_another(mode: str, evaluator_of: Callable[[int, Concept], object]) -> tuple[list[dict], list[dict]]:
+            """Each concept's edit found on the model that holds the previous ones, its search judged by
+            `evaluator_of(i, concept)`, and applied; the model after the first k for every k of `counts`
+            (and each concept's edit); the base weights restored."""
+            after, found = [], []
             for i, c in enumerate(concepts, 1):
-                edit, times = slug_for(c)
+                edit, times = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, evaluator_of(i, c), c.kind, cfg.rank, cfg.search)
                 apply_edit(adapter, edit.layer, edit.delta)
-                seq_concepts.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
-                log.info("sequential %s: %s rho %.4g (converged %s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
+                found.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
+                log.info("%s %s: %s rho %.4g (converged %s)", mode, c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
                 if i in counts:
-                    sequential.append(removed(i))
-                    _log("sequential", i, sequential[-1])
+                    after.append(removed(i))
+                    _log(mode, i, after[-1])
             restore()
+            return after, found
+
+        # sequentially: each concept's edit found on the model that already holds the previous ones, judged by its own evaluator
+        sequential, seq_concepts = one_after_another("sequential", lambda i, c: evaluators[c.name]) if "sequential" in modes else ([], [])
         # jointly: one search for the first k together (their forget sets' union, every target's validation images)
         joint = []
         if "joint" in modes:
@@ -133,16 +140,7 @@ def main() -> None:
         if "cumulative" in modes:
             judges = [JointEvaluator(adapter, EVAL, concepts[:i], "val", *split, batch) for i in range(1, len(concepts) + 1)]
             unedited = [j.evaluate() for j in judges]   # the guard's reference for every search: the model before any edit
-            for i, c in enumerate(concepts, 1):
-                edit, times = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, BaseGuard(judges[i - 1], unedited[i - 1]),
-                                        c.kind, cfg.rank, cfg.search)
-                apply_edit(adapter, edit.layer, edit.delta)
-                cum_concepts.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
-                log.info("cumulative %s: %s rho %.4g (converged %s)", c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
-                if i in counts:
-                    cumulative.append(removed(i))
-                    _log("cumulative", i, cumulative[-1])
-            restore()
+            cumulative, cum_concepts = one_after_another("cumulative", lambda i, c: BaseGuard(judges[i - 1], unedited[i - 1]))
         rows = [{"mode": mode, "removed": r["k"], "max_forget_top1": max(v["top1"] for v in r["test"]["targets"].values()),
                  "max_forget_top5": max(v["top5"] for v in r["test"]["targets"].values()),
                  "identity_retain_top1": r["test"]["retain"]["identity"]["top1"], "identity_retain_base": r["base_test"]["retain"]["identity"]["top1"],

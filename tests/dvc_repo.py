@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from bench.workspace import assign
-from unlearn.params import load_yaml
+from unlearn.params import load_yaml, lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,17 @@ def _set_params(repo: Path, **updates) -> None:
     params = load_yaml(repo / "params.yaml")
     for dotted, value in updates.items():
         assign(params, dotted, value)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _add_params(repo: Path, **updates) -> None:
+    """Add dotted keys that params.yaml lacks under sections it has (how a stage refuses an unknown key)."""
+    params = load_yaml(repo / "params.yaml")
+    for dotted, value in updates.items():
+        parent, _, leaf = dotted.rpartition(".")
+        node = lookup(params, parent)
+        assert isinstance(node, dict) and leaf not in node, f"{dotted} is not a new key under an existing section"
+        node[leaf] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.dvc_repo import _commit, _run, _set_params, _stages_run
+from tests.dvc_repo import _add_params, _commit, _run, _set_params, _stages_run
 
 
 def test_repro_writes_every_output(repo):
@@ -505,14 +505,17 @@ def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
 @pytest.mark.parametrize("bad,message", [
     ({"unlearncanvas_small.targets": ["Sepia", "Elon Musk"]}, r"error: unlearncanvas_small.targets names 'Elon Musk', neither a style"),
     ({"unlearncanvas.esd.steps": 3}, r"error: params.yaml unlearncanvas.esd has unknown keys steps"),
-], ids=["target", "config"])
+    ({"unlearncanvas.esd.lr": "1e-4x"}, r"error: params.yaml unlearncanvas.esd.lr is '1e-4x'; it must be a number"),
+], ids=["target", "config", "number"])
 def test_unlearncanvas_bad_input_is_one_line_and_keeps_outputs(repo, bad, message):
     outputs = [repo / "metrics" / "unlearncanvas_small" / "esd.json", *sorted((repo / "models" / "unlearncanvas_small" / "esd").iterdir()),
                repo / "plots" / "unlearncanvas_small" / "esd.png"]
     before = {p: p.read_bytes() for p in outputs}
     original = (repo / "params.yaml").read_text()
     try:
-        _set_params(repo, **bad)
+        new = {k: v for k, v in bad.items() if k.endswith(".steps")}   # a key params.yaml lacks
+        _add_params(repo, **new)
+        _set_params(repo, **{k: v for k, v in bad.items() if k not in new})
         proc = _run([sys.executable, "-m", "stages.unlearncanvas", "--stage", "unlearncanvas_small", "--method", "esd"], repo, check=False,
                     HF_HUB_OFFLINE="1")
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
