@@ -113,3 +113,20 @@ def test_a_config_number_that_is_not_one_is_a_one_line_error(value, message):
     with pytest.raises(UnlearnError, match=re.escape("ga.epochs is 2.5; it must be an integer")):
         methods()["ga"].config({**PARAMS["ga"], "epochs": 2.5}, "ga")
     assert methods()["ga"].config({**PARAMS["ga"], "lr": 1}, "ga").lr == 1  # an integer is a number
+
+
+def test_a_config_declared_without_postponed_annotations_is_checked_too():
+    """`as_config` reads `int`/`float` declarations as strings (postponed annotations, as in this
+    project) and as classes (a module without `from __future__ import annotations`)."""
+    import dataclasses
+
+    from unlearn.params import as_config
+
+    Config = dataclasses.make_dataclass("Config", [("lr", float), ("epochs", int), ("scale", "float | None", dataclasses.field(default=None))])
+    assert as_config(Config, {"lr": 1e-5, "epochs": 2}, "x").lr == 1e-5
+    assert as_config(Config, {"lr": 1, "epochs": 2, "scale": None}, "x").scale is None
+    for values, message in (({"lr": "1e-5x", "epochs": 2}, "x.lr is '1e-5x'; it must be a number"),
+                            ({"lr": 1e-5, "epochs": True}, "x.epochs is True; it must be an integer"),
+                            ({"lr": 1e-5, "epochs": 2, "scale": "big"}, "x.scale is 'big'; it must be a number")):
+        with pytest.raises(UnlearnError, match=re.escape(message)):
+            as_config(Config, values, "x")

@@ -133,12 +133,12 @@ def as_config(cls: type, values: dict, key: str) -> Any:
 
 def _check_number(field: Any, value: Any, key: str) -> None:
     """A field declared `int` or `float` (optionally `| None`) holds a number of that kind: a quoted
-    number, a word or a boolean would otherwise fail deep inside torch, or be used as 1 (`true`)."""
-    kind = str(field.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
-    if kind not in ("int", "float") or (value is None and "None" in str(field.type)):
+    number, a word or a boolean would otherwise fail deep inside torch, or be used as 1 (`true`).
+    The declaration is a string under `from __future__ import annotations`, a class without it."""
+    declared = field.type.__name__ if isinstance(field.type, type) else str(field.type)
+    kind, optional = declared.removesuffix(" | None"), declared.endswith(" | None")
+    if kind not in ("int", "float") or (value is None and optional):
         return
-    ok = isinstance(value, int) and not isinstance(value, bool) if kind == "int" else (
-        isinstance(value, int | float) and not isinstance(value, bool))
-    if not ok:
+    if isinstance(value, bool) or not isinstance(value, int if kind == "int" else int | float):
         raise UnlearnError(f"params.yaml {key} is {value!r}; it must be {'an integer' if kind == 'int' else 'a number'}"
                            f"{' (e.g. 1.0e-5)' if kind == 'float' else ''}")
