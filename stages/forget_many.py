@@ -71,9 +71,10 @@ def main() -> None:
             for n, t in params.items():
                 t.copy_(original[n])
 
-    def slug_for(c):
+    def slug_for(c: Concept, evaluator=None):
+        """SLUG's edit for concept `c` on the model as it is now, its search judged by `evaluator` (default: c's own)."""
         forget = forget_sets[c.name]
-        return find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluators[c.name], c.kind, cfg.rank, cfg.search)
+        return find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluator or evaluators[c.name], c.kind, cfg.rank, cfg.search)
 
     with atomic_outputs(PATCHES, METRICS, CSV, PNG, JOINT_PNG) as (patches, metrics, csv_path, png, joint_png):
         names_of = {k: [x.name for x in concepts[:k]] for k in counts}
@@ -111,7 +112,7 @@ def main() -> None:
             (and each concept's edit); the base weights restored."""
             after, found = [], []
             for i, c in enumerate(concepts, 1):
-                edit, times = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, evaluator_of(i, c), c.kind, cfg.rank, cfg.search)
+                edit, times = slug_for(c, evaluator_of(i, c))
                 apply_edit(adapter, edit.layer, edit.delta)
                 found.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
                 log.info("%s %s: %s rho %.4g (converged %s)", mode, c.name, adapter.short_name(edit.layer), edit.rho, edit.converged)
