@@ -20,8 +20,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from unlearn.data.curate import resolve_concept  # noqa: E402
+from unlearn.errors import UnlearnError  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
-from unlearn.methods.registry import run_method  # noqa: E402
+from unlearn.methods.registry import check_method, methods, run_method  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
 from unlearn.models.train import load_pairs  # noqa: E402
 from unlearn.params import load_yaml, parse_yaml  # noqa: E402
@@ -37,19 +38,34 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     params = load_yaml("params.yaml")
+    overrides = {}
+    for kv in args.set:
+        key, sep, text = kv.partition("=")
+        if not (sep and key):
+            sys.exit(f"--set {kv!r}: give KEY=VALUE, e.g. --set alpha=2")
+        overrides[key] = parse_yaml(text)
+
+    def config_of(method: str, lr: float) -> dict:
+        return dict(params[method]) | {"lr": lr} | ({"epochs": args.epochs} if args.epochs is not None else {}) | overrides
+
+    try:   # every (method, lr) config is valid before the first one trains
+        for method in args.methods:
+            for lr in args.lrs:
+                methods()[check_method(method)].config(config_of(method, lr), method)
+    except UnlearnError as e:
+        sys.exit(f"error: {e}")
     concept = resolve_concept(args.concept or params["concept"], params["concepts"])
     base = load("models/base")
     forget, retain = load_pairs(base, "data/forget"), load_pairs(base, "data/retain")
     split = params["eval"]["split"]
     tasks = concept_tasks("data/eval", concept, "val", split["val_fraction"], split["seed"])
-    overrides = {k: parse_yaml(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     state = {k: v.clone() for k, v in base.model.state_dict().items()}
     evaluator = Evaluator(base, tasks, params["eval"]["batch_size"])
     print(f"{concept.name}: base val {evaluator.evaluate()}")
     for method in args.methods:
         for lr in args.lrs:
             base.model.load_state_dict(state)
-            cfg = dict(params[method]) | {"lr": lr} | ({"epochs": args.epochs} if args.epochs else {}) | overrides
+            cfg = config_of(method, lr)
             t = time.perf_counter()
             out = run_method(method, base, forget, retain, evaluator, concept.kind, cfg, params["gradients"]["batch_size"])
             wall = time.perf_counter() - t

@@ -20,7 +20,7 @@ from unlearn.errors import UnlearnError
 from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
 from unlearn.io import atomic_outputs, read_json
-from unlearn.methods.registry import changed_bytes, check_method, chunks, run_method
+from unlearn.methods.registry import changed_bytes, check_method, chunks, methods, run_method
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.models.adapter import load
 from unlearn.models.train import load_pairs
@@ -69,6 +69,7 @@ def main() -> None:
         raise UnlearnError("usage: python -m stages.compare_run <method>")
     method = check_method(sys.argv[1])
     p = stage_params(f"compare_run@{method}")
+    methods()[method].config(p(method), method)   # a bad number of the method's section stops here, before any work
     torch.manual_seed(int(p("compare.seed")))
     device = torch_device(p("model.device"))
     concepts = [resolve_concept(str(n), p("concepts")) for n in p("compare.concepts")]

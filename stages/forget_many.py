@@ -74,7 +74,7 @@ def main() -> None:
     def slug_for(c: Concept, evaluator=None):
         """SLUG's edit for concept `c` on the model as it is now, its search judged by `evaluator` (default: c's own)."""
         forget = forget_sets[c.name]
-        return find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluator or evaluators[c.name], c.kind, cfg.rank, cfg.search)
+        return find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluators[c.name] if evaluator is None else evaluator, c.kind, cfg.rank, cfg.search)
 
     with atomic_outputs(PATCHES, METRICS, CSV, PNG, JOINT_PNG) as (patches, metrics, csv_path, png, joint_png):
         names_of = {k: [x.name for x in concepts[:k]] for k in counts}

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,7 +31,9 @@ from unlearn.data.pairs import decode
 from unlearn.data.shards import Sample, decode_caption, iter_shard
 from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs, sweep_debris, write_json
+from unlearn.methods.registry import methods
 from unlearn.methods.slug import PATCH_WEIGHTS, read_patch, save_patch
+from unlearn.params import load_yaml
 from unlearn.ranges import RANGES, check_ranges
 
 BEYONCE = Concept("Beyoncé", "identity")
@@ -233,6 +236,38 @@ def test_the_check_stage_stops_on_a_range_and_keeps_its_stamp(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml eval.split.val_fraction is 1; it must be a number in (0, 1)")
     assert (tmp_path / "data" / "checked.json").read_text() == '{"earlier": true}\n'
+
+
+@pytest.mark.parametrize("method, key, value, bound", [
+    ("ga", "lr", 0.0, "> 0"), ("ga", "lr", -1e-5, "> 0"), ("ga_ft", "epochs", 0, "> 0"), ("ft", "batch_size", 0, "> 0"),
+    ("salun", "lr", float("inf"), "> 0"), ("salun", "alpha", -1.0, ">= 0"), ("ga_ft", "weight_decay", -0.1, ">= 0"),
+    ("ssd", "alpha", 0.0, "> 0"), ("ssd", "dampening", -1.0, ">= 0"),
+])
+def test_a_baselines_number_out_of_range_is_one_line_naming_the_key(method, key, value, bound):
+    """lr 0 or epochs 0 would train nothing and report the base model as the method's result."""
+    params = load_yaml(ROOT / "params.yaml")
+    build = methods()[method].config
+    build(params[method], method)  # the committed section builds
+    with pytest.raises(UnlearnError, match=rf"^params.yaml {method}\.{key} is {re.escape(repr(value))}; it must be a finite number {bound}$"):
+        build({**params[method], key: value}, method)
+
+
+def test_the_comparison_stage_refuses_a_bad_number_before_any_work(tmp_path):
+    """`dvc exp run -S ga.lr=0` reruns compare_run@ga alone: it stops at once (no model, data or
+    metrics needed, so none are read), with one line and its earlier metrics untouched."""
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["ga"]["lr"] = 0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    earlier = tmp_path / "metrics" / "compare" / "ga.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"earlier": true}\n')
+    proc = subprocess.run([sys.executable, "-m", "stages.compare_run", "ga"], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: params.yaml ga.lr is 0; it must be a finite number > 0"
+    assert earlier.read_text() == '{"earlier": true}\n'
 
 
 # ---------------------------------------------------------------- a full disk

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.methods.registry import Diverged, Pairs
+from unlearn.methods.registry import Diverged, Pairs, ranged
 from unlearn.models.adapter import Adapter
 
 OnEpoch = Callable[[int], bool]
@@ -28,6 +28,11 @@ class TrainConfig:
     weight_decay: float = 0.1
     alpha: float = 1.0  # weight of the retain loss in GA+FT and SalUn
     seed: int = 0
+
+
+# the ranges of a training baseline's numbers, and the registry's builder of its config
+TRAIN_RANGES = {"positive": ("lr", "epochs", "batch_size"), "nonnegative": ("weight_decay", "alpha")}
+TRAIN_CONFIG = ranged(TrainConfig, **TRAIN_RANGES)
 
 
 def _optimizer(adapter: Adapter, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.methods.baselines import OnEpoch, TrainConfig, joint, train_loop
-from unlearn.methods.registry import Context, Outcome, Pairs, chunks, register, run_training
+from unlearn.methods.baselines import TRAIN_RANGES, OnEpoch, TrainConfig, joint, train_loop
+from unlearn.methods.registry import Context, Outcome, Pairs, chunks, ranged, register, run_training
 from unlearn.models.adapter import Adapter
 
 
@@ -63,7 +63,7 @@ def salun(adapter: Adapter, forget: Pairs, retain: Pairs, cfg: TrainConfig, mask
     return train_loop(adapter, "salun", cfg, joint(forget, retain, cfg.batch_size), relabelled, on_epoch, after_step=restore)
 
 
-@register("salun", SalunConfig, "saliency mask (top mask_fraction of |grad L_f|) + random labelling + alpha L_r")
+@register("salun", ranged(SalunConfig, **TRAIN_RANGES), "saliency mask (top mask_fraction of |grad L_f|) + random labelling + alpha L_r")
 def run(ctx: Context, cfg: SalunConfig) -> Outcome:
     from unlearn.models.gradients import mean_gradient
 

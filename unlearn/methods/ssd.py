@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.methods.registry import Context, Outcome, Pairs, register
+from unlearn.methods.registry import Context, Outcome, Pairs, ranged, register
 from unlearn.models.adapter import Adapter
 
 
@@ -58,7 +58,7 @@ def ssd(adapter: Adapter, imp_forget: dict[str, torch.Tensor], imp_retain: dict[
     return selected
 
 
-@register("ssd", SSDConfig, "selective synaptic dampening (one shot)")
+@register("ssd", ranged(SSDConfig, positive=("alpha", "batch_size"), nonnegative=("dampening",)), "selective synaptic dampening (one shot)")
 def run(ctx: Context, cfg: SSDConfig) -> Outcome:
     t0 = time.perf_counter()
     imp_f = squared_gradients(ctx.adapter, ctx.adapter.forget_loss, ctx.forget, cfg.batch_size)
