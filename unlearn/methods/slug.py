@@ -359,6 +359,9 @@ def apply_patch(adapter: Adapter, directory: str | Path, model_dir: str | Path |
 
 # ---------------------------------------------------------------- the search over front layers
 
+FALLBACKS = ("forget", "guard")
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     max_layers: int = 8            # layers searched by Pareto rank (front first), alternating the towers
@@ -377,6 +380,7 @@ class SearchConfig:
     damping: float = 0.1           # lam of retain_preconditioned, as a fraction of the mean eigenvalue of C_r
     evaluate: str = "decisions"    # decisions: retain and other-kind sets scored only where the choice reads them (see search_layers) | all
     stop: str = "all"              # all: search every planned layer, keep the best | first: stop at the first layer (by Pareto rank) that passes
+    fallback: str = "forget"       # when no layer passes: forget: the step that forgets most | guard: the one that forgets most within the guard
 
     def __post_init__(self) -> None:
         check_direction(self.direction, self.damping)
@@ -386,6 +390,9 @@ class SearchConfig:
         unknown = set(self.top5_kinds) - set(KINDS)
         if unknown:
             raise UnlearnError(f"slug.search.top5_kinds names {sorted(unknown)}; use kinds of the concept table ({', '.join(KINDS)})")
+        if self.fallback not in FALLBACKS:
+            raise UnlearnError(f"slug.search.fallback is {self.fallback!r}; use forget (when no layer passes, keep the step that forgets most) "
+                               "or guard (keep the step that forgets most among those within the guard)")
         if self.evaluate not in ("decisions", "all"):
             raise UnlearnError(f"slug.search.evaluate is {self.evaluate!r}; use decisions (score the guard sets only for steps that "
                                "pass the forget criterion) or all")
@@ -436,14 +443,18 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     itself when the margin step fails the guard).  The choice: among layers whose edit passes
     the forget criterion and the utility guard, those whose margin step passed first, then the
     highest mean of retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
-    the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead.  With
+    the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead; with
+    `cfg.fallback == "guard"` the best step among those within the guard (the same order), so a
+    search that cannot forget within the guard keeps a weaker edit rather than a damaging one.  With
     `cfg.stop == "first"` the layers after the first that passes are not searched (the reference's
     one front layer, at a fraction of the evaluations; the choice may differ from `all`'s).
 
     With `cfg.evaluate == "decisions"` every step is scored on the target's images, and on the
     retain and other-kind sets only where the choice reads them: a layer's margin step when it
     passes the forget criterion, its smallest passing step when the margin step is not kept, and,
-    when no layer passes, the steps tied for the best forget figures; and the other-kind set only
+    when no layer passes, the steps tied for the best forget figures (with the guard fallback, the
+    steps group by group of equal forget figures, from the best, up to the first group with a step
+    within the guard); and the other-kind set only
     when the retain set's bound holds.  A step failing the forget criterion or a bound is
     rejected whatever its other figures, and a passing step between the two is never kept, so
     the choice is the same as with every step scored on every set (`evaluate: all`).  A row's `scored`
@@ -527,6 +538,17 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         return rows, {**choice, "converged": True}
     if not rows:
         raise UnlearnError("no layer to search: the Pareto fronts are empty")
+    if cfg.fallback == "guard":
+        # no layer passes: the step that forgets most among those within the guard (utility, then the smaller rho, breaking ties)
+        for figures in sorted({(r["forget_top1"], r["forget_top5"]) for r in rows}):
+            tied = [scorers[r["layer"]](r) for r in rows if (r["forget_top1"], r["forget_top5"]) == figures]
+            within = [r for r in tied if r["guard_ok"]]
+            if within:
+                best = max(within, key=lambda r: (utility_score(r), -r["rho"]))
+                log.info("no layer passes; within the guard, %s at rho %.4g forgets most (FA@1 %.3f, FA@5 %.3f)", best["layer"], best["rho"],
+                         best["forget_top1"], best["forget_top5"])
+                return rows, {**best, "converged": False}
+        log.warning("no step of the search is within the guard, not even the smallest; keeping the step that forgets most")
     # no layer passes: the best step by forget figures, utility breaking ties (scored now where it was not)
     least = min((r["forget_top1"], r["forget_top5"]) for r in rows)
     for r in rows:
