@@ -1,5 +1,5 @@
 """Stage `check`: the names params.yaml picks (`model.family`, `concept`, `compare.concepts`,
-`compare.methods`, `forget_many.concepts`, `slug.search.direction`, `vlm.concept`, an identity) are
+`compare.methods`, `forget_many.concepts`, `slug.search.direction` and `.fallback`, `vlm.concept`, an identity) are
 known, `vlm.template` holds the image token, `gradients.nproc` is a process count, and every
 numeric param is in its range (`unlearn.ranges`), before any other stage runs.
 
@@ -18,7 +18,7 @@ from unlearn.cli import run_stage
 from unlearn.data.curate import resolve_concept, resolve_concepts
 from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs, write_json
-from unlearn.methods import check_direction
+from unlearn.methods import check_direction, check_fallback
 from unlearn.methods.registry import check_methods
 from unlearn.models.adapter import check_family
 from unlearn.params import stage_params
@@ -39,6 +39,7 @@ def main() -> None:
     methods = check_methods(p("compare.methods"))
     resolve_concepts(p("forget_many.concepts"), table, "forget_many.concepts")
     check_direction(p("slug.search.direction"), p("slug.search.damping"))
+    check_fallback(p("slug.search.fallback"))
     vlm = resolve_concept(str(p("vlm.concept")), table)
     if vlm.kind != "identity":
         raise UnlearnError(f"vlm.concept {vlm.name!r} is an {vlm.kind}; the VLM track forgets an identity of the table")

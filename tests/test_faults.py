@@ -223,18 +223,26 @@ def test_every_ranged_key_is_a_param_the_check_stage_declares():
     assert {r.key for r in RANGES} <= set(spec)
 
 
-def test_the_check_stage_stops_on_a_range_and_keeps_its_stamp(tmp_path):
+@pytest.mark.parametrize("section, leaf, value, message", [
+    ("eval.split", "val_fraction", 1, "error: params.yaml eval.split.val_fraction is 1; it must be a number in (0, 1)"),
+    ("slug.search", "fallback", "none", "error: slug.search.fallback is 'none'; use forget"),
+])
+def test_the_check_stage_stops_on_a_bad_param_and_keeps_its_stamp(tmp_path, section, leaf, value, message):
     for name in ("dvc.yaml", "params.yaml"):
         (tmp_path / name).write_text((ROOT / name).read_text())
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "checked.json").write_text('{"earlier": true}\n')
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    params["eval"]["split"]["val_fraction"] = 1
+    node = params
+    for part in section.split("."):
+        node = node[part]
+    assert leaf in node  # the key exists: the test changes its value
+    node[leaf] = value
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     proc = subprocess.run([sys.executable, "-m", "stages.check"], cwd=tmp_path, capture_output=True, text=True,
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml eval.split.val_fraction is 1; it must be a number in (0, 1)")
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert (tmp_path / "data" / "checked.json").read_text() == '{"earlier": true}\n'
 
 

@@ -10,6 +10,8 @@ from unlearn.errors import UnlearnError
 # SLUG's edit directions (slug.step_directions): the paper's forget gradient, or the forget
 # gradient preconditioned by the second moments of the edited layer's inputs on the retain set.
 DIRECTIONS = ("gradient", "retain_preconditioned")
+# what SLUG's search keeps when no layer passes (slug.search_layers)
+FALLBACKS = ("forget", "guard")
 
 
 def check_direction(direction: str, damping: float) -> None:
@@ -17,3 +19,9 @@ def check_direction(direction: str, damping: float) -> None:
         raise UnlearnError(f"slug.search.direction is {direction!r}; known: {', '.join(DIRECTIONS)}")
     if not (isinstance(damping, (int, float)) and damping > 0):
         raise UnlearnError(f"slug.search.damping must be a number > 0 (got {damping!r}); 0.1 is the default")
+
+
+def check_fallback(fallback: str) -> None:
+    if fallback not in FALLBACKS:
+        raise UnlearnError(f"slug.search.fallback is {fallback!r}; use forget (when no layer passes, keep the step that forgets most) "
+                           "or guard (keep the step that forgets most among those within the guard)")

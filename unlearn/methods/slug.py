@@ -41,7 +41,7 @@ from unlearn.data.curate import KINDS
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import ACCURACY_KEYS, OTHER_KIND
 from unlearn.io import save_safetensors, sha256_file, write_json
-from unlearn.methods import check_direction
+from unlearn.methods import check_direction, check_fallback
 from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
 from unlearn.methods.retain_stats import RetainStats, compute_retain_stats
 from unlearn.models.adapter import Adapter, check_made_for, fingerprint, read_family
@@ -359,9 +359,6 @@ def apply_patch(adapter: Adapter, directory: str | Path, model_dir: str | Path |
 
 # ---------------------------------------------------------------- the search over front layers
 
-FALLBACKS = ("forget", "guard")
-
-
 @dataclass(frozen=True)
 class SearchConfig:
     max_layers: int = 8            # layers searched by Pareto rank (front first), alternating the towers
@@ -390,9 +387,7 @@ class SearchConfig:
         unknown = set(self.top5_kinds) - set(KINDS)
         if unknown:
             raise UnlearnError(f"slug.search.top5_kinds names {sorted(unknown)}; use kinds of the concept table ({', '.join(KINDS)})")
-        if self.fallback not in FALLBACKS:
-            raise UnlearnError(f"slug.search.fallback is {self.fallback!r}; use forget (when no layer passes, keep the step that forgets most) "
-                               "or guard (keep the step that forgets most among those within the guard)")
+        check_fallback(self.fallback)
         if self.evaluate not in ("decisions", "all"):
             raise UnlearnError(f"slug.search.evaluate is {self.evaluate!r}; use decisions (score the guard sets only for steps that "
                                "pass the forget criterion) or all")
