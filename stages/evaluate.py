@@ -57,7 +57,7 @@ def main() -> None:
         "stored_bytes": Path(PATCH, PATCH_WEIGHTS).stat().st_size,
         "images": {"forget": len(tasks.forget.paths), "retain": len(tasks.retain.paths), "utility": len(tasks.utility.paths)},
         "base": base,
-    }
+    } | ({} if meta["converged"] else {"fallback": meta["fallback"]})  # which rule picked the unconverged step (slug.search.fallback)
     with atomic_outputs(METRICS) as (out,):
         write_metrics(out, metrics, "evaluate")
     if not metrics["converged"]:

@@ -40,8 +40,8 @@ def main() -> None:
     choice = edit.choice
     if not edit.converged:
         log.warning("no step within rho <= %g on the %d searched layers (by Pareto rank) passes the forget criterion and the utility guard; "
-                    "keeping the best step seen (%s, rho %.4g, FA@1 %.3f) and reporting converged: false",
-                    cfg.rho_max, len(edit.layers), edit.layer, edit.rho, choice["forget_top1"])
+                    "keeping the step that forgets most%s (%s, rho %.4g, FA@1 %.3f) and reporting converged: false", cfg.rho_max, len(edit.layers),
+                    " within the guard" if choice["fallback"] == "guard" else "", edit.layer, edit.rho, choice["forget_top1"])
     meta = {
         "concept": concept.name, "kind": concept.kind, "rho": edit.rho, "converged": edit.converged, "family": adapter.family,
         "direction": cfg.direction, "damping": cfg.damping if cfg.direction != "gradient" else None,
@@ -50,7 +50,7 @@ def main() -> None:
         "base_model_sha256": fingerprint(MODEL), "gradients": sidecar, "sign_convention": SIGN_CONVENTION,
         "searched_layers": edit.layers, "evaluations": len(edit.rows), "validation_sizes": evaluator.sizes,
         "evaluations_scored": {"forget": edit.times["evals_forget"], "guard": edit.times["evals_guard"]}, "scoring": cfg.evaluate,
-    }
+    } | ({} if edit.converged else {"fallback": choice["fallback"]})  # the rule that picked an unconverged step (guard falls back to forget when no step is within it)
     with atomic_outputs(PATCH, LOG_CSV, LOG_PNG) as (patch_dir, csv_path, png_path):
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         write_search_log(edit, csv_path, png_path, concept.name, adapter.short_name, COLUMNS)

@@ -72,6 +72,7 @@ def main() -> None:
     methods = check_methods(list(section["methods"]), "unlearncanvas.methods")
     if args.method != "base" and args.method not in methods:
         raise UnlearnError(f"method {args.method!r} is not in unlearncanvas.methods ({', '.join(methods)}); add it there")
+    config = None if args.method == "base" else config_of(args.method, section[args.method], "unlearncanvas")  # a bad number stops here
     judges = load_judges(JUDGES)
     axes, size = judges.axes, judges.image_size
     targets = check_targets(section["targets"], f"{args.stage}.targets", axes)
@@ -151,7 +152,7 @@ def main() -> None:
                      unlearn_s)
             if t in grid_targets:
                 grid += grid_rows(answers, x, [t], per_prompt)
-    metrics = {"method": args.method, "config": None if args.method == "base" else config_of(args.method, section[args.method], "unlearncanvas"),
+    metrics = {"method": args.method, "config": config,
                "rows": rows, "answer_set": {"images": len(answers), "images_per_prompt": per_prompt, "seed": seed, "seed_images": seed_images},
                "sampler": {"scheduler": "DDIM", "steps": sample.steps, "guidance": sample.guidance},
                "sampling_s": round(t_draw, 2), "sampling_images_per_s": round(drawn / t_draw, 2) if t_draw else None,

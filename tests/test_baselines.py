@@ -72,6 +72,18 @@ def test_salun_moves_only_masked_coordinates(model, data):
     assert moved > 0  # (its forgetting effect needs a better-trained model: issue 4's comparison)
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.1, 1e-9, 1.0])
+def test_the_saliency_threshold_is_the_kth_largest_score_over_every_tensor(fraction):
+    """Selection gives what a sort gives (ties and several tensors included), for both SalUns."""
+    g = torch.Generator().manual_seed(0)
+    grads = {"a": torch.randn(300, 7, generator=g).round(decimals=1), "b": torch.randn(1001, generator=g).round(decimals=1),
+             "c": torch.zeros(5)}
+    flat = torch.cat([t.abs().flatten() for t in grads.values()])
+    k = max(1, round(fraction * flat.numel()))
+    assert salun.saliency_threshold(grads, fraction) == torch.topk(flat, k, sorted=True).values[-1].item()
+    assert len(set(flat.tolist())) < flat.numel() / 10  # the case is real: heavy ties
+
+
 def test_ssd_changes_only_selected_coordinates(model, data):
     forget, retain = data
     imp_f = ssd.squared_gradients(model, model.forget_loss, forget, 16)

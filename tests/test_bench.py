@@ -1,10 +1,15 @@
 """The benches' shared helpers and decision rules (the benches themselves run for minutes to an
 hour and print figures; what they decide must not drift unnoticed)."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from bench.tune_unlearncanvas import pick
 from bench.workspace import assign, override
+from tests.conftest import ROOT
 
 
 def _params():
@@ -44,3 +49,15 @@ def test_the_tuning_rule_picks_the_least_collateral_among_lrs_that_forget():
     assert pick(rows, 99.0) == 1e-4                         # none reaches: the highest UA
     assert pick([*rows, _row(2e-4, 100.0, 90.0, 90.0, failed=1)], 85.0) == 7e-5   # a failed target is never picked
     assert pick([_row(1e-4, None, None, None, failed=8)], 85.0) is None
+
+
+def test_the_salun_mask_bench_times_both_thresholds_and_finds_them_equal(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/salun_mask.py", "--sizes", "1000", "20001", "--out", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "salun_mask.json").read_text())["rows"]
+    assert [r["scores"] for r in rows] == [1000, 20001] and all(r["equal"] and r["kthvalue_s"] > 0 and r["topk_s"] > 0 for r in rows)
+    assert "| 20,001 |" in (tmp_path / "salun_mask.md").read_text()
+    bad = subprocess.run([sys.executable, "bench/salun_mask.py", "--fraction", "0", "--out", str(tmp_path / "no")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --fraction") and not (tmp_path / "no").exists()

@@ -151,11 +151,12 @@ def test_search_layers_reports_non_convergence(adapter):
     assert choice["converged"] is False and len(rows) == 3
 
 
-@pytest.mark.parametrize("fallback", ["forget", "guard"])
-def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_within_the_guard(adapter, fallback):
+@pytest.mark.parametrize("fallback, breaks", [("forget", 0.5), ("guard", 0.5), ("guard", 0.05)])
+def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_within_the_guard(adapter, fallback, breaks):
     """No step forgets fully (FA@1 1.0 below rho 0.3, 0.5 up to 0.7, 0.2 beyond); the retain set
-    breaks its bound from rho 0.5.  `forget` keeps rho 0.8 (FA@1 0.2, out of the guard); `guard`
-    keeps rho 0.4 (FA@1 0.5, within it), and scores no guard set of the steps that forget less."""
+    breaks its bound from rho `breaks`.  `forget` keeps rho 0.8 (FA@1 0.2, out of the guard); `guard`
+    keeps rho 0.4 (FA@1 0.5, within it), and scores no guard set of the steps that forget less;
+    when every step breaks the guard, `guard` keeps the forget rule's step and says so."""
     layer = "visual.proj"
     param = dict(adapter.model.named_parameters())[layer]
     original = param.detach().clone()
@@ -170,7 +171,7 @@ def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_
         def evaluate(self, edited=None, sets=("forget", "retain", "utility")):
             rho = 0.0 if edited is None else round(float((param.detach() - original).norm() / original.norm()), 3)
             fa = 1.0 if rho < 0.3 else 0.5 if rho < 0.7 else 0.2
-            full = {"forget_top1": fa, "forget_top5": fa, "retain_top1": 0.9 if rho < 0.5 else 0.5, "retain_top5": 1.0,
+            full = {"forget_top1": fa, "forget_top5": fa, "retain_top1": 0.9 if rho < breaks else 0.5, "retain_top5": 1.0,
                     "utility_top1": 0.9, "utility_top5": 1.0}
             if edited is not None and sets != ("forget",):
                 self.guard_rhos.append(rho)
@@ -183,11 +184,14 @@ def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_
     assert [r["rho"] for r in rows] == [0.1, 0.2, 0.4, 0.8, 1.6] and choice["converged"] is False
     assert torch.equal(param, original)
     if fallback == "forget":
-        assert (choice["rho"], choice["forget_top1"], choice["guard_ok"]) == (0.8, 0.2, False)
+        assert (choice["rho"], choice["forget_top1"], choice["guard_ok"], choice["fallback"]) == (0.8, 0.2, False, "forget")
         assert sorted(set(ev.guard_rhos)) == [0.8, 1.6]
-    else:
-        assert (choice["rho"], choice["forget_top1"], choice["guard_ok"]) == (0.4, 0.5, True)
+    elif breaks == 0.5:
+        assert (choice["rho"], choice["forget_top1"], choice["guard_ok"], choice["fallback"]) == (0.4, 0.5, True, "guard")
         assert sorted(set(ev.guard_rhos)) == [0.4, 0.8, 1.6]  # never the steps at FA@1 1.0
+    else:  # nothing within the guard: the forget rule's step, recorded as such
+        assert (choice["rho"], choice["forget_top1"], choice["guard_ok"], choice["fallback"]) == (0.8, 0.2, False, "forget")
+        assert sorted(set(ev.guard_rhos)) == [0.1, 0.2, 0.4, 0.8, 1.6]
     with pytest.raises(UnlearnError, match=r"^slug.search.fallback is 'none'; use forget .* or guard"):
         slug.SearchConfig(fallback="none")
 

@@ -34,9 +34,9 @@ def test_every_diffusion_method_is_registered_with_its_config():
     assert config_of("esd", {"iterations": 5}, "unlearncanvas")["iterations"] == 5
     with pytest.raises(UnlearnError, match=r"unlearncanvas.esd has unknown keys steps"):
         config_of("esd", {"steps": 5}, "unlearncanvas")
-    with pytest.raises(UnlearnError, match=r"^unlearncanvas.salun.mask_fraction is 1.5; it must be in \(0, 1\]$"):
+    with pytest.raises(UnlearnError, match=r"^params.yaml unlearncanvas.salun.mask_fraction is 1.5; it must be a number in \(0, 1\]$"):
         config_of("salun", {"mask_fraction": 1.5}, "unlearncanvas")
-    with pytest.raises(UnlearnError, match=r"^unlearncanvas.esd.iterations is 0; it must be > 0$"):
+    with pytest.raises(UnlearnError, match=r"^params.yaml unlearncanvas.esd.iterations is 0; it must be a number > 0$"):
         config_of("esd", {"iterations": 0}, "unlearncanvas")
     with pytest.raises(UnlearnError, match=r"^unlearncanvas.methods names an unknown method 'fmn'; known: ca, esd, salun, slug, uce$"):
         check_methods(["esd", "fmn"], "unlearncanvas.methods")

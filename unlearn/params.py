@@ -112,7 +112,9 @@ def stage_params(stage: str, root: str | Path = ".") -> StageParams:
 
 
 def as_config(cls: type, values: dict, key: str) -> Any:
-    """Build a config dataclass from a params section; unknown keys are a one-line error."""
+    """Build a config dataclass from a params section; unknown keys, a word where a number belongs
+    and a number outside the bounds the class declares (`RANGES`, unlearn/ranges.py) are one-line
+    errors naming the key."""
     import dataclasses
 
     fields = dataclasses.fields(cls)
@@ -128,7 +130,11 @@ def as_config(cls: type, values: dict, key: str) -> Any:
     for f in fields:
         if f.name in values:
             _check_number(f, values[f.name], f"{key}.{f.name}")
-    return cls(**values)
+    from unlearn.ranges import check_fields  # ranges reads params' lookup
+
+    cfg = cls(**values)
+    check_fields(cfg, key)  # the bounds the class declares (`RANGES`)
+    return cfg
 
 
 def _check_number(field: Any, value: Any, key: str) -> None:

@@ -1,9 +1,11 @@
-"""The valid range of every numeric param, checked by stage `check` before any other stage runs.
+"""The valid range of every numeric param, checked by stage `check` before any other stage runs,
+and the ranges a method's config declares for its own numbers, checked when `as_config` builds it.
 
 An out-of-range number (`curate.retain_size: 0`, `eval.split.val_fraction: 1`, a negative
-damping...) would otherwise surface late, as an empty set, a division by zero or a search that
-never moves.  Each entry names the key, its range and what the key does, so the one-line error
-says what to write instead.
+damping, `ga.lr: 0`...) would otherwise surface late, as an empty set, a division by zero, a
+search that never moves or a baseline that trains nothing and reports the base model as its
+result.  Each entry names the key and its range (`RANGES` here also what the key does), so the
+one-line error says what to write instead.
 """
 
 from __future__ import annotations
@@ -82,6 +84,24 @@ RANGES: tuple[Range, ...] = (
     _count("sd.sample.images_per_prompt", "test drawings per prompt"),
 )
 KEYS = tuple(r.key for r in RANGES)
+
+
+# the bounds a config dataclass may declare for its numeric fields, as a class variable
+# `RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "mask_fraction": "(0, 1]"}`; `as_config`
+# checks them (a number out of its bound, NaN or inf is a one-line error naming the params key)
+BOUNDS = {"> 0": {"low": 0, "low_open": True}, ">= 0": {"low": 0}, "(0, 1]": {"low": 0, "high": 1, "low_open": True},
+          "[0, 1]": {"low": 0, "high": 1}}
+
+
+def check_fields(cfg: object, key: str) -> None:
+    """The fields `type(cfg).RANGES` bounds, each within its bound, else `params.yaml <key>.<field>
+    is <value>; it must be <range>`."""
+    for name, bound in getattr(type(cfg), "RANGES", {}).items():
+        if bound not in BOUNDS:
+            raise ValueError(f"{type(cfg).__name__}.RANGES bounds {name} by {bound!r}; use one of {', '.join(BOUNDS)}")
+        r, value = Range(f"{key}.{name}", **BOUNDS[bound]), getattr(cfg, name)
+        if not r.holds(value):
+            raise UnlearnError(f"params.yaml {r.key} is {value!r}; it must be {r.text()}")
 
 
 def check_ranges(params: object) -> None:

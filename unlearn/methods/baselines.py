@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from unlearn.methods.registry import Diverged, Pairs, ranged
+from unlearn.methods.registry import Diverged, Pairs
 from unlearn.models.adapter import Adapter
 
 OnEpoch = Callable[[int], bool]
@@ -29,10 +30,8 @@ class TrainConfig:
     alpha: float = 1.0  # weight of the retain loss in GA+FT and SalUn
     seed: int = 0
 
-
-# the ranges of a training baseline's numbers, and the registry's builder of its config
-TRAIN_RANGES = {"positive": ("lr", "epochs", "batch_size"), "nonnegative": ("weight_decay", "alpha")}
-TRAIN_CONFIG = ranged(TrainConfig, **TRAIN_RANGES)
+    # checked by as_config (unlearn/ranges.py): lr 0 or epochs 0 would train nothing and report the base model as unlearned
+    RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "epochs": "> 0", "batch_size": "> 0", "weight_decay": ">= 0", "alpha": ">= 0"}
 
 
 def _optimizer(adapter: Adapter, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import pkgutil
 import time
 from collections.abc import Callable
@@ -90,22 +89,6 @@ def register(name: str, config: type | Callable[[dict, str], object], summary: s
         return run
 
     return wrap
-
-
-def ranged(config: type, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = ()) -> Callable[[dict, str], object]:
-    """A config builder for `register`: `as_config`, then each field named in `positive` finite and
-    > 0, each in `nonnegative` finite and >= 0; else a one-line error naming the params.yaml key
-    (`lr: 0` or `epochs: 0` would otherwise train nothing and report the base model as unlearned)."""
-
-    def build(values: dict, key: str) -> object:
-        cfg = as_config(config, values, key)
-        for name in (*positive, *nonnegative):
-            v, strict = getattr(cfg, name), name in positive
-            if not (math.isfinite(v) and (v > 0 if strict else v >= 0)):
-                raise UnlearnError(f"params.yaml {key}.{name} is {v!r}; it must be a finite number {'> 0' if strict else '>= 0'}")
-        return cfg
-
-    return build
 
 
 def _discover() -> None:

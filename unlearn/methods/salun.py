@@ -5,12 +5,13 @@ coordinates (the mask enforced on the weights, so neither weight decay nor Adam'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.methods.baselines import TRAIN_RANGES, OnEpoch, TrainConfig, joint, train_loop
-from unlearn.methods.registry import Context, Outcome, Pairs, chunks, ranged, register, run_training
+from unlearn.methods.baselines import OnEpoch, TrainConfig, joint, train_loop
+from unlearn.methods.registry import Context, Outcome, Pairs, chunks, register, run_training
 from unlearn.models.adapter import Adapter
 
 
@@ -18,18 +19,25 @@ from unlearn.models.adapter import Adapter
 class SalunConfig(TrainConfig):
     mask_fraction: float = field(kw_only=True)  # required: the share of coordinates kept (SalUn's: 0.5, the top 50 % of |grad L_f|)
 
-    def __post_init__(self) -> None:
-        if not 0 < self.mask_fraction <= 1:
-            raise UnlearnError(f"salun.mask_fraction is {self.mask_fraction}; it must be in (0, 1] (SalUn's: 0.5)")
+    RANGES: ClassVar[dict[str, str]] = TrainConfig.RANGES | {"mask_fraction": "(0, 1]"}
+
+
+def saliency_threshold(grads: dict[str, torch.Tensor], fraction: float) -> float:
+    """The k-th largest |gradient| over every tensor together, k = `fraction` of all coordinates
+    (at least 1): SalUn's global threshold, shared by the CLIP and the diffusion SalUn.  Found by
+    selection (`kthvalue`, on the CPU), not by sorting: the same value as `topk(k).values[-1]`,
+    3.5x faster on 40 M scores and 7.5x on 151 M (ViT-B-32's count: 3.5 s against 26.7 s) on
+    2 CPU cores (bench/salun_mask.py)."""
+    flat = torch.cat([g.detach().abs().flatten().float().cpu() for g in grads.values()])
+    k = max(1, int(round(fraction * flat.numel())))
+    return torch.kthvalue(flat, flat.numel() - k + 1).values.item()
 
 
 def saliency_mask(forget_grads: dict[str, torch.Tensor], fraction: float = 0.5) -> dict[str, torch.Tensor]:
     """SalUn's mask: 1 where |grad L_f| is at least the global (1 - fraction) quantile over all
     tensors (the median for the top 50 %).  A coordinate whose gradient is exactly zero (unused
     token embeddings, say) is never salient, so the mask may hold less than `fraction`."""
-    flat = torch.cat([g.abs().flatten() for g in forget_grads.values()])
-    k = max(1, int(round(fraction * flat.numel())))
-    threshold = torch.topk(flat, k, sorted=True).values[-1]
+    threshold = saliency_threshold(forget_grads, fraction)
     return {n: (g.abs() >= threshold) & (g != 0) for n, g in forget_grads.items()}
 
 
@@ -63,7 +71,7 @@ def salun(adapter: Adapter, forget: Pairs, retain: Pairs, cfg: TrainConfig, mask
     return train_loop(adapter, "salun", cfg, joint(forget, retain, cfg.batch_size), relabelled, on_epoch, after_step=restore)
 
 
-@register("salun", ranged(SalunConfig, **TRAIN_RANGES), "saliency mask (top mask_fraction of |grad L_f|) + random labelling + alpha L_r")
+@register("salun", SalunConfig, "saliency mask (top mask_fraction of |grad L_f|) + random labelling + alpha L_r")
 def run(ctx: Context, cfg: SalunConfig) -> Outcome:
     from unlearn.models.gradients import mean_gradient
 

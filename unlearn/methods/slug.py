@@ -440,7 +440,9 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     highest mean of retain @1 and other-kind @1 (ties: smaller rho).  If none passes, `converged` is False and
     the best step seen (lowest FA@1, FA@5, then highest utility) is returned instead; with
     `cfg.fallback == "guard"` the best step among those within the guard (the same order), so a
-    search that cannot forget within the guard keeps a weaker edit rather than a damaging one.  With
+    search that cannot forget within the guard keeps a weaker edit rather than a damaging one (if
+    no step is within the guard, the forget rule's step).  An unconverged choice says which rule
+    picked it (`fallback`: guard | forget).  With
     `cfg.stop == "first"` the layers after the first that passes are not searched (the reference's
     one front layer, at a fraction of the evaluations; the choice may differ from `all`'s).
 
@@ -542,7 +544,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
                 best = max(within, key=lambda r: (utility_score(r), -r["rho"]))
                 log.info("no layer passes; within the guard, %s at rho %.4g forgets most (FA@1 %.3f, FA@5 %.3f)", best["layer"], best["rho"],
                          best["forget_top1"], best["forget_top5"])
-                return rows, {**best, "converged": False}
+                return rows, {**best, "converged": False, "fallback": "guard"}
         log.warning("no step of the search is within the guard, not even the smallest; keeping the step that forgets most")
     # no layer passes: the best step by forget figures, utility breaking ties (scored now where it was not)
     least = min((r["forget_top1"], r["forget_top5"]) for r in rows)
@@ -550,7 +552,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         if (r["forget_top1"], r["forget_top5"]) == least:
             scorers[r["layer"]](r, full=True)
     best = min((r for r in rows if r["scored"] == "all"), key=lambda r: (r["forget_top1"], r["forget_top5"], -utility_score(r), r["rho"]))
-    return rows, {**best, "converged": False}
+    return rows, {**best, "converged": False, "fallback": "forget"}
 
 
 # ---------------------------------------------------------------- the sequence, written once
@@ -698,5 +700,6 @@ def run(ctx: Context, cfg: SlugConfig) -> Outcome:
         times["retain_stats"] = once
     return Outcome("ok" if edit.converged else "not_forgotten", {k: round(v, 3) for k, v in times.items()},
                    details={"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows),
+                            **({} if edit.converged else {"fallback": edit.choice["fallback"]}),
                             "evals_forget": edit.times["evals_forget"], "evals_guard": edit.times["evals_guard"],
                             "direction": cfg.search.direction, "shared_retain_stats": ctx.retain_stats is not None})

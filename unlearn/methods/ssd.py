@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.methods.registry import Context, Outcome, Pairs, ranged, register
+from unlearn.methods.registry import Context, Outcome, Pairs, register
 from unlearn.models.adapter import Adapter
 
 
@@ -20,6 +21,8 @@ class SSDConfig:
     alpha: float = 10.0       # select coordinates with imp_f > alpha * imp_r
     dampening: float = 1.0    # lambda: scale selected coordinates by min(1, lambda * imp_r / imp_f)
     batch_size: int = 32      # batches of the two importance passes
+
+    RANGES: ClassVar[dict[str, str]] = {"alpha": "> 0", "dampening": ">= 0", "batch_size": "> 0"}  # checked by as_config
 
 
 def squared_gradients(adapter: Adapter, loss: Callable, pairs: Pairs, batch_size: int) -> dict[str, torch.Tensor]:
@@ -58,7 +61,7 @@ def ssd(adapter: Adapter, imp_forget: dict[str, torch.Tensor], imp_retain: dict[
     return selected
 
 
-@register("ssd", ranged(SSDConfig, positive=("alpha", "batch_size"), nonnegative=("dampening",)), "selective synaptic dampening (one shot)")
+@register("ssd", SSDConfig, "selective synaptic dampening (one shot)")
 def run(ctx: Context, cfg: SSDConfig) -> Outcome:
     t0 = time.perf_counter()
     imp_f = squared_gradients(ctx.adapter, ctx.adapter.forget_loss, ctx.forget, cfg.batch_size)

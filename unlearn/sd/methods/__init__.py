@@ -125,15 +125,3 @@ def config_of(name: str, params: dict, key: str) -> dict:
     """The method's config as a dict (recorded in the metrics)."""
     method = methods()[name]
     return dataclasses.asdict(method.config(dict(params), f"{key}.{name}"))
-
-
-def check_ranges(cfg, key: str, positive: tuple[str, ...] = (), unit: tuple[str, ...] = ()) -> None:
-    """A config's numbers in range: `positive` > 0, `unit` in (0, 1]; else a one-line error."""
-    for name in positive:
-        v = getattr(cfg, name)
-        if not (isinstance(v, (int, float)) and v > 0):
-            raise UnlearnError(f"unlearncanvas.{key}.{name} is {v!r}; it must be > 0")
-    for name in unit:
-        v = getattr(cfg, name)
-        if not (isinstance(v, (int, float)) and 0 < v <= 1):
-            raise UnlearnError(f"unlearncanvas.{key}.{name} is {v!r}; it must be in (0, 1]")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from unlearn.sd.methods import Context, Result, check_ranges, register
+from unlearn.sd.methods import Context, Result, register
 from unlearn.sd.methods.common import anchor_cell, attn2_params, cells_of, changed_unet, finite, mse, prompt_of, states, train_only
 
 
@@ -28,8 +29,7 @@ class CaConfig:
     anchor_images: int = 4      # drawings of every anchor prompt by the frozen pipeline
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_ranges(self, "ca", positive=("lr", "iterations", "batch_size", "anchor_images"))
+    RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "iterations": "> 0", "batch_size": "> 0", "anchor_images": "> 0"}
 
 
 @register("ca", CaConfig, "concept ablation (model-based): the target's prediction matched to an anchor concept's")

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from unlearn.sd.methods import Context, Result, check_ranges, register
+from unlearn.sd.methods import Context, Result, register
 from unlearn.sd.methods.common import attn2_params, cells_of, changed_unet, finite, mse, prompt_of, states, train_only
 
 
@@ -29,8 +30,7 @@ class EsdConfig:
     start_guidance: float = 3.0  # of the drawing that gives x_t (the paper's 3)
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_ranges(self, "esd", positive=("lr", "iterations", "batch_size", "eta"))
+    RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "iterations": "> 0", "batch_size": "> 0", "eta": "> 0", "start_guidance": ">= 0"}
 
 
 def ddim_until(unet, sched, z: torch.Tensor, c: torch.Tensor, u: torch.Tensor, k: int, guidance: float) -> torch.Tensor:

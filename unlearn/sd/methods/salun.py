@@ -17,10 +17,12 @@ applies its mask:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from unlearn.sd.methods import Context, Result, check_ranges, register
+from unlearn.methods.salun import saliency_threshold
+from unlearn.sd.methods import Context, Result, register
 from unlearn.sd.methods.common import anchor_cell, finite, latents_of, mse, prompt_of, states
 
 
@@ -34,15 +36,14 @@ class SalunConfig:
     mask_batches: int = 4       # forget batches whose gradients make the saliency
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        check_ranges(self, "salun", positive=("lr", "iterations", "batch_size", "mask_batches"), unit=("mask_fraction",))
+    RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "iterations": "> 0", "batch_size": "> 0", "mask_batches": "> 0", "alpha": ">= 0",
+                                        "mask_fraction": "(0, 1]"}
 
 
 def saliency_mask(grads: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """The global top `fraction` of |gradient| over every tensor: 1 kept, 0 frozen."""
-    flat = torch.cat([g.abs().flatten() for g in grads.values()])
-    k = max(1, int(round(fraction * flat.numel())))
-    threshold = torch.kthvalue(flat.float().cpu(), flat.numel() - k + 1).values.item()
+    """The global top `fraction` of |gradient| over every tensor (the CLIP SalUn's threshold): 1
+    kept, 0 frozen."""
+    threshold = saliency_threshold(grads, fraction)
     return {n: (g.abs() >= threshold).to(g.dtype) for n, g in grads.items()}
 
 

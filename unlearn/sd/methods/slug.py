@@ -12,10 +12,11 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from unlearn.errors import UnlearnError
 from unlearn.params import as_config
-from unlearn.sd.methods import Context, Result, check_ranges, register
+from unlearn.sd.methods import Context, Result, register
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,10 @@ class SlugConfig:
     prompt_moments: float = 0.5
     stop: str = "first"   # first: stop at the first layer (by Pareto rank) that passes, as the reference edits one front layer | all
 
+    RANGES: ClassVar[dict[str, str]] = {"forget_rate": "[0, 1]", "max_drop": "[0, 1]", "images_per_prompt": "> 0", "forget_images_per_prompt": "> 0",
+                                        "max_layers": "> 0", "evals_per_layer": "> 0", "damping": "> 0", "prompt_moments": "[0, 1]"}
+
     def __post_init__(self) -> None:
-        check_ranges(self, "slug", positive=("images_per_prompt", "forget_images_per_prompt", "max_layers", "evals_per_layer", "damping"))
         if self.stop not in ("all", "first"):
             raise UnlearnError(f"unlearncanvas.slug.stop is {self.stop!r}; use first (stop at the first layer that passes) or all "
                                "(search max_layers layers and keep the best)")

@@ -13,12 +13,12 @@ style and object name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from unlearn.errors import UnlearnError
 from unlearn.sd.data import PHOTO
-from unlearn.sd.methods import Context, Result, check_ranges, register
+from unlearn.sd.methods import Context, Result, register
 from unlearn.sd.methods.common import attn2_params, changed_unet
 
 
@@ -28,10 +28,7 @@ class UceConfig:
     preserve_scale: float = 1.0
     lamb: float = 0.1
 
-    def __post_init__(self) -> None:
-        check_ranges(self, "uce", positive=("erase_scale", "lamb"))
-        if not (isinstance(self.preserve_scale, (int, float)) and self.preserve_scale >= 0):
-            raise UnlearnError(f"unlearncanvas.uce.preserve_scale is {self.preserve_scale!r}; it must be >= 0")
+    RANGES: ClassVar[dict[str, str]] = {"erase_scale": "> 0", "lamb": "> 0", "preserve_scale": ">= 0"}
 
 
 @torch.no_grad()
