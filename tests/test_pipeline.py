@@ -506,7 +506,8 @@ def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
     ({"unlearncanvas_small.targets": ["Sepia", "Elon Musk"]}, r"error: unlearncanvas_small.targets names 'Elon Musk', neither a style"),
     ({"unlearncanvas.esd.steps": 3}, r"error: params.yaml unlearncanvas.esd has unknown keys steps"),
     ({"unlearncanvas.esd.lr": "1e-4x"}, r"error: params.yaml unlearncanvas.esd.lr is '1e-4x'; it must be a number"),
-], ids=["target", "config", "number"])
+    ({"unlearncanvas.esd.lr": 0}, r"error: params.yaml unlearncanvas.esd.lr is 0; it must be a number > 0$"),
+], ids=["target", "config", "number", "range"])
 def test_unlearncanvas_bad_input_is_one_line_and_keeps_outputs(repo, bad, message):
     outputs = [repo / "metrics" / "unlearncanvas_small" / "esd.json", *sorted((repo / "models" / "unlearncanvas_small" / "esd").iterdir()),
                repo / "plots" / "unlearncanvas_small" / "esd.png"]
