@@ -61,3 +61,10 @@ def test_the_salun_mask_bench_times_both_thresholds_and_finds_them_equal(tmp_pat
     bad = subprocess.run([sys.executable, "bench/salun_mask.py", "--fraction", "0", "--out", str(tmp_path / "no")], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: --fraction") and not (tmp_path / "no").exists()
+
+
+def test_the_interactions_bench_refuses_a_k_outside_the_concept_list_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/forget_many_interactions.py", "-k", "1", "--out", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: -k must be between 2 and ")
+    assert not (tmp_path / "out").exists()
