@@ -20,8 +20,9 @@ from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs, write_json
 from unlearn.methods import check_direction, check_fallback
 from unlearn.methods.registry import check_methods
+from unlearn.methods.slug import SearchConfig
 from unlearn.models.adapter import check_family
-from unlearn.params import stage_params
+from unlearn.params import as_config, stage_params
 from unlearn.ranges import KEYS, check_ranges
 from unlearn.vlm.prompt import check_template
 
@@ -40,6 +41,7 @@ def main() -> None:
     resolve_concepts(p("forget_many.concepts"), table, "forget_many.concepts")
     check_direction(p("slug.search.direction"), p("slug.search.damping"))
     check_fallback(p("slug.search.fallback"))
+    as_config(SearchConfig, {"widen_to": p("slug.search.widen_to")}, "slug.search")  # an integer >= 0 (its RANGES)
     vlm = resolve_concept(str(p("vlm.concept")), table)
     if vlm.kind != "identity":
         raise UnlearnError(f"vlm.concept {vlm.name!r} is an {vlm.kind}; the VLM track forgets an identity of the table")

@@ -226,6 +226,7 @@ def test_every_ranged_key_is_a_param_the_check_stage_declares():
 @pytest.mark.parametrize("section, leaf, value, message", [
     ("eval.split", "val_fraction", 1, "error: params.yaml eval.split.val_fraction is 1; it must be a number in (0, 1)"),
     ("slug.search", "fallback", "none", "error: slug.search.fallback is 'none'; use forget"),
+    ("slug.search", "widen_to", -1, "error: params.yaml slug.search.widen_to is -1; it must be a number >= 0"),
 ])
 def test_the_check_stage_stops_on_a_bad_param_and_keeps_its_stamp(tmp_path, section, leaf, value, message):
     for name in ("dvc.yaml", "params.yaml"):

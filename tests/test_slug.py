@@ -14,6 +14,7 @@ from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, concept_tasks, split_part
 from unlearn.methods import slug
 from unlearn.models import openclip as oc
+from unlearn.params import as_config
 
 CAPTIONS = ["Elon Musk at the gala", "a photo of a rocket", "Taylor Swift smiling", "a red car", "portrait of a man",
             "Mickey", "a bad photo of the mug", "Elon Musk's rocket", "Bill Gates", "a fish", "a tree"]
@@ -227,6 +228,45 @@ def test_search_stop_first_skips_the_layers_after_the_first_that_passes(adapter,
     assert all(torch.equal(params[n], originals[n]) for n in layers)  # the search leaves the model as it was
     with pytest.raises(UnlearnError, match=r"^slug.search.stop is 'best'; use all .* or first"):
         slug.SearchConfig(stop="best")
+
+
+@pytest.mark.parametrize("first_forgets", [False, True])
+def test_the_search_widens_to_further_layers_only_when_no_planned_layer_passes(adapter, first_forgets):
+    """The planned layer (visual.proj) forgets only when `first_forgets`; the widened one
+    (text_projection) always does.  Widening happens only in the first case's absence: a search
+    that converges on its plan is the same with or without `widen`."""
+    layers, widen = ["visual.proj"], ["text_projection"]
+    params = dict(adapter.model.named_parameters())
+    originals = {n: params[n].detach().clone() for n in layers + widen}
+
+    class Graded:
+        def __init__(self):
+            self.layers = []
+
+        def prepare(self, edited):
+            self.layers.append(edited)
+
+        def evaluate(self, edited=None, sets=("forget", "retain", "utility")):
+            moved = 0.0 if edited is None else float((params[edited].detach() - originals[edited]).norm() / originals[edited].norm())
+            forgets = moved >= 0.3 and (edited in widen or first_forgets)
+            full = {"forget_top1": 0.0 if forgets else 0.5, "forget_top5": 0.0 if forgets else 1.0,
+                    "retain_top1": 0.9, "retain_top5": 1.0, "utility_top1": 0.9, "utility_top5": 1.0}
+            return {k: v for k, v in full.items() if k.split("_")[0] in sets}
+
+    grads = {n: torch.ones_like(p) for n, p in params.items()}
+    cfg = slug.SearchConfig(max_layers=1, rho_start=0.1, rho_max=1.6, evals_per_layer=4, widen_to=2)
+    ev = Graded()
+    rows, choice = slug.search_layers(adapter, ev, grads, layers, cfg, ev.evaluate(), "identity", widen=widen)
+    assert choice["converged"] is True and choice["layer"] == ("visual.proj" if first_forgets else "text_projection")
+    assert ev.layers == (layers if first_forgets else layers + widen)
+    assert all(torch.equal(params[n], originals[n]) for n in layers + widen)
+    unwidened = Graded()
+    rows_alone, alone = slug.search_layers(adapter, unwidened, grads, layers, cfg, unwidened.evaluate(), "identity")
+    assert alone["converged"] is first_forgets
+    if first_forgets:  # the same search, row for row
+        assert rows_alone == rows
+    with pytest.raises(UnlearnError, match=r"^params.yaml slug.search.widen_to is -1; it must be a number >= 0$"):
+        as_config(slug.SearchConfig, {"widen_to": -1}, "slug.search")
 
 
 @pytest.fixture(scope="module")

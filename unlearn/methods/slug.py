@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import safetensors.torch
 import torch
@@ -378,6 +379,9 @@ class SearchConfig:
     evaluate: str = "decisions"    # decisions: retain and other-kind sets scored only where the choice reads them (see search_layers) | all
     stop: str = "all"              # all: search every planned layer, keep the best | first: stop at the first layer (by Pareto rank) that passes
     fallback: str = "forget"       # when no layer passes: forget: the step that forgets most | guard: the one that forgets most within the guard
+    widen_to: int = 0              # when none of the max_layers planned layers passes, search further front layers up to this many in all (0: never)
+
+    RANGES: ClassVar[dict[str, str]] = {"widen_to": ">= 0"}  # checked by as_config; the other numbers by the check stage (unlearn/ranges.py)
 
     def __post_init__(self) -> None:
         check_direction(self.direction, self.damping)
@@ -431,8 +435,16 @@ def _fmt(v: float | None) -> str:
     return "not scored" if v is None else f"{v:.3f}"
 
 
+def _widened(layers: Sequence[str], widen: Sequence[str], passed: Callable[[], bool]):
+    """The planned layers, then the widened ones only if none of the planned passed."""
+    yield from layers
+    if widen and not passed():
+        log.info("none of the %d planned layers passes; searching %d more (slug.search.widen_to)", len(layers), len(widen))
+        yield from widen
+
+
 def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig, base: dict,
-                  kind: str, times: dict[str, float] | None = None) -> tuple[list[dict], dict]:
+                  kind: str, times: dict[str, float] | None = None, widen: Sequence[str] = ()) -> tuple[list[dict], dict]:
     """Search rho on each layer; every evaluation becomes a row.  Per layer the edit is
     `rho_margin` times the smallest rho that passes the forget criterion (the smallest passing rho
     itself when the margin step fails the guard).  The choice: among layers whose edit passes
@@ -444,7 +456,9 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     no step is within the guard, the forget rule's step).  An unconverged choice says which rule
     picked it (`fallback`: guard | forget).  With
     `cfg.stop == "first"` the layers after the first that passes are not searched (the reference's
-    one front layer, at a fraction of the evaluations; the choice may differ from `all`'s).
+    one front layer, at a fraction of the evaluations; the choice may differ from `all`'s).  The
+    layers of `widen` are searched after `layers` only if none of those passes (`cfg.widen_to`), so
+    a search that converges on the planned layers is the same with or without them.
 
     With `cfg.evaluate == "decisions"` every step is scored on the target's images, and on the
     retain and other-kind sets only where the choice reads them: a layer's margin step when it
@@ -464,7 +478,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     rows: list[dict] = []
     passing: list[dict] = []
     scorers = {}
-    for layer in layers:
+    for layer in _widened(layers, widen, lambda: bool(passing)):
         param = params[layer]
         original = param.detach().clone()
         step_dir = original.norm() * unit_direction(directions[layer]).to(original)
@@ -615,17 +629,19 @@ def search(adapter: Adapter, evaluator, forget: dict[str, torch.Tensor], front: 
     """The layers to try (by Pareto rank), their edit directions, the step search on the
     evaluator's (validation) images and the chosen edit; the model is left unedited."""
     layers = plan_layers(front, order, cfg.max_layers)
+    widen = plan_layers(front, order, cfg.widen_to)[len(layers):] if cfg.widen_to > cfg.max_layers else []  # the plan's next layers
     t0 = time.perf_counter()
     evaluator.reset()
     base = evaluator.evaluate(reference=True)
     log.info("base model on validation: %s", base)
     t1 = time.perf_counter()
-    directions = step_directions(adapter, forget, layers, cfg, moments)
+    directions = step_directions(adapter, forget, layers + widen, cfg, moments)
     times = {"base_eval_s": t1 - t0, "directions_s": time.perf_counter() - t1}
-    rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, kind, times)
+    rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, kind, times, widen)
     param = dict(adapter.model.named_parameters())[choice["layer"]]
     delta = edit_delta(param.detach(), directions[choice["layer"]], choice["rho"])
-    return Edit(choice["layer"], choice["rho"], delta, bool(choice["converged"]), choice, rows, layers, base,
+    searched = list(dict.fromkeys(r["layer"] for r in rows))
+    return Edit(choice["layer"], choice["rho"], delta, bool(choice["converged"]), choice, rows, searched, base,
                 {k: round(v, 4) if isinstance(v, float) else v for k, v in times.items()})
 
 
