@@ -33,6 +33,11 @@ class Range:
             return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
         return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
+    def check(self, value: object) -> None:
+        """The one-line error of an out-of-range `value`, naming the key (and what it does, if said)."""
+        if not self.holds(value):
+            raise UnlearnError(f"params.yaml {self.key} is {value!r}; it must be {self.text()}" + (f" ({self.what})" if self.what else ""))
+
     def holds(self, value: object) -> bool:
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             return False
@@ -99,18 +104,14 @@ def check_fields(cfg: object, key: str) -> None:
     for name, bound in getattr(type(cfg), "RANGES", {}).items():
         if bound not in BOUNDS:
             raise ValueError(f"{type(cfg).__name__}.RANGES bounds {name} by {bound!r}; use one of {', '.join(BOUNDS)}")
-        r, value = Range(f"{key}.{name}", **BOUNDS[bound]), getattr(cfg, name)
-        if not r.holds(value):
-            raise UnlearnError(f"params.yaml {r.key} is {value!r}; it must be {r.text()}")
+        Range(f"{key}.{name}", **BOUNDS[bound]).check(getattr(cfg, name))
 
 
 def check_ranges(params: object) -> None:
     """Stop with one line at the first param out of its range (`params`: a dict or a StageParams)."""
     get = params if callable(params) else (lambda key: lookup(params, key))
     for r in RANGES:
-        value = get(r.key)
-        if not r.holds(value):
-            raise UnlearnError(f"params.yaml {r.key} is {value!r}; it must be {r.text()} ({r.what})")
+        r.check(get(r.key))
     if get("slug.search.rho_max") < get("slug.search.rho_start"):
         raise UnlearnError(f"params.yaml slug.search.rho_max ({get('slug.search.rho_max')}) is below slug.search.rho_start "
                            f"({get('slug.search.rho_start')}); it must be >= it")
