@@ -6,9 +6,13 @@ directions, base scoring, step scoring on the target's images and on the guard s
 and the ratio; the one-time retain statistics; how the cost grows with the number of concepts
 (1, 5, 24) and with the retain-set size (500, 2,000, 8,000 pairs drawn from every shard: timing
 only, the pairs' captions do not change the cost); GA+FT's and SalUn's times on the comparison's
-concepts from the same run; and, for the comparison's concepts, whether scoring only the
+concepts from the same run, each concept's SLUG run and baseline runs back to back (the
+`interleaved` means: a slower spell of a shared machine falls on every method alike); and, for
+the comparison's concepts, whether scoring only the
 decisions (`slug.search.evaluate: decisions`) chooses the same (layer, rho) as scoring every step
-on every set (`all`).
+on every set (`all`), and what the evaluator's one-pass cache of every vision block saves against
+keeping one block at a time (the same search run both ways, interleaved: same edit, and the
+times in the same machine state).
 
 Needs `dvc repro retain_set` (models/base, data/, data/retain).  Writes the table and a plot
 under --out (default bench/results/).
@@ -33,6 +37,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
+import unlearn.eval.suite as suite  # noqa: E402
 from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
 from unlearn.methods.registry import chunks, run_method  # noqa: E402
@@ -96,26 +101,45 @@ def main() -> None:
         forget = forget_sets[c.name]
         ev = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
         (a, ta) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
+        # the same search with the evaluator's cache before its one-pass fill (one vision block kept at a time), interleaved
+        # here so that both run in the same machine state: the cache's gain, and the same edit
+        budget, suite.HIDDEN_CACHE_BYTES = suite.HIDDEN_CACHE_BYTES, 0
+        try:
+            one_block = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
+            (a1, ta1) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, one_block, c.kind, cfg.rank, cfg.search)
+        finally:
+            suite.HIDDEN_CACHE_BYTES = budget
         (b, tb) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, all_cfg)
         same = (a.layer, a.rho, a.converged) == (b.layer, b.rho, b.converged) and torch.equal(a.delta, b.delta)
+        same_cache = (a.layer, a.rho) == (a1.layer, a1.rho) and torch.equal(a.delta, a1.delta)
         checks.append({"concept": c.name, "decisions": [a.layer, a.rho], "all": [b.layer, b.rho], "same": same,
-                       "search_s_decisions": ta["search"], "search_s_all": tb["search"], "guard_evals": [a.times["evals_guard"], b.times["evals_guard"]]})
+                       "search_s_decisions": ta["search"], "search_s_all": tb["search"], "guard_evals": [a.times["evals_guard"], b.times["evals_guard"]],
+                       "search_s_one_block_cache": ta1["search"], "unlearn_s": ta["unlearn"], "unlearn_s_one_block_cache": ta1["unlearn"],
+                       "same_with_one_block_cache": same_cache})
         print(f"choice check {c.name}: decisions {a.layer} rho {a.rho:.4g} ({ta['search']:.2f} s, {a.times['evals_guard']} guard scorings) | "
-              f"all {b.layer} rho {b.rho:.4g} ({tb['search']:.2f} s, {b.times['evals_guard']}) | same: {same}")
+              f"all {b.layer} rho {b.rho:.4g} ({tb['search']:.2f} s, {b.times['evals_guard']}) | same: {same} | "
+              f"one-block cache: {ta1['search']:.2f} s search, same edit: {same_cache}")
 
+    # SLUG and the baselines concept by concept, back to back, so that a slower spell of a shared
+    # machine falls on every method alike (the rows above ran minutes earlier)
     baselines = []
-    for m in args.baselines:
-        for c in compare:
+    for c in compare:
+        for m in ["slug", *args.baselines]:
             with torch.no_grad():
                 for n, p in adapter.model.named_parameters():
                     p.copy_(base_state[n])
             ev = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
-            out = run_method(m, adapter, forget_sets[c.name], retain, ev, c.kind, params[m], grad_batch)
-            baselines.append({"method": m, "concept": c.name, "status": out.status, "unlearn_s": out.time_s["unlearn"]})
-            print(f"{m} {c.name}: {out.status}, {out.time_s['unlearn']:.2f} s (training up to the reported epoch)")
-        with torch.no_grad():
-            for n, p in adapter.model.named_parameters():
-                p.copy_(base_state[n])
+            if m == "slug":
+                edit, t = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
+                status, seconds = ("ok" if edit.converged else "not_converged"), t["unlearn"]
+            else:
+                out = run_method(m, adapter, forget_sets[c.name], retain, ev, c.kind, params[m], grad_batch)
+                status, seconds = out.status, out.time_s["unlearn"]
+            baselines.append({"method": m, "concept": c.name, "status": status, "unlearn_s": seconds})
+            print(f"{m} {c.name}: {status}, {seconds:.2f} s (training up to the reported epoch)")
+    with torch.no_grad():
+        for n, p in adapter.model.named_parameters():
+            p.copy_(base_state[n])
 
     all_pairs = load_pairs(adapter, "data/laion")
     sizes = []
@@ -137,9 +161,13 @@ def main() -> None:
         "retain_stats_s": retain_s, "n_retain": stats.n_retain, "slug_per_concept_s": mean(per), "floor_s": mean([r["floor_s"] for r in rows]),
         "ratio_to_floor": mean([r["ratio_to_floor"] for r in rows]), "within_3_floor_plus_kept": sum(r["unlearn_s"] <= r["target_s"] for r in rows),
         "baselines_per_concept_s": {m: mean([b["unlearn_s"] for b in baselines if b["method"] == m]) for m in args.baselines},
+        "interleaved_per_concept_s": {m: mean([b["unlearn_s"] for b in baselines if b["method"] == m]) for m in ["slug", *args.baselines]},
         "slug_per_concept_s_compare": mean([r["unlearn_s"] for r in rows if r["concept"] in params["compare"]["concepts"]]) if any(
             r["concept"] in params["compare"]["concepts"] for r in rows) else None,
         "choice_same": all(c["same"] for c in checks),
+        "cache_ab": {"unlearn_s_one_pass": mean([c["unlearn_s"] for c in checks]) if checks else None,
+                     "unlearn_s_one_block": mean([c["unlearn_s_one_block_cache"] for c in checks]) if checks else None,
+                     "same_edits": all(c["same_with_one_block_cache"] for c in checks)},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

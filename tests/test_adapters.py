@@ -146,6 +146,28 @@ def test_every_block_resumes_to_the_full_forward(model, batch):
             torch.testing.assert_close(model.encode_images_from(model.image_hidden(images, b), b), full, rtol=1e-5, atol=1e-6)
 
 
+def test_one_pass_hidden_states_are_each_blocks_own_bit_for_bit(model, batch):
+    """`image_hiddens` (the evaluator's one-pass cache) gives exactly what `image_hidden` gives
+    block by block, for every block and for a subset; the family's own override, not the
+    protocol's per-block default; resumed from the last block, it gives `encode_images` bit for
+    bit (the evaluator takes the unedited embeddings from that pass)."""
+    images, _ = batch
+    blocks = sorted({b for n in model.candidate_layers(include_layernorm=True) if (b := model.image_block_of(n)) is not None})
+    assert type(model).image_hiddens is not A.Adapter.image_hiddens
+    with torch.no_grad():
+        for wanted in (blocks, blocks[1:-1], blocks[:1]):
+            got = model.image_hiddens(images, wanted)
+            assert sorted(got) == sorted(wanted)
+            for b in wanted:
+                assert torch.equal(got[b], model.image_hidden(images, b)), b
+        assert model.image_hiddens(images, []) == {}
+        # the evaluator's reference embeddings come from the last state: the full forward's bits
+        last = blocks[-1]
+        assert torch.equal(model.encode_images_from(model.image_hiddens(images, blocks)[last], last), model.encode_images(images))
+    with pytest.raises(ValueError, match="out of"):
+        model.image_hiddens(images, [blocks[-1] + 1])
+
+
 def test_input_moments_of_linear_and_layernorm_candidates(model, batch):
     """Against an independent route: forward hooks on each owning module's *output* (y = x W^T + b,
     so E[(y - b)(y - b)^T] = W C W^T; a LayerNorm's x_hat = (y - b) / w).  Tensors whose module

@@ -308,6 +308,63 @@ def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
     assert float(moved.abs().max()) > 1e-3  # the edit did change what the cache recomputes
 
 
+@pytest.mark.parametrize("reference_first", [True, False])
+def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_world, monkeypatch, reference_first):
+    """A search moving between vision blocks (back and forth): with every block's states read in
+    one pass per set (by the reference evaluation, or without one by the first `prepare` of a
+    vision-block tensor, on the unedited model), the figures and the embeddings equal
+    those of the one-block-at-a-time cache (the budget set to 0), and each set is run through the
+    vision tower once, not once per block visited.  States read while an edit is applied would
+    hold it past the edited block: the first layer is block 2, then the pooling head."""
+    import unlearn.eval.suite as suite
+
+    tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "val", 0.34, 0)
+    layers = ["visual.transformer.resblocks.2.mlp.c_fc.weight", "visual.proj", "transformer.resblocks.0.attn.out_proj.weight",
+              "visual.transformer.resblocks.0.attn.out_proj.weight", "visual.transformer.resblocks.2.mlp.c_fc.weight"]
+    params = dict(trained.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    noise = {n: torch.randn(params[n].shape, generator=g) for n in layers}
+
+    def run(budget: int) -> tuple[list[dict], dict[str, int]]:
+        monkeypatch.setattr(suite, "HIDDEN_CACHE_BYTES", budget)
+        calls = {"image_hiddens": 0, "image_hidden": 0}
+        for name in calls:
+            original = getattr(type(trained), name)
+
+            def counted(self, *a, _name=name, _original=original, **k):
+                calls[_name] += 1
+                return _original(self, *a, **k)
+            monkeypatch.setattr(type(trained), name, counted)
+        ev = Evaluator(trained, tasks, batch_size=16)
+        if reference_first:
+            ev.evaluate(reference=True)
+        out = []
+        for layer in layers:
+            ev.prepare(layer)
+            p, original = params[layer], params[layer].detach().clone()
+            for scale in (0.3, 0.6):
+                with torch.no_grad():
+                    p.add_(scale * original.norm() * noise[layer] / original.numel() ** 0.5)
+                try:
+                    out.append(ev.evaluate(layer, ("forget",)) | ev.evaluate(layer, ("retain", "utility")))
+                    # the embeddings themselves, bit for bit (a text edit: the cached unedited image embeddings)
+                    out.append(ev._encode_images("utility", trained.image_block_of(layer)) if trained.tower(layer) == "image" else ev._image_emb["utility"])
+                finally:
+                    with torch.no_grad():
+                        p.copy_(original)
+        monkeypatch.undo()
+        return out, calls
+
+    one_pass, calls = run(1 << 30)
+    per_block, calls_per_block = run(0)
+    assert len(one_pass) == len(per_block) == 20
+    for a, b in zip(one_pass, per_block):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    n_batches = sum(-(-n // 16) for n in Evaluator(trained, tasks, batch_size=16).sizes.values())
+    assert calls == {"image_hiddens": n_batches, "image_hidden": 1}  # one pass per batch of each set; one image to size the cache
+    assert calls_per_block["image_hiddens"] == 0 and calls_per_block["image_hidden"] > 2 * n_batches  # the blocks revisited, refilled
+
+
 def test_gradient_files_are_checked(adapter, tmp_path):
     model_dir = tmp_path / "model"
     adapter.save(model_dir)

@@ -121,6 +121,7 @@ def concept_tasks(eval_dir: str | Path, concept: Concept, part: str, val_fractio
 
 
 SETS = ("forget", "retain", "utility")
+HIDDEN_CACHE_BYTES = 1 << 30  # every vision block's hidden states of every set kept at once up to 1 GiB (the default world: 108 MB)
 
 
 class Evaluator:
@@ -131,7 +132,13 @@ class Evaluator:
     no edit of the tensor being scored can change (image embeddings for a text-tower edit, class
     embeddings for an image-tower edit, the hidden states entering the edited vision block), so
     they may be filled while an edit is applied; they assume one tensor edited at a time from the
-    same base weights: call `reset()` after changing the model otherwise.
+    same base weights: call `reset()` after changing the model otherwise.  The hidden states of
+    every set are read for every vision block in one forward pass per set (`Adapter.image_hiddens`)
+    by the first `prepare` of a vision-block tensor, on the unedited model (the states past the
+    edited block would hold the edit), and kept, when all of them together fit
+    `HIDDEN_CACHE_BYTES`; otherwise one block is kept at a time, each filled by its own partial
+    pass when first needed (a search that moves between blocks pays that pass again).  Either
+    way the states are the same bits.
     """
 
     def __init__(self, adapter: Adapter, tasks: ConceptTasks, batch_size: int = 256):
@@ -147,6 +154,7 @@ class Evaluator:
         self._image_emb: dict[str, torch.Tensor] = {}            # unedited image embeddings, per set
         self._class_emb: dict[str, torch.Tensor] = {}            # unedited class embeddings, per domain (own, other)
         self._hidden: dict[tuple[int, str], torch.Tensor] = {}   # unedited hidden states at a vision block, per set
+        self._all_blocks: list[int] | None = None                # the blocks read in one pass, if they fit (decided on first need)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -161,9 +169,23 @@ class Evaluator:
         if block is None:
             return self._batched(a.encode_images, self._images[name])
         if (block, name) not in self._hidden:
+            if block in self._cached_blocks():
+                raise RuntimeError(f"no cached hidden states entering vision block {block}: call prepare(edited) on the unedited model first")
             self._hidden = {k: v for k, v in self._hidden.items() if k[0] == block}  # one block cached at a time
             self._hidden[(block, name)] = self._batched(lambda b: a.image_hidden(b, block), self._images[name])
         return self._batched(lambda h: a.encode_images_from(h.to(a.device), block), self._hidden[(block, name)])
+
+    def _cached_blocks(self) -> list[int]:
+        """The vision blocks whose states are read in one pass and kept: every block an edit of
+        a candidate tensor can start at, if their states for every set fit `HIDDEN_CACHE_BYTES`
+        (measured on one image), else none."""
+        if self._all_blocks is None:
+            a = self.adapter
+            blocks = sorted({b for n in a.candidate_layers(include_layernorm=True) if (b := a.image_block_of(n)) is not None})
+            one = a.image_hidden(self._images["forget"][:1], 0) if blocks else None
+            total = 0 if one is None else one.numel() * one.element_size() * len(blocks) * sum(self.sizes.values())
+            self._all_blocks = blocks if 0 < total <= HIDDEN_CACHE_BYTES else []
+        return self._all_blocks
 
     @torch.no_grad()
     def _encode_classes(self, name: str) -> torch.Tensor:
@@ -176,8 +198,36 @@ class Evaluator:
 
     def prepare(self, edited: str | None = None) -> None:
         """Declare that `edited` is about to be edited from the base weights (the caches are
-        filled per set when first needed; see the class docstring)."""
+        filled per set when first needed, or here for every vision block at once; see the class
+        docstring)."""
         self._prepared = True
+        block = None if edited is None or self.adapter.tower(edited) != "image" else self.adapter.image_block_of(edited)
+        blocks = self._cached_blocks() if block is not None else []
+        if block in blocks:
+            for name in SETS:
+                self._fill_hidden(name)
+
+    @torch.no_grad()
+    def _fill_hidden(self, name: str) -> None:
+        """Every cached block's states for set `name`, one forward pass per batch (the model must
+        be unedited)."""
+        blocks = self._cached_blocks()
+        if blocks and (blocks[0], name) not in self._hidden:
+            x = self._images[name]
+            parts = [self.adapter.image_hiddens(x[s : s + self.batch_size], blocks) for s in range(0, x.shape[0], self.batch_size)]
+            for b in blocks:
+                self._hidden[(b, name)] = torch.cat([p[b].cpu() for p in parts])
+
+    def _reference_images(self, name: str) -> torch.Tensor:
+        """The unedited image embeddings of set `name`; with the one-pass cache, resumed from the
+        last cached block's states, filling the cache on the way (the same bits as the full
+        forward: a contract test of every family)."""
+        blocks = self._cached_blocks()
+        if not blocks:
+            return self._encode_images(name, None)
+        self._fill_hidden(name)
+        a, last = self.adapter, blocks[-1]
+        return self._batched(lambda h: a.encode_images_from(h.to(a.device), last), self._hidden[(last, name)])
 
     def _cached_images(self, name: str) -> torch.Tensor:
         if name not in self._image_emb:
@@ -204,7 +254,10 @@ class Evaluator:
         fresh_classes: dict[str, torch.Tensor] = {}
         for name in sets:
             if edited is None or self.adapter.tower(edited) == "text":
-                image_emb = self._encode_images(name, None) if edited is None else self._cached_images(name)
+                if edited is not None:
+                    image_emb = self._cached_images(name)
+                else:
+                    image_emb = self._reference_images(name) if reference else self._encode_images(name, None)
                 d = self._domain(name)
                 if d not in fresh_classes:
                     fresh_classes[d] = self._encode_classes(name)

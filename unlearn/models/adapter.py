@@ -15,8 +15,9 @@ What the protocol covers (README "Model families"):
 - losses: `forget_loss` (1 - cos of each pair) and `retain_loss` (the symmetric CLIP loss), also
   the contrastive training step (`retain_loss` + `clamp_logit_scale`);
 - tensors: `towers`, `tower(name)`, `candidate_layers`, `short_name`, `input_layout`;
-- caches: `image_block_of`, `image_hidden`, `encode_images_from` (resume the vision tower at a
-  block, so an edit of block b re-runs only blocks b..);
+- caches: `image_block_of`, `image_hidden`, `image_hiddens`, `encode_images_from` (resume the
+  vision tower at a block, so an edit of block b re-runs only blocks b..; `image_hiddens` gives
+  the states entering several blocks from one forward pass);
 - input statistics: `feed_inputs` runs the towers over batches and reports the input each
   candidate tensor multiplies (for the retain-preconditioned direction).
 """
@@ -254,6 +255,12 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def image_hidden(self, images: torch.Tensor, block: int) -> torch.Tensor:
         """The vision tower's hidden states entering `block` (batch first)."""
+
+    def image_hiddens(self, images: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """`{b: image_hidden(images, b)}` for every b of `blocks`, bit for bit.  This default
+        runs one partial forward per block; a family overrides it with one forward pass that
+        reads every block's input on the way (what the evaluator's cache fills with)."""
+        return {b: self.image_hidden(images, b) for b in blocks}
 
     @abc.abstractmethod
     def encode_images_from(self, hidden: torch.Tensor, block: int, normalize: bool = True) -> torch.Tensor:

@@ -149,6 +149,25 @@ class HFClipAdapter(Adapter):
         return hidden
 
     @torch.no_grad()
+    def image_hiddens(self, images: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """One pass over the encoder layers up to the last block asked for, keeping the state
+        entering each block asked for (as `image_hidden`)."""
+        vm = self.model.vision_model
+        wanted = sorted(set(blocks))
+        if wanted and not 0 <= wanted[0] <= wanted[-1] <= len(vm.encoder.layers):
+            raise ValueError(f"vision blocks {wanted} out of 0..{len(vm.encoder.layers)}")
+        out: dict[int, torch.Tensor] = {}
+        if not wanted:
+            return out
+        hidden = vm.pre_layrnorm(vm.embeddings(images.to(self.device)))
+        for b in range(wanted[-1] + 1):
+            if b in wanted:
+                out[b] = hidden
+            if b < wanted[-1]:
+                hidden = vm.encoder.layers[b](hidden, None)
+        return out
+
+    @torch.no_grad()
     def encode_images_from(self, hidden: torch.Tensor, block: int, normalize: bool = True) -> torch.Tensor:
         vm = self.model.vision_model
         for layer in vm.encoder.layers[block:]:

@@ -142,6 +142,34 @@ class OpenClipAdapter(Adapter):
         return captured[0]  # Transformer.forward returns batch-first (N, L, D)
 
     @torch.no_grad()
+    def image_hiddens(self, images: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """One forward pass through open_clip's own `VisionTransformer.forward` over the blocks
+        before the last one asked for: a pre-hook on each block asked for reads its input, the
+        transformer's output is the last state (batch first, as `image_hidden`)."""
+        transformer = self.model.visual.transformer
+        wanted = sorted(set(blocks))
+        if not wanted:
+            return {}
+        if not 0 <= wanted[0] <= wanted[-1] <= len(transformer.resblocks):
+            raise ValueError(f"vision blocks {wanted} out of 0..{len(transformer.resblocks)}")
+        last, captured = wanted[-1], {}
+
+        def reader(b: int):
+            def hook(_m, args):
+                captured[b] = args[0] if transformer.batch_first else args[0].transpose(0, 1)
+            return hook
+
+        handles = [transformer.resblocks[b].register_forward_pre_hook(reader(b)) for b in wanted[:-1]]
+        handles.append(transformer.register_forward_hook(lambda _m, _a, out: captured.__setitem__(last, out)))
+        try:
+            with self._only_blocks(range(last)):
+                self.model.visual(images.to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return {b: captured[b] for b in wanted}
+
+    @torch.no_grad()
     def encode_images_from(self, hidden: torch.Tensor, block: int, normalize: bool = True) -> torch.Tensor:
         """Runs blocks block.. and the pooling head through open_clip's own forward, skipping the
         patch embedding."""
