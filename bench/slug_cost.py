@@ -37,7 +37,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-import unlearn.eval.suite as suite  # noqa: E402
 from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
 from unlearn.methods.registry import chunks, run_method  # noqa: E402
@@ -103,12 +102,8 @@ def main() -> None:
         (a, ta) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
         # the same search with the evaluator's cache before its one-pass fill (one vision block kept at a time), interleaved
         # here so that both run in the same machine state: the cache's gain, and the same edit
-        budget, suite.HIDDEN_CACHE_BYTES = suite.HIDDEN_CACHE_BYTES, 0
-        try:
-            one_block = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
-            (a1, ta1) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, one_block, c.kind, cfg.rank, cfg.search)
-        finally:
-            suite.HIDDEN_CACHE_BYTES = budget
+        one_block = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch, hidden_cache_bytes=0)
+        (a1, ta1) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, one_block, c.kind, cfg.rank, cfg.search)
         (b, tb) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, all_cfg)
         same = (a.layer, a.rho, a.converged) == (b.layer, b.rho, b.converged) and torch.equal(a.delta, b.delta)
         same_cache = (a.layer, a.rho) == (a1.layer, a1.rho) and torch.equal(a.delta, a1.delta)

@@ -134,17 +134,20 @@ class Evaluator:
     they may be filled while an edit is applied; they assume one tensor edited at a time from the
     same base weights: call `reset()` after changing the model otherwise.  The hidden states of
     every set are read for every vision block in one forward pass per set (`Adapter.image_hiddens`)
-    by the first `prepare` of a vision-block tensor, on the unedited model (the states past the
-    edited block would hold the edit), and kept, when all of them together fit
-    `HIDDEN_CACHE_BYTES`; otherwise one block is kept at a time, each filled by its own partial
+    on the unedited model: by the reference evaluation, which needs that pass anyway (its image
+    embeddings are resumed from the last state), or, without one, by the first `prepare` of a
+    vision-block tensor (read during an edit, the states past the edited block would hold it).
+    They are kept when all of them together fit `hidden_cache_bytes` (default
+    `HIDDEN_CACHE_BYTES`); otherwise one block is kept at a time, each filled by its own partial
     pass when first needed (a search that moves between blocks pays that pass again).  Either
     way the states are the same bits.
     """
 
-    def __init__(self, adapter: Adapter, tasks: ConceptTasks, batch_size: int = 256):
+    def __init__(self, adapter: Adapter, tasks: ConceptTasks, batch_size: int = 256, hidden_cache_bytes: int | None = None):
         self.adapter = adapter
         self.tasks = tasks
         self.batch_size = batch_size
+        self.hidden_cache_bytes = HIDDEN_CACHE_BYTES if hidden_cache_bytes is None else hidden_cache_bytes
         self._images = {n: load_images(adapter, getattr(tasks, n).paths) for n in SETS}
         self.reset()
 
@@ -177,14 +180,14 @@ class Evaluator:
 
     def _cached_blocks(self) -> list[int]:
         """The vision blocks whose states are read in one pass and kept: every block an edit of
-        a candidate tensor can start at, if their states for every set fit `HIDDEN_CACHE_BYTES`
+        a candidate tensor can start at, if their states for every set fit `hidden_cache_bytes`
         (measured on one image), else none."""
         if self._all_blocks is None:
             a = self.adapter
             blocks = sorted({b for n in a.candidate_layers(include_layernorm=True) if (b := a.image_block_of(n)) is not None})
             one = a.image_hidden(self._images["forget"][:1], 0) if blocks else None
             total = 0 if one is None else one.numel() * one.element_size() * len(blocks) * sum(self.sizes.values())
-            self._all_blocks = blocks if 0 < total <= HIDDEN_CACHE_BYTES else []
+            self._all_blocks = blocks if 0 < total <= self.hidden_cache_bytes else []
         return self._all_blocks
 
     @torch.no_grad()
@@ -201,11 +204,9 @@ class Evaluator:
         filled per set when first needed, or here for every vision block at once; see the class
         docstring)."""
         self._prepared = True
-        block = None if edited is None or self.adapter.tower(edited) != "image" else self.adapter.image_block_of(edited)
-        blocks = self._cached_blocks() if block is not None else []
-        if block in blocks:
+        if edited is not None and self.adapter.image_block_of(edited) is not None:
             for name in SETS:
-                self._fill_hidden(name)
+                self._fill_hidden(name)  # a no-op when the states do not fit (one block at a time, filled when needed)
 
     @torch.no_grad()
     def _fill_hidden(self, name: str) -> None:
