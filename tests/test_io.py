@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from unlearn.io import atomic_outputs
 
@@ -40,6 +41,7 @@ def test_a_stage_metrics_split_into_results_and_the_run_cost_and_back(tmp_path, 
     assert json.loads((tmp_path / "m.json").read_text()) == results
     record = json.loads((tmp_path / "runs" / "stage@x.json").read_text())
     assert record["stage"] == "stage@x" and record["host"] and record["peak_memory_mb"] == 1400.5
+    assert record["cpu"] and record["torch"].startswith(torch.__version__) and " threads" in record["torch"]
     assert read_metrics(tmp_path / "m.json", "stage@x") == metrics
     (tmp_path / "runs" / "stage@x.json").unlink()  # a stage DVC restored instead of running: results only
     assert read_metrics(tmp_path / "m.json", "stage@x") == results

@@ -31,15 +31,35 @@ from unlearn.io import atomic_outputs, read_json, write_json
 
 RUNS = Path("runs")
 COST_KEY = re.compile(r"^(time|peak_memory)|_(s|mb|min)$")
-RECORD_KEYS = ("stage", "host", "cpus", "python", "finished")
+RECORD_KEYS = ("stage", "host", "cpus", "cpu", "torch", "python", "finished")
 log = logging.getLogger(__name__)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux, else `platform.processor()`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def torch_kernels() -> str:
+    """torch's version, the CPU kernels it picked and its thread count: with the CPU, what decides
+    the float bits of a run (README "Determinism")."""
+    import torch
+
+    return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"
+
+
 def write_run(stage: str, **fields: Any) -> Path:
-    """Record one run of `stage` (atomically: a reader never sees half a record)."""
+    """Record one run of `stage` (atomically: a reader never sees half a record), with the machine
+    that ran it."""
     path = RUNS / f"{stage}.json"
-    record = fields | {"stage": stage, "host": socket.gethostname(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    record = fields | {"stage": stage, "host": socket.gethostname(), "cpus": os.cpu_count(), "cpu": cpu_model(), "torch": torch_kernels(),
+                       "python": platform.python_version(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with atomic_outputs(path) as (tmp,):
         write_json(tmp, record)
     return path
