@@ -168,6 +168,28 @@ def test_one_pass_hidden_states_are_each_blocks_own_bit_for_bit(model, batch):
         model.image_hiddens(images, [blocks[-1] + 1])
 
 
+def test_chunks_give_the_bits_of_one_batch(model):
+    """The evaluator reads the one-pass cache and runs cached states through the rest of the
+    tower in equal chunks of at most `CHUNK_CPU` images (`Evaluator._chunks`): per image the same
+    bits as in one batch, for every block (the search's figures must not depend on the chunking)."""
+    from unlearn.eval.suite import CHUNK_CPU
+
+    size = model.preprocess(Image.new("RGB", (64, 64))).shape[-1]
+    n = 2 * CHUNK_CPU + 5
+    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+    blocks = sorted({b for n in model.candidate_layers(include_layernorm=True) if (b := model.image_block_of(n)) is not None})
+    k = -(-n // CHUNK_CPU)
+    with torch.no_grad():
+        states = model.image_hiddens(images, blocks)
+        parts = [model.image_hiddens(x, blocks) for x in torch.tensor_split(images, k)]
+        for b in blocks:
+            assert torch.equal(torch.cat([p[b] for p in parts]), states[b]), b
+            whole = model.encode_images_from(states[b], b)
+            chunks = torch.tensor_split(states[b], k)
+            assert min(len(c) for c in chunks) > CHUNK_CPU // 2
+            assert torch.equal(torch.cat([model.encode_images_from(c, b) for c in chunks]), whole), b
+
+
 def test_input_moments_of_linear_and_layernorm_candidates(model, batch):
     """Against an independent route: forward hooks on each owning module's *output* (y = x W^T + b,
     so E[(y - b)(y - b)^T] = W C W^T; a LayerNorm's x_hat = (y - b) / w).  Tensors whose module
