@@ -257,7 +257,7 @@ def test_a_slug_search_on_the_tiny_world(model, data, tiny_world):
     if model.family != "open_clip":  # the fixture's pairs were made with open_clip's preprocessing and tokenizer
         forget, retain = _retokenized(model, forget, retain, tiny_world)
     musk = Concept("Elon Musk", "identity", ("Musk",), ("Musk ox",))
-    evaluator = Evaluator(model, concept_tasks(tiny_world / "eval", musk, "val", 0.34, 0), 64)
+    evaluator = Evaluator(model, concept_tasks(tiny_world / "eval", musk, "val", 0.34, 0), 64, chunk_size=8)  # chunks of 8: the retain set given up early
     state = {n: p.detach().clone() for n, p in model.model.named_parameters()}
     cfg = slug.SearchConfig(max_layers=2, evals_per_layer=3, rho_max=1.6)
     try:

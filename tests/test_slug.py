@@ -479,3 +479,37 @@ def test_the_forget_criterion_reads_fa5_only_for_the_kinds_that_ask_for_it():
     assert not slug.forget_ok(gone_from_top1, slug.SearchConfig(top5_kinds=("identity", "object", "style")), "style")
     with pytest.raises(UnlearnError, match=r"top5_kinds names \['styles'\]"):
         slug.SearchConfig(top5_kinds=("identity", "styles"))
+
+
+def test_a_set_that_cannot_reach_its_floor_is_given_up_chunk_by_chunk(trained, tiny_world, monkeypatch):
+    """`evaluate(..., at_least=...)` after a vision-block edit: a retain set that can no longer
+    reach the floor is abandoned before its last chunk (figures None, `retain_below`); one that
+    can gets exactly the figures of a full scoring."""
+    tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "val", 0.34, 0)
+    layer = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    p = dict(trained.model.named_parameters())[layer]
+    original = p.detach().clone()
+    ev = Evaluator(trained, tasks, batch_size=16, chunk_size=4)
+    ev.evaluate(reference=True)
+    ev.prepare(layer)
+    calls = []
+    encode = type(trained).encode_images_from
+    monkeypatch.setattr(type(trained), "encode_images_from", lambda self, h, b, **k: calls.append(len(h)) or encode(self, h, b, **k))
+    try:
+        with torch.no_grad():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * original.std() * 3)
+        full = ev.evaluate(layer, ("retain",))
+        n_chunks, calls[:] = len(calls), []
+        assert 0 < full["retain_top1"] < 0.9 and n_chunks > 2
+        assert ev.evaluate(layer, ("retain",), at_least={"retain": full["retain_top1"]}) == full  # reachable: the full figures
+        calls[:] = []
+        below = ev.evaluate(layer, ("retain",), at_least={"retain": 1.0})
+        assert below == {"retain_top1": None, "retain_top5": None, "retain_below": True}
+        assert len(calls) < n_chunks  # given up before the last chunk
+    finally:
+        with torch.no_grad():
+            p.copy_(original)
+    # a text-tower edit is scored whole (only its class prompts change): the floor changes nothing
+    text = "transformer.resblocks.0.attn.out_proj.weight"
+    ev.prepare(text)
+    assert ev.evaluate(text, ("retain",), at_least={"retain": 1.0}) == ev.evaluate(text, ("retain",))

@@ -67,8 +67,8 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str, short: Calla
 def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str, short: Callable[[str], str] = str) -> None:
     """Per searched layer: validation FA@1 and the two utility accuracies against rho.  Every step
     is scored on the target's images (filled markers: also on the guard sets, the retain set
-    alone when it already broke its bound; hollow: only on the target's images, because the
-    choice never reads the rest)."""
+    alone when it already broke its bound, or part of it when it could no longer meet it; hollow:
+    only on the target's images, because the choice never reads the rest)."""
     plt = _pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)

@@ -194,15 +194,34 @@ class Evaluator:
 
     @torch.no_grad()
     def _encode_images(self, name: str, block: int | None) -> torch.Tensor:
-        a = self.adapter
         if block is None:
-            return self._batched(a.encode_images, self._images[name])
+            return self._batched(self.adapter.encode_images, self._images[name])
+        return self._resumed(self._states(name, block), block)
+
+    def _states(self, name: str, block: int) -> torch.Tensor:
+        """The cached unedited hidden states of set `name` entering vision block `block`."""
+        a = self.adapter
         if (block, name) not in self._hidden:
             if block in self._cached_blocks():
                 raise RuntimeError(f"no cached hidden states entering vision block {block}: call prepare(edited) on the unedited model first")
             self._hidden = {k: v for k, v in self._hidden.items() if k[0] == block}  # one block cached at a time
             self._hidden[(block, name)] = self._batched(lambda b: a.image_hidden(b, block), self._images[name])
-        return self._resumed(self._hidden[(block, name)], block)
+        return self._hidden[(block, name)]
+
+    @torch.no_grad()
+    def _encode_until(self, name: str, block: int, class_emb: torch.Tensor, floor: float) -> torch.Tensor | None:
+        """`_encode_images(name, block)`, chunk by chunk, or None as soon as the set's top-1 (as
+        `evaluate` rounds it) can no longer reach `floor` even if every image left were right."""
+        a, labels = self.adapter, getattr(self.tasks, name).labels
+        n, right, parts = len(labels), 0, []
+        for h in self._chunks(self._states(name, block)):
+            emb = a.encode_images_from(h.to(a.device), block).cpu()
+            seen = sum(len(p) for p in parts)
+            parts.append(emb)
+            right += round(topk_accuracy(emb, class_emb, labels[seen : seen + len(emb)], ks=(1,))[1] * len(emb))
+            if round((right + n - seen - len(emb)) / n, 6) < floor:
+                return None
+        return torch.cat(parts)
 
     def _cached_blocks(self) -> list[int]:
         """The vision blocks whose states are read in one pass and kept: every block an edit of
@@ -265,11 +284,18 @@ class Evaluator:
             self._class_emb[d] = self._encode_classes(name)
         return self._class_emb[d]
 
+    stops_early = True  # `evaluate` takes `at_least` (SLUG's search asks for it when an evaluator has this)
+
     @torch.no_grad()
-    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = SETS, reference: bool = False) -> dict[str, float]:
+    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = SETS, reference: bool = False,
+                 at_least: dict[str, float] | None = None) -> dict[str, float]:
         """Accuracies of the model as it is now on `sets`.  With `edited` (after `prepare(edited)`
         on the unedited model) only what that tensor can change is recomputed.  `reference`: the
-        model is unedited; keep its embeddings as the caches' reference."""
+        model is unedited; keep its embeddings as the caches' reference.  `at_least`: per set, a
+        top-1 the caller rejects anything below; after a vision-block edit such a set is scored
+        chunk by chunk and given up as soon as it cannot reach it (its figures None and
+        `<set>_below` True); the figures of a set that can are those of a full scoring (the same
+        chunks)."""
         unknown = [n for n in sets if n not in SETS]
         if unknown:
             raise ValueError(f"unknown evaluation sets {unknown}")
@@ -288,7 +314,13 @@ class Evaluator:
                     fresh_classes[d] = self._encode_classes(name)
                 class_emb = fresh_classes[d]
             else:
-                image_emb, class_emb = self._encode_images(name, self.adapter.image_block_of(edited)), self._cached_classes(name)
+                block, class_emb = self.adapter.image_block_of(edited), self._cached_classes(name)
+                floor = (at_least or {}).get(name)
+                image_emb = self._encode_images(name, block) if floor is None else self._encode_until(name, block, class_emb, floor)
+                if image_emb is None:
+                    out[f"{name}_top1"] = out[f"{name}_top5"] = None
+                    out[f"{name}_below"] = True
+                    continue
             if reference and edited is None:
                 self._image_emb[name], self._class_emb[self._domain(name)] = image_emb, class_emb
             acc = topk_accuracy(image_emb, class_emb, getattr(self.tasks, name).labels)

@@ -468,7 +468,10 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     within the guard); and the other-kind set only
     when the retain set's bound holds.  A step failing the forget criterion or a bound is
     rejected whatever its other figures, and a passing step between the two is never kept, so
-    the choice is the same as with every step scored on every set (`evaluate: all`).  A row's `scored`
+    the choice is the same as with every step scored on every set (`evaluate: all`).  An evaluator
+    that has `stops_early` (`Evaluator`) is asked to give up a retain set that can no longer reach
+    its bound (after a vision-block edit, scored chunk by chunk): such a row's `scored` is
+    `retain_below`, and the forget rule's fallback scores it whole.  A row's `scored`
     says which it got; unscored figures are None.  `times` (if given) accumulates the seconds
     spent scoring the forget set and the guard sets, and their counts."""
     params = dict(adapter.model.named_parameters())
@@ -478,19 +481,23 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     rows: list[dict] = []
     passing: list[dict] = []
     scorers = {}
+    # an evaluator that can give up a set that cannot reach a floor is asked to, for the retain set
+    # (whose bound rejects a step whatever its other figures): the part it scored decides
+    retain_floor = base["retain_top1"] - getattr(cfg, BOUND[kind]) - 1e-9 if getattr(evaluator, "stops_early", False) else None
     for layer in _widened(layers, widen, lambda: bool(passing)):
         param = params[layer]
         original = param.detach().clone()
         step_dir = original.norm() * unit_direction(directions[layer]).to(original)
         evaluator.prepare(layer)
 
-        def score(rho: float, sets: tuple[str, ...], param=param, original=original, step_dir=step_dir, layer=layer) -> dict:
+        def score(rho: float, sets: tuple[str, ...], at_least: dict | None = None, param=param, original=original, step_dir=step_dir,
+                  layer=layer) -> dict:
             kind_ = "forget" if sets == ("forget",) else "guard"  # guard: the retain and/or other-kind set
             t = time.perf_counter()
             with torch.no_grad():
                 param.copy_(original + rho * step_dir)
             try:
-                return evaluator.evaluate(layer, sets)
+                return evaluator.evaluate(layer, sets, at_least=at_least) if at_least else evaluator.evaluate(layer, sets)
             finally:
                 with torch.no_grad():
                     param.copy_(original)
@@ -506,9 +513,17 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         def complete(row: dict, full: bool = False, score=score) -> dict:
             """Score the guard sets of a row that has only the forget figures: the target kind's
             retain set first, the other kind's only if the retain bound holds (a row that fails
-            it is never chosen) or `full`."""
+            it is never chosen) or `full`.  Unless `full`, the retain set is given up as soon as
+            it cannot reach its bound (`scored: retain_below`, its figures None)."""
+            if row["scored"] == "retain_below" and full:
+                row["scored"] = "forget"
             if row["scored"] == "forget":
-                row.update(score(row["rho"], ("retain",)), scored="retain")
+                floor = None if full or retain_floor is None else {"retain": retain_floor}
+                got = score(row["rho"], ("retain",), floor)
+                if got.pop("retain_below", False):
+                    row.update(got, scored="retain_below", guard_ok=False)
+                    return row
+                row.update(got, scored="retain")
                 if not retain_bound_ok(row, base, cfg, kind):
                     row["guard_ok"] = False
             if row["scored"] == "retain" and (full or row["guard_ok"] is None):
