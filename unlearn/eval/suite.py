@@ -218,7 +218,7 @@ class Evaluator:
             emb = a.encode_images_from(h.to(a.device), block).cpu()
             seen = sum(len(p) for p in parts)
             parts.append(emb)
-            right += round(topk_accuracy(emb, class_emb, labels[seen : seen + len(emb)], ks=(1,))[1] * len(emb))
+            right += round(topk_accuracy(emb, class_emb, labels[seen : seen + len(emb)])[1] * len(emb))  # as the full scoring ranks
             if round((right + n - seen - len(emb)) / n, 6) < floor:
                 return None
         return torch.cat(parts)
