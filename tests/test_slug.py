@@ -325,7 +325,7 @@ def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_wo
     g = torch.Generator().manual_seed(0)
     noise = {n: torch.randn(params[n].shape, generator=g) for n in layers}
 
-    def run(budget: int, resume: int | None = None) -> tuple[list[dict], dict[str, int]]:
+    def run(budget: int, chunk: int | None = None) -> tuple[list[dict], dict[str, int]]:
         monkeypatch.setattr(suite, "HIDDEN_CACHE_BYTES", budget)
         calls = {"image_hiddens": 0, "image_hidden": 0}
         for name in calls:
@@ -335,7 +335,7 @@ def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_wo
                 calls[_name] += 1
                 return _original(self, *a, **k)
             monkeypatch.setattr(type(trained), name, counted)
-        ev = Evaluator(trained, tasks, batch_size=16, chunk_size=resume)
+        ev = Evaluator(trained, tasks, batch_size=16, chunk_size=chunk)
         if reference_first:
             ev.evaluate(reference=True)
         out = []
@@ -357,7 +357,7 @@ def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_wo
 
     one_pass, calls = run(1 << 30)
     per_block, calls_per_block = run(0)
-    chunked, _ = run(1 << 30, resume=8)  # the cached states resumed in chunks of at most 8 images: the same bits
+    chunked, _ = run(1 << 30, chunk=8)  # the cached states resumed in chunks of at most 8 images: the same bits
     assert len(one_pass) == len(per_block) == len(chunked) == 20
     for a, b, c in zip(one_pass, per_block, chunked):
         assert (torch.equal(a, b) and torch.equal(a, c)) if isinstance(a, torch.Tensor) else a == b == c

@@ -17,6 +17,7 @@ cached at b; and it scores only the sets asked for.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ class Evaluator:
         self.batch_size = batch_size
         self.hidden_cache_bytes = HIDDEN_CACHE_BYTES if hidden_cache_bytes is None else hidden_cache_bytes
         if chunk_size is None:
-            chunk_size = min(batch_size, CHUNK_CPU) if torch.device(adapter.device).type == "cpu" else batch_size
+            chunk_size = min(batch_size, CHUNK_CPU) if adapter.device.type == "cpu" else batch_size
         if chunk_size < 1 or batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1 (batch_size {batch_size}, chunk_size {chunk_size})")
         self.chunk_size = chunk_size
@@ -187,10 +188,14 @@ class Evaluator:
         small last chunk, whose kernels could differ)."""
         return torch.tensor_split(x, max(1, -(-x.shape[0] // self.chunk_size)))
 
-    def _resumed(self, states: torch.Tensor, block: int) -> torch.Tensor:
-        """Image embeddings from the cached states entering `block`, chunk by chunk."""
+    def _resuming(self, states: torch.Tensor, block: int) -> Iterator[torch.Tensor]:
+        """Image embeddings from the cached states entering `block`, one chunk at a time."""
         a = self.adapter
-        return torch.cat([a.encode_images_from(h.to(a.device), block).cpu() for h in self._chunks(states)])
+        for h in self._chunks(states):
+            yield a.encode_images_from(h.to(a.device), block).cpu()
+
+    def _resumed(self, states: torch.Tensor, block: int) -> torch.Tensor:
+        return torch.cat(list(self._resuming(states, block)))
 
     @torch.no_grad()
     def _encode_images(self, name: str, block: int | None) -> torch.Tensor:
@@ -212,14 +217,13 @@ class Evaluator:
     def _encode_until(self, name: str, block: int, class_emb: torch.Tensor, floor: float) -> torch.Tensor | None:
         """`_encode_images(name, block)`, chunk by chunk, or None as soon as the set's top-1 (as
         `evaluate` rounds it) can no longer reach `floor` even if every image left were right."""
-        a, labels = self.adapter, getattr(self.tasks, name).labels
-        n, right, parts = len(labels), 0, []
-        for h in self._chunks(self._states(name, block)):
-            emb = a.encode_images_from(h.to(a.device), block).cpu()
-            seen = sum(len(p) for p in parts)
+        labels = getattr(self.tasks, name).labels
+        right, seen, parts = 0, 0, []
+        for emb in self._resuming(self._states(name, block), block):
             parts.append(emb)
             right += round(topk_accuracy(emb, class_emb, labels[seen : seen + len(emb)])[1] * len(emb))  # as the full scoring ranks
-            if round((right + n - seen - len(emb)) / n, 6) < floor:
+            seen += len(emb)
+            if round((right + len(labels) - seen) / len(labels), 6) < floor:
                 return None
         return torch.cat(parts)
 

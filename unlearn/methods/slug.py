@@ -418,9 +418,14 @@ def guard_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> bool:
     return retain_bound_ok(result, base, cfg, kind) and result["utility_top1"] >= base["utility_top1"] - utility_bound - 1e-9
 
 
+def retain_floor(base: dict, cfg: SearchConfig, kind: str) -> float:
+    """The lowest retain @1 the guard accepts: the base model's, less the kind's bound."""
+    return base["retain_top1"] - getattr(cfg, BOUND[kind]) - 1e-9
+
+
 def retain_bound_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> bool:
     """The guard's bound on the target kind's own retain set alone (part of `guard_ok`)."""
-    return result["retain_top1"] >= base["retain_top1"] - getattr(cfg, BOUND[kind]) - 1e-9
+    return result["retain_top1"] >= retain_floor(base, cfg, kind)
 
 
 def forget_ok(result: dict, cfg: SearchConfig, kind: str) -> bool:
@@ -483,7 +488,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     scorers = {}
     # an evaluator that can give up a set that cannot reach a floor is asked to, for the retain set
     # (whose bound rejects a step whatever its other figures): the part it scored decides
-    retain_floor = base["retain_top1"] - getattr(cfg, BOUND[kind]) - 1e-9 if getattr(evaluator, "stops_early", False) else None
+    give_up_below = {"retain": retain_floor(base, cfg, kind)} if getattr(evaluator, "stops_early", False) else None
     for layer in _widened(layers, widen, lambda: bool(passing)):
         param = params[layer]
         original = param.detach().clone()
@@ -518,8 +523,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
             if row["scored"] == "retain_below" and full:
                 row["scored"] = "forget"
             if row["scored"] == "forget":
-                floor = None if full or retain_floor is None else {"retain": retain_floor}
-                got = score(row["rho"], ("retain",), floor)
+                got = score(row["rho"], ("retain",), None if full else give_up_below)
                 if got.pop("retain_below", False):
                     row.update(got, scored="retain_below", guard_ok=False)
                     return row
