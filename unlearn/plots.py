@@ -86,7 +86,8 @@ def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str
             ax.plot([r["rho"] for r in full], [r[key] for r in full], "o", ms=3, c=f"C{c % 10}")
             ax.plot([r["rho"] for r in part], [r[key] for r in part], "o", ms=3, mfc="none", c=f"C{c % 10}")
         above = [r for r in pts if r.get("scored") == "forget_above"]
-        axes[0].plot([r["rho"] for r in above], [r["forget_at_least"] for r in above], "^", ms=4, mfc="none", c=f"C{c % 10}")
+        if above:
+            axes[0].plot([r["rho"] for r in above], [r["forget_at_least"] for r in above], "^", ms=4, mfc="none", c=f"C{c % 10}")
     n_full = sum(r.get("scored", "all") not in TARGET_ONLY for r in rows)
     for ax, key in zip(axes, ("forget top-1 (val)", "retain top-1 (val)", "other-kind top-1 (val)")):
         ax.set_xscale("log")
