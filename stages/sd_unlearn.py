@@ -39,7 +39,7 @@ from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
 from unlearn.sd.model import load_pipeline
 from unlearn.sd.unlearn import SdEvaluator, mix_prompt_moments, reads, retain_prompts, target_of, tie_text_encoder, used_layers
-from unlearn.search_log import write_search_log
+from unlearn.search_log import GIVE_UP_COLUMNS, write_search_log
 
 CLIP, JUDGES, SHARDS, STATS, RETAIN, CANVAS = "models/hf/base", "models/sd_judges", "data/laion", "models/vlm_retain", "data/retain", "data/eval/canvas"
 VALIDATION = 1_000_000
@@ -154,7 +154,7 @@ def main() -> None:
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         metrics["stored_bytes"] = sum(f.stat().st_size for f in patch_dir.iterdir())
         write_metrics(metrics_file, metrics, args.stage)
-        write_search_log(edit, csv_path, png_path, f"SD, {concept.name}", clip.short_name)
+        write_search_log(edit, csv_path, png_path, f"SD, {concept.name}", clip.short_name, GIVE_UP_COLUMNS)
         n = len(test.sets["forget"][0]) // sample.images_per_prompt  # one drawing per prompt naming the target
         rows = [base_images["forget"][:n], test.images["forget"][:n]]
         for name in neighbours:

@@ -124,7 +124,8 @@ def test_the_search_evaluator_draws_the_rest_set_once_per_text_encoder_state(pip
     judges = Judges({"object": train_judge(images.as_float(), images.objects, list(D.OBJECT_AXIS), cfg)[0],
                      "style": train_judge(images.as_float(), images.styles, list(D.STYLE_AXIS), cfg)[0]}, 16, {})
     drawn = []
-    monkeypatch.setattr(U, "generate", lambda pipe, prompts, *a, **k: drawn.append(len(prompts)) or generate(pipe, prompts, *a, **k))
+    real_draw = U.draw
+    monkeypatch.setattr(U, "draw", lambda pipe, prompts, *a, **k: drawn.append(len(prompts)) or real_draw(pipe, prompts, *a, **k))
     pipe = copy.deepcopy(pipeline)
     ev = U.SdEvaluator(pipe, judges, U.target_of("Sepia", "style", D.WORLD), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
     rest = ev.sizes["retain"]
@@ -141,6 +142,83 @@ def test_the_search_evaluator_draws_the_rest_set_once_per_text_encoder_state(pip
     fresh = U.SdEvaluator(copy.deepcopy(pipe), judges, U.target_of("Sepia", "style", D.WORLD), D.Templates(), SampleConfig(steps=2, batch_size=64), 1, 3, 16)
     fresh.evaluate(sets=("retain",))
     assert torch.equal(fresh.images["rest"], ev.images["rest"]), name  # the cache holds what a fresh drawing gives
+
+
+def test_drawings_start_from_the_pipelines_own_noise_however_the_set_is_cut(pipeline):
+    """`generate` hands the pipeline the noise it would draw itself (`initial_noise`: the same
+    bits as the pipeline's own generator); cut into other parts, each drawing starts from the same
+    noise, so the images agree up to BLAS rounding."""
+    from unlearn.sd.evaluate import draw, equal_cuts, initial_noise
+
+    prompts = [D.Templates().prompt(o, s) for o in D.OBJECT_AXIS[:3] for s in D.STYLE_AXIS[:3]]  # 9 prompts
+    cfg = SampleConfig(steps=2, batch_size=4)
+    own = torch.cat([pipeline(prompts[s : s + 4], height=16, width=16, num_inference_steps=2, guidance_scale=cfg.guidance,
+                              generator=torch.Generator().manual_seed(7 + k), output_type="pt").images.float() * 2 - 1
+                     for k, s in enumerate(range(0, 9, 4))])
+    assert torch.equal(generate(pipeline, prompts, cfg, 7, 16), own)
+    noise = initial_noise(pipeline, 9, cfg, 7, 16)
+    assert noise.shape == (9, pipeline.unet.config.in_channels, 16 // pipeline.vae_scale_factor, 16 // pipeline.vae_scale_factor)
+    assert equal_cuts(9, 4) == [0, 3, 6, 9] and equal_cuts(8, 4) == [0, 4, 8] and equal_cuts(3, 8) == [0, 3]
+    parts = list(draw(pipeline, prompts, cfg, 7, 16, equal_cuts(9, 2)))
+    assert [len(x) for x in parts] == [2, 2, 2, 2, 1]
+    torch.testing.assert_close(torch.cat(parts), own, atol=1e-4, rtol=0)
+    assert not torch.equal(generate(pipeline, prompts, cfg, 8, 16), own)  # another seed, other noise
+
+
+def _always(judge, k: int):
+    """The judge made to answer class `k` for every image (its head: no weights, bias on `k`)."""
+    with torch.no_grad():
+        judge.head.weight.zero_()
+        judge.head.bias.zero_()
+        judge.head.bias[k] = 10.0
+    return judge
+
+
+def test_the_search_evaluator_gives_a_set_up_part_way_and_scores_a_whole_set_the_same(pipeline, monkeypatch):
+    """Forget set: drawn one round of its prompts per call; with `at_most` it stops at the first
+    round that already shows the target more often than the ceiling allows (`forget_at_least`:
+    the share seen).  Retain set: in equal parts of at most `chunk`; with `at_least` it stops as
+    soon as the floor is out of reach.  A set drawn whole has the same figures with or without."""
+    from unlearn.sd import unlearn as U
+
+    images = D.render_images(0, D.JUDGE_STREAM, 1, 16)
+    cfg = JudgeConfig(channels=[8], steps=2, batch_size=16)
+    target = U.target_of("Sepia", "style", D.WORLD)
+    judges = Judges({"object": train_judge(images.as_float(), images.objects, list(D.OBJECT_AXIS), cfg)[0],
+                     "style": _always(train_judge(images.as_float(), images.styles, list(D.STYLE_AXIS), cfg)[0], target.index)}, 16, {})
+    calls = []
+    real_draw = U.draw
+    monkeypatch.setattr(U, "draw", lambda *a, **k: (calls.append(len(x)) or x for x in real_draw(*a, **k)))
+    ev = U.SdEvaluator(copy.deepcopy(pipeline), judges, target, D.Templates(), SampleConfig(steps=1, batch_size=64), 1, 3, 16,
+                       forget_per_prompt=3, chunk=20)
+    n_forget, n_rest = ev.sizes["forget"], ev.sizes["retain"]
+    assert ev.cuts("forget") == [0, len(D.OBJECT_AXIS), 2 * len(D.OBJECT_AXIS), n_forget]  # one round of the 14 prompts per call
+    assert n_rest == len(D.OBJECT_AXIS) * (len(D.STYLE_AXIS) - 1) and ev.cuts("rest") == U.equal_cuts(n_rest, 20)
+    whole = ev.evaluate(sets=("forget",))
+    assert whole["forget_top1"] == 1.0 and calls == [14, 14, 14]  # the judge sees Sepia in every drawing
+    calls.clear()
+    assert ev.evaluate(sets=("forget",), at_most={"forget": 1.0}) == whole and calls == [14, 14, 14]  # never above: drawn whole
+    calls.clear()
+    given_up = ev.evaluate(sets=("forget",), at_most={"forget": 0.05})
+    assert given_up == {"forget_top1": None, "forget_top5": None, "forget_at_least": 14 / n_forget} and calls == [14]
+    # the retain set (the style judge's accuracy on other styles): 0, so a floor above 0 is out of reach once
+    # more than (1 - floor) of the set has been seen wrong
+    calls.clear()
+    below = ev.evaluate(sets=("retain",), at_least={"retain": 0.6})
+    cuts = ev.cuts("rest")
+    parts = len(cuts) - 1
+    needed = next(k for k in range(1, parts + 1) if (n_rest - cuts[k]) / n_rest < 0.6)  # the first part after which 0.6 is out of reach
+    assert 1 < needed < parts and below == {"retain_top1": None, "retain_top5": None, "retain_below": True}
+    assert calls == [cuts[k] - cuts[k - 1] for k in range(1, needed + 1)]
+    assert "rest" not in ev.images  # nothing cached from a set given up
+    calls.clear()
+    full = ev.evaluate(sets=("retain", "utility"), at_least={"retain": 0.0})
+    assert full["retain_top1"] == 0.0 and len(calls) == parts and sum(calls) == n_rest
+    calls.clear()
+    assert ev.evaluate(sets=("retain", "utility")) == full and calls == []  # the same text encoder: not drawn again
+    fresh = U.SdEvaluator(copy.deepcopy(pipeline), judges, target, D.Templates(), SampleConfig(steps=1, batch_size=64), 1, 3, 16,
+                          forget_per_prompt=3, chunk=20)
+    assert fresh.evaluate(sets=("retain", "utility")) == full and torch.equal(fresh.images["rest"], ev.images["rest"])
 
 
 def test_target_prompts_and_other_names():

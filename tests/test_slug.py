@@ -152,30 +152,42 @@ def test_search_layers_reports_non_convergence(adapter):
     assert choice["converged"] is False and len(rows) == 3
 
 
+@pytest.mark.parametrize("gives_up", [False, True])
 @pytest.mark.parametrize("fallback, breaks", [("forget", 0.5), ("guard", 0.5), ("guard", 0.05)])
-def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_within_the_guard(adapter, fallback, breaks):
+def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_within_the_guard(adapter, fallback, breaks, gives_up):
     """No step forgets fully (FA@1 1.0 below rho 0.3, 0.5 up to 0.7, 0.2 beyond); the retain set
     breaks its bound from rho `breaks`.  `forget` keeps rho 0.8 (FA@1 0.2, out of the guard); `guard`
     keeps rho 0.4 (FA@1 0.5, within it), and scores no guard set of the steps that forget less;
-    when every step breaks the guard, `guard` keeps the forget rule's step and says so."""
+    when every step breaks the guard, `guard` keeps the forget rule's step and says so.
+    `gives_up`: the evaluator gives a forget set up part way when it shows the target in half its
+    images (`forget_at_least` 0.4 x FA@1, as a share seen part way is): the choice is the same, and
+    the forget rule scores whole only the rows that could tie its best figures (rho 0.4: at least
+    0.2), the guard rule every one."""
     layer = "visual.proj"
     param = dict(adapter.model.named_parameters())[layer]
     original = param.detach().clone()
 
     class Graded:
+        stops_early = ("forget",) if gives_up else ()
+
         def __init__(self):
-            self.guard_rhos = []
+            self.guard_rhos, self.whole = [], []
 
         def prepare(self, edited):
             pass
 
-        def evaluate(self, edited=None, sets=("forget", "retain", "utility")):
+        def evaluate(self, edited=None, sets=("forget", "retain", "utility"), at_most=None):
             rho = 0.0 if edited is None else round(float((param.detach() - original).norm() / original.norm()), 3)
             fa = 1.0 if rho < 0.3 else 0.5 if rho < 0.7 else 0.2
+            if at_most is not None and fa >= 0.5:
+                assert at_most == {"forget": cfg.forget_top1}
+                return {"forget_top1": None, "forget_top5": None, "forget_at_least": round(0.4 * fa, 3)}
             full = {"forget_top1": fa, "forget_top5": fa, "retain_top1": 0.9 if rho < breaks else 0.5, "retain_top5": 1.0,
                     "utility_top1": 0.9, "utility_top5": 1.0}
             if edited is not None and sets != ("forget",):
                 self.guard_rhos.append(rho)
+            elif edited is not None:
+                self.whole.append(rho)
             return {k: v for k, v in full.items() if k.split("_")[0] in sets}
 
     ev = Graded()
@@ -193,6 +205,14 @@ def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_
     else:  # nothing within the guard: the forget rule's step, recorded as such
         assert (choice["rho"], choice["forget_top1"], choice["guard_ok"], choice["fallback"]) == (0.8, 0.2, False, "forget")
         assert sorted(set(ev.guard_rhos)) == [0.1, 0.2, 0.4, 0.8, 1.6]
+    if gives_up:
+        scored = {r["rho"]: r["scored"] for r in rows}
+        if fallback == "forget":
+            assert ev.whole == [0.8, 1.6, 0.4]  # the two at 0.2 on the way, then the one that could tie them
+            assert [scored[r] for r in (0.1, 0.2)] == ["forget_above"] * 2 and [r["forget_at_least"] for r in rows[:2]] == [0.4, 0.4]
+            assert all(r["forget_top1"] is None for r in rows[:2])
+        else:
+            assert sorted(ev.whole) == [0.1, 0.2, 0.4, 0.8, 1.6] and "forget_above" not in scored.values()
     with pytest.raises(UnlearnError, match=r"^slug.search.fallback is 'none'; use forget .* or guard"):
         slug.SearchConfig(fallback="none")
 

@@ -64,11 +64,15 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str, short: Calla
     plt.close(fig)
 
 
+TARGET_ONLY = ("forget", "forget_above")  # a search row scored on the target's images alone (whole, or given up part way)
+
+
 def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str, short: Callable[[str], str] = str) -> None:
     """Per searched layer: validation FA@1 and the two utility accuracies against rho.  Every step
     is scored on the target's images (filled markers: also on the guard sets, the retain set
     alone when it already broke its bound, or part of it when it could no longer meet it; hollow:
-    only on the target's images, because the choice never reads the rest)."""
+    only on the target's images, because the choice never reads the rest; hollow triangles: the
+    target's images given up part way, at the share that already showed the target)."""
     plt = _pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)
@@ -77,19 +81,23 @@ def search_plot(rows: Sequence[dict], path: str | Path, chosen: dict, title: str
         for ax, key in zip(axes, ("forget_top1", "retain_top1", "utility_top1")):
             have = [r for r in pts if r.get(key) is not None]
             ax.plot([r["rho"] for r in have], [r[key] for r in have], "-", lw=1, c=f"C{c % 10}", label=short(layer))
-            full = [r for r in have if r.get("scored", "all") != "forget"]
-            part = [r for r in have if r.get("scored", "all") == "forget"]
+            full = [r for r in have if r.get("scored", "all") not in TARGET_ONLY]
+            part = [r for r in have if r.get("scored", "all") in TARGET_ONLY]
             ax.plot([r["rho"] for r in full], [r[key] for r in full], "o", ms=3, c=f"C{c % 10}")
             ax.plot([r["rho"] for r in part], [r[key] for r in part], "o", ms=3, mfc="none", c=f"C{c % 10}")
-    n_full = sum(r.get("scored", "all") != "forget" for r in rows)
+        above = [r for r in pts if r.get("scored") == "forget_above"]
+        if above:
+            axes[0].plot([r["rho"] for r in above], [r["forget_at_least"] for r in above], "^", ms=4, mfc="none", c=f"C{c % 10}")
+    n_full = sum(r.get("scored", "all") not in TARGET_ONLY for r in rows)
     for ax, key in zip(axes, ("forget top-1 (val)", "retain top-1 (val)", "other-kind top-1 (val)")):
         ax.set_xscale("log")
         ax.set_xlabel("relative step rho")
         ax.set_title(key)
         ax.axvline(chosen["rho"], c="k", ls=":", lw=1)
     axes[0].legend(fontsize=6)
-    fig.suptitle(f"{title}\n{len(rows)} steps scored on the target's images (hollow: only those), {n_full} also on the guard sets (filled)",
-                 fontsize=9)
+    n_above = sum(r.get("scored") == "forget_above" for r in rows)
+    fig.suptitle(f"{title}\n{len(rows)} steps scored on the target's images (hollow: only those"
+                 + (f"; triangles: {n_above} given up part way" if n_above else "") + f"), {n_full} also on the guard sets (filled)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,6 +11,8 @@ from unlearn.plots import search_plot
 
 # the columns of a search judged by one figure per set (drawings, answers); the CLIP track adds top-5
 TOP1_COLUMNS = ("layer", "tower", "eval", "rho", "forget_top1", "retain_top1", "utility_top1", "forget_ok", "guard_ok", "scored")
+# a search that may give its forget set up part way (the Stable Diffusion track's): the share already seen showing the target
+GIVE_UP_COLUMNS = (*TOP1_COLUMNS, "forget_at_least")
 
 
 def write_search_log(edit, csv_path: str | Path, png_path: str | Path, label: str, short: Callable[[str], str],

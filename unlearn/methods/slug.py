@@ -429,7 +429,10 @@ def retain_bound_ok(result: dict, base: dict, cfg: SearchConfig, kind: str) -> b
 
 
 def forget_ok(result: dict, cfg: SearchConfig, kind: str) -> bool:
-    """FA@1 <= forget_top1, and FA@5 <= forget_top5 where the kind is in `top5_kinds`."""
+    """FA@1 <= forget_top1, and FA@5 <= forget_top5 where the kind is in `top5_kinds`; a forget
+    set given up above its ceiling (FA@1 None) fails."""
+    if result["forget_top1"] is None:
+        return False
     return result["forget_top1"] <= cfg.forget_top1 + 1e-9 and (kind not in cfg.top5_kinds or result["forget_top5"] <= cfg.forget_top5 + 1e-9)
 
 
@@ -474,9 +477,14 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     when the retain set's bound holds.  A step failing the forget criterion or a bound is
     rejected whatever its other figures, and a passing step between the two is never kept, so
     the choice is the same as with every step scored on every set (`evaluate: all`).  An evaluator
-    that has `stops_early` (`Evaluator`) is asked to give up a retain set that can no longer reach
-    its bound (after a vision-block edit, scored chunk by chunk): such a row's `scored` is
-    `retain_below`, and the forget rule's fallback scores it whole.  A row's `scored`
+    whose `stops_early` names the retain set (`Evaluator`, `SdEvaluator`) is asked to give up a
+    retain set that can no longer reach its bound (scored part by part): such a row's `scored` is
+    `retain_below`, and the forget rule's fallback scores it whole.  One whose `stops_early` names
+    the forget set (`SdEvaluator`, which draws it round by round) is asked to give up a forget set
+    as soon as it shows the target more often than the criterion allows: such a row's `scored` is
+    `forget_above`, its forget figures None and `forget_at_least` the share seen; when no layer
+    passes, the fallback scores whole every such row that could tie the best forget figures (every
+    one, with the guard fallback), so the choice stays that of full scoring.  A row's `scored`
     says which it got; unscored figures are None.  `times` (if given) accumulates the seconds
     spent scoring the forget set and the guard sets, and their counts."""
     params = dict(adapter.model.named_parameters())
@@ -485,24 +493,28 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         times.setdefault(k, 0)
     rows: list[dict] = []
     passing: list[dict] = []
-    scorers = {}
+    scorers, refills = {}, {}
     # an evaluator that can give up a set that cannot reach a floor is asked to, for the retain set
     # (whose bound rejects a step whatever its other figures): the part it scored decides
-    give_up_below = {"retain": retain_floor(base, cfg, kind)} if getattr(evaluator, "stops_early", False) else None
+    stops = tuple(getattr(evaluator, "stops_early", ()))
+    give_up_below = {"retain": retain_floor(base, cfg, kind)} if "retain" in stops else None
+    # and the forget set as soon as it fails the criterion (FA@1 alone decides that: FA@5 >= FA@1 never rescues it)
+    give_up_above = {"forget": cfg.forget_top1} if "forget" in stops and cfg.evaluate != "all" else None
     for layer in _widened(layers, widen, lambda: bool(passing)):
         param = params[layer]
         original = param.detach().clone()
         step_dir = original.norm() * unit_direction(directions[layer]).to(original)
         evaluator.prepare(layer)
 
-        def score(rho: float, sets: tuple[str, ...], at_least: dict | None = None, param=param, original=original, step_dir=step_dir,
-                  layer=layer) -> dict:
+        def score(rho: float, sets: tuple[str, ...], at_least: dict | None = None, at_most: dict | None = None, param=param, original=original,
+                  step_dir=step_dir, layer=layer) -> dict:
             kind_ = "forget" if sets == ("forget",) else "guard"  # guard: the retain and/or other-kind set
             t = time.perf_counter()
             with torch.no_grad():
                 param.copy_(original + rho * step_dir)
             try:
-                return evaluator.evaluate(layer, sets, at_least=at_least) if at_least else evaluator.evaluate(layer, sets)
+                stops = {k: v for k, v in (("at_least", at_least), ("at_most", at_most)) if v}  # only an evaluator that stops early takes them
+                return evaluator.evaluate(layer, sets, **stops)
             finally:
                 with torch.no_grad():
                     param.copy_(original)
@@ -510,10 +522,18 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
                 times[f"evals_{kind_}"] += 1
 
         def evaluate(rho: float, score=score) -> dict:
-            result = score(rho, ("forget",))
+            result = score(rho, ("forget",), at_most=give_up_above)
             if cfg.evaluate == "all":
                 return result | score(rho, GUARD_SETS) | {"scored": "all"}
-            return result | {k: None for k in ACCURACY_KEYS if not k.startswith("forget")} | {"scored": "forget"}
+            above = result["forget_top1"] is None
+            return result | {k: None for k in ACCURACY_KEYS if not k.startswith("forget")} | {"scored": "forget_above" if above else "forget"}
+
+        def refill(row: dict, score=score) -> dict:
+            """Score whole the forget set of a row that gave it up (`forget_above`)."""
+            if row["scored"] == "forget_above":
+                row.update(score(row["rho"], ("forget",)), scored="forget")
+                row.pop("forget_at_least", None)
+            return row
 
         def complete(row: dict, full: bool = False, score=score) -> dict:
             """Score the guard sets of a row that has only the forget figures: the target kind's
@@ -536,6 +556,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
             return row
 
         scorers[layer] = complete
+        refills[layer] = refill
         steps = search_step(evaluate, lambda r: forget_ok(r, cfg, kind), cfg.rho_start, cfg.rho_max, cfg.evals_per_layer, cfg.rho_tolerance)
         passed = [s for s in steps if s.forget_ok]
         if passed and cfg.rho_margin != 1.0:
@@ -568,10 +589,16 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         return rows, {**choice, "converged": True}
     if not rows:
         raise UnlearnError("no layer to search: the Pareto fronts are empty")
+    # rows that gave their forget set up: scored whole where they could tie the best forget figures (all of them for the guard rule)
+    known = [r["forget_top1"] for r in rows if r["forget_top1"] is not None]
+    for r in rows:
+        if r["scored"] == "forget_above" and (cfg.fallback == "guard" or not known or r["forget_at_least"] <= min(known) + 1e-9):
+            refills[r["layer"]](r)
+    rows_known = [r for r in rows if r["forget_top1"] is not None]
     if cfg.fallback == "guard":
         # no layer passes: the step that forgets most among those within the guard (utility, then the smaller rho, breaking ties)
-        for figures in sorted({(r["forget_top1"], r["forget_top5"]) for r in rows}):
-            tied = [scorers[r["layer"]](r) for r in rows if (r["forget_top1"], r["forget_top5"]) == figures]
+        for figures in sorted({(r["forget_top1"], r["forget_top5"]) for r in rows_known}):
+            tied = [scorers[r["layer"]](r) for r in rows_known if (r["forget_top1"], r["forget_top5"]) == figures]
             within = [r for r in tied if r["guard_ok"]]
             if within:
                 best = max(within, key=lambda r: (utility_score(r), -r["rho"]))
@@ -580,11 +607,11 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
                 return rows, {**best, "converged": False, "fallback": "guard"}
         log.warning("no step of the search is within the guard, not even the smallest; keeping the step that forgets most")
     # no layer passes: the best step by forget figures, utility breaking ties (scored now where it was not)
-    least = min((r["forget_top1"], r["forget_top5"]) for r in rows)
-    for r in rows:
+    least = min((r["forget_top1"], r["forget_top5"]) for r in rows_known)
+    for r in rows_known:
         if (r["forget_top1"], r["forget_top5"]) == least:
             scorers[r["layer"]](r, full=True)
-    best = min((r for r in rows if r["scored"] == "all"), key=lambda r: (r["forget_top1"], r["forget_top5"], -utility_score(r), r["rho"]))
+    best = min((r for r in rows_known if r["scored"] == "all"), key=lambda r: (r["forget_top1"], r["forget_top5"], -utility_score(r), r["rho"]))
     return rows, {**best, "converged": False, "fallback": "forget"}
 
 

@@ -3,6 +3,7 @@ every stage (DDIM steps, guidance and seeds are params), each image classified b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,18 +21,44 @@ class SampleConfig:
     batch_size: int = 252
 
 
+def initial_noise(pipe, n: int, cfg: SampleConfig, seed: int, size: int) -> torch.Tensor:
+    """The starting latents of `n` drawings: batch k of `cfg.batch_size` from generator seed + k,
+    drawn as the pipeline draws them itself (`randn_tensor` on a CPU generator, the text
+    encoder's dtype), so a drawing depends only on its position, not on how the set is cut."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    side = size // pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, side, side)
+    return torch.cat([randn_tensor((min(cfg.batch_size, n - s), *shape), generator=torch.Generator(device="cpu").manual_seed(seed + k),
+                                   device=torch.device("cpu"), dtype=pipe.text_encoder.dtype)
+                      for k, s in enumerate(range(0, n, cfg.batch_size))])
+
+
 @torch.no_grad()
+def draw(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int, cuts: list[int] | None = None) -> Iterator[torch.Tensor]:
+    """The drawings of `generate`, one pipeline call per part: images in [-1, 1] (n, 3, size,
+    size) for the prompts between consecutive `cuts` (default: every `cfg.batch_size`).  The noise
+    is `initial_noise`'s whatever the cuts; a call of another size may round differently in BLAS,
+    so callers that stop early cut the same way whether or not they stop."""
+    noise = initial_noise(pipe, len(prompts), cfg, seed, size)
+    cuts = cuts if cuts is not None else [*range(0, len(prompts), cfg.batch_size), len(prompts)]
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        images = pipe(prompts[a:b], height=size, width=size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                      latents=noise[a:b].to(pipe._execution_device), output_type="pt").images
+        yield images.float().cpu() * 2 - 1
+
+
+def equal_cuts(n: int, most: int) -> list[int]:
+    """Cut points of `n` items into the fewest equal parts (sizes differing by at most one) of at
+    most `most` each: [0, ..., n]."""
+    parts = max(1, -(-n // max(1, most)))
+    return [int(idx[0]) for idx in torch.arange(n).tensor_split(parts)] + [n] if n else [0]
+
+
 def generate(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int) -> torch.Tensor:
-    """Images in [-1, 1] (N, 3, size, size); batch k draws its noise from generator seed + k, so
-    an image depends only on its prompt's position, not on what else is drawn (up to float rounding:
-    a smaller batch may round differently in BLAS)."""
-    out = []
-    for k, s in enumerate(range(0, len(prompts), cfg.batch_size)):
-        gen = torch.Generator(device="cpu").manual_seed(seed + k)
-        images = pipe(prompts[s : s + cfg.batch_size], height=size, width=size, num_inference_steps=cfg.steps,
-                      guidance_scale=cfg.guidance, generator=gen, output_type="pt").images
-        out.append(images.float().cpu() * 2 - 1)
-    return torch.cat(out)
+    """Images in [-1, 1] (N, 3, size, size), `cfg.batch_size` per pipeline call; batch k draws
+    its noise from generator seed + k (`initial_noise`)."""
+    return torch.cat(list(draw(pipe, prompts, cfg, seed, size)))
 
 
 def answer_set(templates: Templates, per_prompt: int, axes: Axes) -> tuple[list[str], torch.Tensor, torch.Tensor]:

@@ -17,6 +17,12 @@ the keys SLUG's search reads:
 A drawing has no top 5, so `_top5` repeats `_top1`.  UA = 1 - forget.  The retain and utility
 sets are the same drawings: they are drawn once per state of the text encoder (the search scores
 them in two calls), and drawn again only when a text-encoder tensor changed.
+
+Each set is drawn and judged in parts, always cut the same way (`SdEvaluator.cuts`): the forget
+set one round of its prompts per pipeline call, the rest in equal parts of at most `chunk`
+drawings.  So the search can ask (`stops_early`) to give up the forget set as soon as more
+drawings show the target than its ceiling allows, and the retain set as soon as its floor is out
+of reach, and a set that is drawn whole has the same figures either way.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from unlearn.errors import UnlearnError
 from unlearn.sd.data import Axes, Templates
-from unlearn.sd.evaluate import SampleConfig, generate
+from unlearn.sd.evaluate import SampleConfig, draw, equal_cuts
 from unlearn.sd.judges import Judges
 from unlearn.sd.model import check_text_encoder
 
@@ -138,18 +144,34 @@ def mix_prompt_moments(clip, moments: dict[str, torch.Tensor], prompts: list[str
     return {**moments, **{n: (1 - weight) * moments[n] + weight * ours[n].to(moments[n]) for n in text}}
 
 
+CHUNK_CPU = 32  # drawings per pipeline call in the search's parts on a CPU (drawings/s is flat from 8 to 224 there)
+
+
 class SdEvaluator:
     """The search's evaluator over a pipeline (see the module doc); every call draws afresh."""
 
+    stops_early = ("forget", "retain")  # `evaluate` takes `at_most` for the forget set and `at_least` for the retain set
+
     def __init__(self, pipe, judges: Judges, target: Target, templates: Templates, sample: SampleConfig, per_prompt: int, seed: int, size: int,
-                 name_as: str | None = None, forget_per_prompt: int | None = None):
+                 name_as: str | None = None, forget_per_prompt: int | None = None, chunk: int | None = None):
         self.pipe, self.judges, self.target, self.sample, self.seed, self.size = pipe, judges, target, sample, seed, size
         if judges.axes != target.axes:
             raise UnlearnError(f"the judges answer over other axes than the target {target.name!r} ({judges.axes.describe()}); "
                                "take the target from the judges' axes")
         self.sets = prompt_sets(target, templates, per_prompt, name_as, forget_per_prompt)
+        self.chunk = chunk or (CHUNK_CPU if pipe._execution_device.type == "cpu" else sample.batch_size)
         self.images: dict[str, torch.Tensor] = {}
         self._rest_state: bytes | None = None
+        self._rest_pred: dict[str, torch.Tensor] = {}
+
+    def cuts(self, which: str) -> list[int]:
+        """Where the set `which` (forget | rest) is cut into pipeline calls: the forget set one
+        round of its prompts (one drawing of each) per call, or fewer prompts if a round is
+        longer than `chunk`; the rest set in equal parts of at most `chunk`."""
+        prompts = self.sets[which][0]
+        if which == "forget":
+            return equal_cuts(len(prompts), min(self.chunk, len(set(prompts))))
+        return equal_cuts(len(prompts), self.chunk)
 
     def _text_state(self) -> bytes:
         """A digest of every text-encoder tensor: the drawings are a function of it (UNet,
@@ -174,21 +196,56 @@ class SdEvaluator:
         _, o, s = self.sets[which]
         return o if axis == "object" else s
 
-    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = ("forget", "retain", "utility"), reference: bool = False) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def _drawn(self, which: str, seed: int, axes: tuple[str, ...], stop=None):
+        """Draw the set `which` part by part (`cuts`), judging each part on `axes`: (images,
+        {axis: predictions}, right), right the drawings the first axis's judge got right; images
+        and predictions None if `stop(right, seen, n)` said, before the last part, that the rest
+        cannot change the caller's verdict."""
+        prompts = self.sets[which][0]
+        labels = self.labels(which, axes[0])
+        cuts = self.cuts(which)
+        images, preds, right, seen = [], {a: [] for a in axes}, 0, 0
+        for x in draw(self.pipe, prompts, self.sample, seed, self.size, cuts):
+            images.append(x)
+            for a in axes:
+                preds[a].append(self.judges[a].predict(x))
+            right += int((preds[axes[0]][-1] == labels[seen : seen + len(x)]).sum())
+            seen += len(x)
+            if stop is not None and seen < len(prompts) and stop(right, seen, len(prompts)):
+                return None, None, right
+        return torch.cat(images), {a: torch.cat(p) for a, p in preds.items()}, right
+
+    def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = ("forget", "retain", "utility"), reference: bool = False,
+                 at_least: dict[str, float] | None = None, at_most: dict[str, float] | None = None) -> dict:
+        """The figures of `sets` (see the module doc).  `at_most` {"forget": ceiling}: give the
+        forget set up as soon as more of its drawings show the target than `ceiling` allows (its
+        figures None, `forget_at_least` the share seen so far over the whole set); `at_least`
+        {"retain": floor}: give the retain set up as soon as even every drawing left being right
+        cannot reach `floor` (its figures None, `retain_below` True).  Figures of a set drawn
+        whole are the same with or without these."""
+        out: dict = {}
         t = self.target
         if "forget" in sets:
-            x = self.images["forget"] = generate(self.pipe, self.sets["forget"][0], self.sample, self.seed, self.size)
-            pred = self.judges[t.axis].predict(x)
-            out["forget_top1"] = out["forget_top5"] = float((pred == self.labels("forget", t.axis)).float().mean())
+            ceiling = (at_most or {}).get("forget")
+            stop = None if ceiling is None else (lambda right, seen, n: right / n > ceiling + 1e-9)
+            images, preds, hits = self._drawn("forget", self.seed, (t.axis,), stop)
+            if images is None:
+                out.update(forget_top1=None, forget_top5=None, forget_at_least=hits / len(self.sets["forget"][0]))
+            else:
+                self.images["forget"] = images
+                out["forget_top1"] = out["forget_top5"] = float((preds[t.axis] == self.labels("forget", t.axis)).float().mean())
         if "retain" in sets or "utility" in sets:
             state = self._text_state()
             if state != self._rest_state:
-                self.images["rest"], self._rest_state = generate(self.pipe, self.sets["rest"][0], self.sample, self.seed + 1, self.size), state
-            x = self.images["rest"]
+                floor = (at_least or {}).get("retain") if "retain" in sets else None
+                stop = None if floor is None else (lambda right, seen, n: (right + n - seen) / n < floor - 1e-12)
+                images, preds, _ = self._drawn("rest", self.seed + 1, (t.axis, t.other), stop)
+                if images is None:
+                    return out | {"retain_top1": None, "retain_top5": None, "retain_below": True}
+                self.images["rest"], self._rest_pred, self._rest_state = images, preds, state
             for key, axis in (("retain", t.axis), ("utility", t.other)):
                 if key in sets:
-                    pred = self.judges[axis].predict(x)
+                    pred = self._rest_pred[axis]
                     out[f"{key}_top1"] = out[f"{key}_top5"] = float((pred == self.labels("rest", axis)).float().mean())
         return out
 
