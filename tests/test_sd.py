@@ -148,7 +148,8 @@ def test_drawings_start_from_the_pipelines_own_noise_however_the_set_is_cut(pipe
     """`generate` hands the pipeline the noise it would draw itself (`initial_noise`: the same
     bits as the pipeline's own generator); cut into other parts, each drawing starts from the same
     noise, so the images agree up to BLAS rounding."""
-    from unlearn.sd.evaluate import draw, equal_cuts, initial_noise
+    from unlearn.eval.parts import equal_cuts
+    from unlearn.sd.evaluate import draw, initial_noise
 
     prompts = [D.Templates().prompt(o, s) for o in D.OBJECT_AXIS[:3] for s in D.STYLE_AXIS[:3]]  # 9 prompts
     cfg = SampleConfig(steps=2, batch_size=4)

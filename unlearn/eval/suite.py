@@ -28,6 +28,7 @@ from unlearn.data.canvas import read_canvas
 from unlearn.data.curate import Concept
 from unlearn.data.evalsets import LabelledImages, read_celeba, read_imagenet
 from unlearn.errors import UnlearnError
+from unlearn.eval.parts import equal_parts
 from unlearn.eval.zeroshot import (
     IDENTITY_TEMPLATES,
     SIMPLE_IMAGENET_TEMPLATES,
@@ -186,7 +187,7 @@ class Evaluator:
     def _chunks(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """`x` in chunks of at most `chunk_size` images, of equal size within one image (no
         small last chunk, whose kernels could differ)."""
-        return torch.tensor_split(x, max(1, -(-x.shape[0] // self.chunk_size)))
+        return torch.tensor_split(x, equal_parts(x.shape[0], self.chunk_size))
 
     def _resuming(self, states: torch.Tensor, block: int) -> Iterator[torch.Tensor]:
         """Image embeddings from the cached states entering `block`, one chunk at a time."""

@@ -590,9 +590,9 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     if not rows:
         raise UnlearnError("no layer to search: the Pareto fronts are empty")
     # rows that gave their forget set up: scored whole where they could tie the best forget figures (all of them for the guard rule)
-    known = [r["forget_top1"] for r in rows if r["forget_top1"] is not None]
+    least_known = min((r["forget_top1"] for r in rows if r["forget_top1"] is not None), default=None)
     for r in rows:
-        if r["scored"] == "forget_above" and (cfg.fallback == "guard" or not known or r["forget_at_least"] <= min(known) + 1e-9):
+        if r["scored"] == "forget_above" and (cfg.fallback == "guard" or least_known is None or r["forget_at_least"] <= least_known + 1e-9):
             refills[r["layer"]](r)
     rows_known = [r for r in rows if r["forget_top1"] is not None]
     if cfg.fallback == "guard":

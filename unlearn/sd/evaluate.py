@@ -48,13 +48,6 @@ def draw(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int, cuts
         yield images.float().cpu() * 2 - 1
 
 
-def equal_cuts(n: int, most: int) -> list[int]:
-    """Cut points of `n` items into the fewest equal parts (sizes differing by at most one) of at
-    most `most` each: [0, ..., n]."""
-    parts = max(1, -(-n // max(1, most)))
-    return [int(idx[0]) for idx in torch.arange(n).tensor_split(parts)] + [n] if n else [0]
-
-
 def generate(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int) -> torch.Tensor:
     """Images in [-1, 1] (N, 3, size, size), `cfg.batch_size` per pipeline call; batch k draws
     its noise from generator seed + k (`initial_noise`)."""

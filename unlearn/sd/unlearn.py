@@ -35,7 +35,8 @@ import torch
 
 from unlearn.errors import UnlearnError
 from unlearn.sd.data import Axes, Templates
-from unlearn.sd.evaluate import SampleConfig, draw, equal_cuts
+from unlearn.eval.parts import equal_cuts
+from unlearn.sd.evaluate import SampleConfig, draw
 from unlearn.sd.judges import Judges
 from unlearn.sd.model import check_text_encoder
 
