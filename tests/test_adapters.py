@@ -171,7 +171,9 @@ def test_one_pass_hidden_states_are_each_blocks_own_bit_for_bit(model, batch):
 def test_chunks_give_the_bits_of_one_batch(model):
     """The evaluator reads the one-pass cache and runs cached states through the rest of the
     tower in equal chunks of at most `CHUNK_CPU` images (`Evaluator._chunks`): per image the same
-    bits as in one batch, for every block (the search's figures must not depend on the chunking)."""
+    bits as in one batch, for every block, and so in chunks of the images in another order (the
+    evaluator scores a set it may give up hardest images first): the search's figures must not
+    depend on the chunking or the order."""
     from unlearn.eval.suite import CHUNK_CPU
 
     size = model.preprocess(Image.new("RGB", (64, 64))).shape[-1]
@@ -188,6 +190,9 @@ def test_chunks_give_the_bits_of_one_batch(model):
             chunks = torch.tensor_split(states[b], k)
             assert min(len(c) for c in chunks) > CHUNK_CPU // 2
             assert torch.equal(torch.cat([model.encode_images_from(c, b) for c in chunks]), whole), b
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(b))
+            shuffled = torch.cat([model.encode_images_from(c, b) for c in torch.tensor_split(states[b][order], k)])
+            assert torch.equal(shuffled[torch.argsort(order)], whole), b
 
 
 def test_input_moments_of_linear_and_layernorm_candidates(model, batch):

@@ -1,6 +1,7 @@
 """SLUG's parts: the one-pass gradient, the edit direction, the Pareto front, the step search,
 the cached evaluator, gradient and patch files."""
 
+import dataclasses
 import json
 import random
 
@@ -12,6 +13,7 @@ from tests.conftest import direct_gradient
 from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, concept_tasks, split_part
+from unlearn.eval.zeroshot import class_embeddings, load_images, top1_hits
 from unlearn.methods import slug
 from unlearn.models import openclip as oc
 from unlearn.params import as_config
@@ -526,6 +528,37 @@ def test_a_set_that_cannot_reach_its_floor_is_given_up_chunk_by_chunk(trained, t
         below = ev.evaluate(layer, ("retain",), at_least={"retain": 1.0})
         assert below == {"retain_top1": None, "retain_top5": None, "retain_below": True}
         assert len(calls) < n_chunks  # given up before the last chunk
+    finally:
+        with torch.no_grad():
+            p.copy_(original)
+    # once an edit has missed some images they are scored first, ahead of the order by the base
+    # model's margins: a step that misses them again is given up in the first chunks.  On labels
+    # the unedited model gets all right (its own predictions), a mild edit that misses a few
+    # images that are not the smallest-margin ones, found by an independent full forward
+    images = load_images(trained, tasks.retain.paths)
+    classes = class_embeddings(trained, tasks.retain.classnames, tasks.retain.templates)
+    with torch.no_grad():
+        logits = trained.encode_images(images) @ classes.T
+    own = dataclasses.replace(tasks, retain=dataclasses.replace(tasks.retain, labels=logits.argmax(dim=1).tolist()))
+    ev = Evaluator(trained, own, batch_size=16, chunk_size=4)
+    assert ev.evaluate(reference=True)["retain_top1"] == 1.0
+    ev.prepare(layer)
+    n, y = len(images), torch.as_tensor(own.retain.labels)
+    by_margin = ev._hardest_first("retain").tolist()
+    try:
+        for seed in range(20):
+            with torch.no_grad():
+                p.copy_(original + torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * original.std())
+                missed = {i for i, hit in enumerate(top1_hits(trained.encode_images(images), classes, y)) if not hit}
+            if 2 <= len(missed) <= n // 2 and set(by_margin[: len(missed)]) != missed:
+                break
+        assert 2 <= len(missed) <= n // 2 and set(by_margin[: len(missed)]) != missed
+        scored = ev.evaluate(layer, ("retain",))
+        assert round((1 - scored["retain_top1"]) * n) == len(missed)
+        assert set(ev._hardest_first("retain")[: len(missed)].tolist()) == missed
+        calls[:] = []
+        assert ev.evaluate(layer, ("retain",), at_least={"retain": scored["retain_top1"] + 0.5 / n})["retain_below"]
+        assert sum(calls) <= 4 * -(-len(missed) // 4) < n  # every miss seen: given up in the first chunks
     finally:
         with torch.no_grad():
             p.copy_(original)

@@ -35,6 +35,7 @@ from unlearn.eval.zeroshot import (
     STYLE_TEMPLATES,
     class_embeddings,
     load_images,
+    top1_hits,
     topk_accuracy,
 )
 from unlearn.models.adapter import Adapter
@@ -176,6 +177,8 @@ class Evaluator:
         self._class_emb: dict[str, torch.Tensor] = {}            # unedited class embeddings, per domain (own, other)
         self._hidden: dict[tuple[int, str], torch.Tensor] = {}   # unedited hidden states at a vision block, per set
         self._all_blocks: list[int] | None = None                # the blocks read in one pass, if they fit (decided on first need)
+        self._margin_order: dict[str, torch.Tensor] = {}         # per set, its images by the unedited model's top-1 margin
+        self._misses: dict[str, torch.Tensor] = {}               # per set, how often each image was missed after an edit so far
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -215,18 +218,41 @@ class Evaluator:
         return self._hidden[(block, name)]
 
     @torch.no_grad()
-    def _encode_until(self, name: str, block: int, class_emb: torch.Tensor, floor: float) -> torch.Tensor | None:
-        """`_encode_images(name, block)`, chunk by chunk, or None as soon as the set's top-1 (as
-        `evaluate` rounds it) can no longer reach `floor` even if every image left were right."""
-        labels = getattr(self.tasks, name).labels
+    def _encode_until(self, name: str, block: int, class_emb: torch.Tensor, floor: float | None = None) -> torch.Tensor | None:
+        """`_encode_images(name, block)`, chunk by chunk in `_hardest_first` order (noting each
+        image missed), or None as soon as the set's top-1 (as `evaluate` rounds it) can no longer
+        reach `floor` even if every image left were right."""
+        labels = torch.as_tensor(list(getattr(self.tasks, name).labels))
+        order = self._hardest_first(name)
+        states, labels = self._states(name, block)[order], labels[order]
         right, seen, parts = 0, 0, []
-        for emb in self._resuming(self._states(name, block), block):
+        for emb in self._resuming(states, block):
             parts.append(emb)
-            right += round(topk_accuracy(emb, class_emb, labels[seen : seen + len(emb)])[1] * len(emb))  # as the full scoring ranks
+            hits = top1_hits(emb, class_emb, labels[seen : seen + len(emb)])  # as the full scoring ranks
+            self._misses[name][order[seen : seen + len(emb)]] += ~hits
+            right += int(hits.sum())
             seen += len(emb)
-            if round((right + len(labels) - seen) / len(labels), 6) < floor:
+            if floor is not None and round((right + len(labels) - seen) / len(labels), 6) < floor:
                 return None
-        return torch.cat(parts)
+        return torch.cat(parts)[torch.argsort(order)]  # back in the set's order
+
+    def _hardest_first(self, name: str) -> torch.Tensor:
+        """The order `_encode_until` scores set `name` in, so that a step that costs more images
+        than the floor allows is given up in the set's first chunks rather than its last: the
+        images missed most often by the edits scored so far first, then by the unedited model's
+        top-1 margin (the true class's logit less the best other one), smallest first.  Each
+        image's embedding is the same bits in any chunk (a contract test of every family), so
+        the figures of a set scored to the end do not depend on the order."""
+        labels = getattr(self.tasks, name).labels
+        misses = self._misses.setdefault(name, torch.zeros(len(labels), dtype=torch.long))
+        emb, cls = self._image_emb.get(name), self._class_emb.get(self._domain(name))
+        if name not in self._margin_order and emb is not None and cls is not None:
+            logits = emb @ cls.T.to(emb)
+            y = torch.as_tensor(list(labels))[:, None]
+            margin = logits.gather(1, y)[:, 0] - logits.scatter(1, y, float("-inf")).amax(dim=1)
+            self._margin_order[name] = torch.sort(margin, stable=True).indices
+        by_margin = self._margin_order.get(name, torch.arange(len(labels)))  # before the reference evaluation: the set's own order
+        return by_margin[torch.sort(-misses[by_margin], stable=True).indices]
 
     def _cached_blocks(self) -> list[int]:
         """The vision blocks whose states are read in one pass and kept: every block an edit of
@@ -321,7 +347,7 @@ class Evaluator:
             else:
                 block, class_emb = self.adapter.image_block_of(edited), self._cached_classes(name)
                 floor = (at_least or {}).get(name)
-                image_emb = self._encode_images(name, block) if floor is None else self._encode_until(name, block, class_emb, floor)
+                image_emb = self._encode_until(name, block, class_emb, floor)
                 if image_emb is None:
                     out[f"{name}_top1"] = out[f"{name}_top5"] = None
                     out[f"{name}_below"] = True

@@ -56,6 +56,11 @@ def image_embeddings(adapter: Adapter, paths: Sequence[Path], batch_size: int = 
     return torch.cat(chunks)
 
 
+def top1_hits(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per image, whether its label has the highest logit, ranked exactly as `topk_accuracy` ranks."""
+    return (100.0 * image_emb @ class_emb.T.to(image_emb)).topk(min(5, class_emb.shape[0]), dim=-1).indices[:, 0] == labels
+
+
 def topk_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Fraction of images whose label is among the k highest logits (100 * v . W)."""
     logits = 100.0 * image_emb @ class_emb.T.to(image_emb)
