@@ -38,7 +38,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
-from unlearn.eval.suite import Evaluator, concept_tasks  # noqa: E402
+from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
 from unlearn.methods.registry import chunks, run_method  # noqa: E402
 from unlearn.methods.retain_stats import compute_retain_stats  # noqa: E402
 from unlearn.methods.slug import find_edit, forget_gradient, slug_config  # noqa: E402
@@ -80,10 +80,12 @@ def main() -> None:
             curate_forget("data/laion", c, cur["forget_max"], cur["seed"], Path(tmp, c.slug), ())
             forget_sets[c.name] = load_pairs(adapter, str(Path(tmp, c.slug)))
     forget_gradient(adapter, chunks(forget_sets[table[0].name], grad_batch))  # warm-up: the first backward pass pays for allocation
+    # the unedited model's reference pass over the validation images, shared by every concept's search (the first one reads it)
+    base_pass = SharedBase()
     for c in table:
         forget = forget_sets[c.name]
         _, floor = timed(lambda f=forget: forget_gradient(adapter, chunks(f, grad_batch)))
-        evaluator = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
+        evaluator = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch, shared=base_pass)
         (edit, t), _ = timed(lambda f=forget, e=evaluator, k=c.kind: find_edit(adapter, lambda: chunks(f, grad_batch), stats, e, k, cfg.rank, cfg.search))
         kept = t["eval_guard"] / max(edit.times["evals_guard"], 1)  # one guard scoring: what a kept step costs
         row = {"concept": c.name, "pairs": int(forget[0].shape[0]), "floor_s": floor, **{f"{k}_s": v for k, v in t.items()},
@@ -123,7 +125,7 @@ def main() -> None:
             with torch.no_grad():
                 for n, p in adapter.model.named_parameters():
                     p.copy_(base_state[n])
-            ev = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
+            ev = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch, shared=base_pass)
             if m == "slug":
                 edit, t = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
                 status, seconds = ("ok" if edit.converged else "not_converged"), t["unlearn"]

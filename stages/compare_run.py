@@ -18,7 +18,7 @@ from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.data.curate import resolve_concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.mia import ConceptAttack
-from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, concept_tasks
+from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, SharedBase, concept_tasks
 from unlearn.io import atomic_outputs, read_json
 from unlearn.methods.registry import changed_bytes, check_method, chunks, methods, run_method
 from unlearn.methods.retain_stats import load_retain_stats
@@ -31,7 +31,7 @@ MODEL, EVAL, DATA, RETAIN, STATS = "models/base", "data/eval", "data/compare", "
 log = logging.getLogger("compare_run")
 
 
-def run_concept(method: str, concept, p, device: str, retain_stats) -> dict:
+def run_concept(method: str, concept, p, device: str, retain_stats, shared: SharedBase) -> dict:
     adapter = load(MODEL, device=device)
     base_state = {n: t.detach().cpu().clone() for n, t in adapter.model.named_parameters()}
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
@@ -50,7 +50,7 @@ def run_concept(method: str, concept, p, device: str, retain_stats) -> dict:
         return test.evaluate() | {"mia": attack(adapter)["mean"]}
 
     base = report()
-    outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size), concept.kind, p(method), grad_batch,
+    outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size, shared=shared), concept.kind, p(method), grad_batch,
                          retain_stats)
     row = {"concept": concept.name, "method": method, "status": outcome.status, "epoch": outcome.epoch, "time_s": outcome.time_s,
            **outcome.details, "epochs": outcome.epochs, "base": base}
@@ -76,7 +76,8 @@ def main() -> None:
     stats = None
     if method == "slug":
         stats = load_retain_stats(STATS, load(MODEL, device=device), MODEL, f"{RETAIN}/manifest.json")[0]
-    rows = [run_concept(method, c, p, device, stats) for c in concepts]
+    shared = SharedBase()  # the unedited model's reference pass over the validation images, read by the first concept's search
+    rows = [run_concept(method, c, p, device, stats, shared) for c in concepts]
     with atomic_outputs(f"metrics/compare/{method}.json") as (out,):
         write_metrics(out, {"method": method, "params": p(method), "rows": rows, "peak_memory_mb": peak_memory_mb()}, f"compare_run@{method}")
 

@@ -566,3 +566,44 @@ def test_a_set_that_cannot_reach_its_floor_is_given_up_chunk_by_chunk(trained, t
     text = "transformer.resblocks.0.attn.out_proj.weight"
     ev.prepare(text)
     assert ev.evaluate(text, ("retain",), at_least={"retain": 1.0}) == ev.evaluate(text, ("retain",))
+
+
+def test_a_shared_base_pass_is_read_once_for_every_concept_and_changes_no_figure(trained, tiny_world, monkeypatch):
+    """`SharedBase`: the second concept's reference evaluation reads no image through the tower
+    (its sets are the first one's images), every figure, cached state and search step equals an
+    unshared evaluator's, and a model with other weights is refused."""
+    from unlearn.eval.suite import SharedBase
+
+    concepts = [Concept("Elon Musk", "identity"), Concept("Taylor Swift", "identity")]
+    tasks = [concept_tasks(tiny_world / "eval", c, "val", 0.34, 0) for c in concepts]
+    shared = SharedBase()
+    reads = []
+    hiddens = type(trained).image_hiddens
+    monkeypatch.setattr(type(trained), "image_hiddens", lambda self, x, blocks: reads.append(len(x)) or hiddens(self, x, blocks))
+    layer = "visual.transformer.resblocks.1.mlp.c_fc.weight"
+    p = dict(trained.model.named_parameters())[layer]
+    original = p.detach().clone()
+    for k, t in enumerate(tasks):
+        alone, together = Evaluator(trained, t, batch_size=16, chunk_size=4), Evaluator(trained, t, batch_size=16, chunk_size=4, shared=shared)
+        reads[:] = []
+        base = together.evaluate(reference=True)
+        assert (sum(reads) > 0) == (k == 0)  # the first concept reads every image once, the second none
+        assert base == alone.evaluate(reference=True)
+        for ev in (alone, together):
+            ev.prepare(layer)
+        assert all(torch.equal(alone._hidden[key], together._hidden[key]) for key in alone._hidden) and alone._hidden.keys() == together._hidden.keys()
+        try:
+            with torch.no_grad():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(k)) * original.std())
+            assert together.evaluate(layer) == alone.evaluate(layer)
+        finally:
+            with torch.no_grad():
+                p.copy_(original)
+    try:
+        with torch.no_grad():
+            p.mul_(1.5)
+        with pytest.raises(RuntimeError, match="other weights"):
+            Evaluator(trained, tasks[0], batch_size=16, shared=shared).evaluate(reference=True)
+    finally:
+        with torch.no_grad():
+            p.copy_(original)

@@ -135,6 +135,40 @@ HIDDEN_CACHE_BYTES = 1 << 30  # every vision block's hidden states of every set 
 CHUNK_CPU = 64
 
 
+def weights_checksum(adapter: Adapter) -> torch.Tensor:
+    """Per parameter tensor, its sum and its sum of absolute values in float64: a cheap check
+    that two models hold the same weights (not a cryptographic hash; any edit changes it)."""
+    with torch.no_grad():
+        return torch.stack([torch.stack((p.double().sum(), p.double().abs().sum())) for p in adapter.model.parameters()]).cpu()
+
+
+class SharedBase:
+    """The unedited model's reference pass, shared by the `Evaluator`s of several concepts of one
+    model in one process (the comparison's concepts, a bench over every identity): per image
+    path its states entering every cached vision block and its embedding, per (classes,
+    templates) the class embeddings.  The concepts of a kind draw their forget, retain and
+    other-kind sets from the same evaluation images, so the first concept's reference pass
+    reads them all and each later concept's costs only what its sets add (nothing, on the
+    default world): like the retain statistics, a cost per model, not per concept.  Each image
+    is the same bits in any chunk (a contract test of every family), so the figures do not
+    change.  It keeps the checksum of the weights it was read from and refuses another model's
+    (`weights_checksum`)."""
+
+    def __init__(self) -> None:
+        self.states: dict[Path, dict[int, torch.Tensor]] = {}
+        self.images: dict[Path, torch.Tensor] = {}
+        self.classes: dict[tuple, torch.Tensor] = {}
+        self.checksum: torch.Tensor | None = None
+
+    def check(self, adapter: Adapter) -> None:
+        """Call with the unedited model before reading or adding anything."""
+        now = weights_checksum(adapter)
+        if self.checksum is None:
+            self.checksum = now
+        elif not torch.equal(now, self.checksum):
+            raise RuntimeError("SharedBase was read from other weights than this model's: use one per model, and only while it is unedited")
+
+
 class Evaluator:
     """Forget / retain / utility top-1 and top-5 of a model on one part, with caches for edits.
 
@@ -157,8 +191,9 @@ class Evaluator:
     """
 
     def __init__(self, adapter: Adapter, tasks: ConceptTasks, batch_size: int = 256, hidden_cache_bytes: int | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, shared: SharedBase | None = None):
         self.adapter = adapter
+        self.shared = shared
         self.tasks = tasks
         self.batch_size = batch_size
         self.hidden_cache_bytes = HIDDEN_CACHE_BYTES if hidden_cache_bytes is None else hidden_cache_bytes
@@ -289,20 +324,52 @@ class Evaluator:
         """Every cached block's states for set `name`, one forward pass per batch (the model must
         be unedited)."""
         blocks = self._cached_blocks()
-        if blocks and (blocks[0], name) not in self._hidden:
+        if not blocks or (blocks[0], name) in self._hidden:
+            return
+        if self.shared is None:
             parts = [self.adapter.image_hiddens(x, blocks) for x in self._chunks(self._images[name])]
             for b in blocks:
                 self._hidden[(b, name)] = torch.cat([p[b].cpu() for p in parts])
+            return
+        self.shared.check(self.adapter)
+        paths, states = getattr(self.tasks, name).paths, self.shared.states
+        todo = [i for i, path in enumerate(paths) if not all(b in states.get(path, {}) for b in blocks)]
+        if todo:
+            parts = [self.adapter.image_hiddens(x, blocks) for x in self._chunks(self._images[name][todo])]
+            read = {b: torch.cat([p[b].cpu() for p in parts]) for b in blocks}
+            for j, i in enumerate(todo):
+                states.setdefault(paths[i], {}).update({b: read[b][j] for b in blocks})
+        for b in blocks:
+            self._hidden[(b, name)] = torch.stack([states[path][b] for path in paths])
 
     def _reference_images(self, name: str) -> torch.Tensor:
         """The unedited image embeddings of set `name`; with the one-pass cache, resumed from the
         last cached block's states, filling the cache on the way (the same bits as the full
         forward: a contract test of every family)."""
         blocks = self._cached_blocks()
-        if not blocks:
-            return self._encode_images(name, None)
+        if self.shared is None:
+            if not blocks:
+                return self._encode_images(name, None)
+            self._fill_hidden(name)
+            return self._resumed(self._hidden[(blocks[-1], name)], blocks[-1])
+        self.shared.check(self.adapter)
         self._fill_hidden(name)
-        return self._resumed(self._hidden[(blocks[-1], name)], blocks[-1])
+        paths, known = getattr(self.tasks, name).paths, self.shared.images
+        todo = [i for i, path in enumerate(paths) if path not in known]
+        if todo:
+            new = (self._resumed(self._hidden[(blocks[-1], name)][todo], blocks[-1]) if blocks
+                   else self._batched(self.adapter.encode_images, self._images[name][todo]))
+            known.update({paths[i]: new[j] for j, i in enumerate(todo)})
+        return torch.stack([known[path] for path in paths])
+
+    def _reference_classes(self, name: str) -> torch.Tensor:
+        task = getattr(self.tasks, name)
+        if self.shared is None:
+            return self._encode_classes(name)
+        key = (tuple(task.classnames), tuple(task.templates))
+        if key not in self.shared.classes:
+            self.shared.classes[key] = self._encode_classes(name)
+        return self.shared.classes[key]
 
     def _cached_images(self, name: str) -> torch.Tensor:
         if name not in self._image_emb:
@@ -342,7 +409,7 @@ class Evaluator:
                     image_emb = self._reference_images(name) if reference else self._encode_images(name, None)
                 d = self._domain(name)
                 if d not in fresh_classes:
-                    fresh_classes[d] = self._encode_classes(name)
+                    fresh_classes[d] = self._reference_classes(name) if reference and edited is None else self._encode_classes(name)
                 class_emb = fresh_classes[d]
             else:
                 block, class_emb = self.adapter.image_block_of(edited), self._cached_classes(name)
