@@ -219,6 +219,59 @@ def test_the_fallback_keeps_the_most_forgetting_step_or_the_most_forgetting_one_
         slug.SearchConfig(fallback="none")
 
 
+def test_a_step_that_cannot_be_chosen_over_the_best_so_far_is_given_up(adapter):
+    """Three layers forget from rho 0.3, each at its own guard figures, all within the guard:
+    the first (retain 0.94, other kind 0.95), the second a point lower on retain (0.93, 0.95),
+    the third best (0.95, 0.96).  With `evaluate: decisions` the second layer's margin step is
+    given up on the other-kind set as soon as it cannot reach the first's sum (`outranked`,
+    guard unknown) and its smallest passing step, which would lack the margin, is not scored at
+    all; the choice is the one `evaluate: all` makes scoring every step whole."""
+    params = dict(adapter.model.named_parameters())
+    layers = ["visual.proj", "text_projection", "visual.transformer.resblocks.0.mlp.c_fc.weight"]
+    originals = {n: params[n].detach().clone() for n in layers}
+    figures = dict(zip(layers, [(0.94, 0.95), (0.93, 0.95), (0.95, 0.96)]))
+
+    class Ranked:
+        stops_early = ("retain", "utility")
+
+        def __init__(self):
+            self.calls = []
+
+        def prepare(self, edited):
+            pass
+
+        def evaluate(self, edited=None, sets=("forget", "retain", "utility"), at_least=None):
+            moved = 0.0 if edited is None else float((params[edited].detach() - originals[edited]).norm() / originals[edited].norm())
+            retain, utility = figures[edited] if edited else (0.95, 0.96)
+            full = {"forget_top1": 0.0 if moved >= 0.3 else 0.5, "forget_top5": 0.0 if moved >= 0.3 else 1.0,
+                    "retain_top1": retain, "retain_top5": 1.0, "utility_top1": utility, "utility_top5": 1.0}
+            out = {}
+            for s in sets:
+                if edited is not None and s != "forget":
+                    self.calls.append((edited, round(moved, 3), s))
+                if (at_least or {}).get(s) is not None and full[f"{s}_top1"] < at_least[s]:
+                    out |= {f"{s}_top1": None, f"{s}_top5": None, f"{s}_below": True}
+                else:
+                    out |= {k: v for k, v in full.items() if k.startswith(s)}
+            return out
+
+    grads = {n: torch.ones_like(p) for n, p in params.items()}
+    cfg = slug.SearchConfig(max_layers=3, rho_start=0.1, rho_max=1.6, evals_per_layer=6)
+    runs = {}
+    for evaluate in ("all", "decisions"):
+        ev = Ranked()
+        rows, choice = slug.search_layers(adapter, ev, grads, layers, dataclasses.replace(cfg, evaluate=evaluate), ev.evaluate(), "identity")
+        runs[evaluate] = rows, choice, ev.calls
+    (_, full, all_calls), (rows, choice, calls) = runs["all"], runs["decisions"]
+    assert (choice["layer"], choice["rho"], choice["margin_ok"]) == (full["layer"], full["rho"], full["margin_ok"]) == (layers[2], choice["rho"], True)
+    second = [r for r in rows if r["layer"] == layers[1]]
+    margin, smallest = second[-1], min((r for r in second[:-1] if r["forget_ok"]), key=lambda r: r["rho"])
+    assert margin["scored"] == smallest["scored"] == "outranked" and margin["guard_ok"] is None and margin["utility_top1"] is None
+    assert [c for c in calls if c[0] == layers[1]] == [(layers[1], round(margin["rho"], 3), "retain"), (layers[1], round(margin["rho"], 3), "utility")]
+    assert len(calls) < len(all_calls)
+    assert all(torch.equal(params[n], originals[n]) for n in layers)
+
+
 @pytest.mark.parametrize("stop", ["all", "first"])
 def test_search_stop_first_skips_the_layers_after_the_first_that_passes(adapter, stop):
     class Passes:

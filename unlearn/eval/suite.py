@@ -382,7 +382,7 @@ class Evaluator:
             self._class_emb[d] = self._encode_classes(name)
         return self._class_emb[d]
 
-    stops_early = ("retain",)  # `evaluate` takes `at_least` for these sets (SLUG's search asks for it when an evaluator names a set here)
+    stops_early = ("retain", "utility")  # `evaluate` takes `at_least` for these sets (SLUG's search asks for it when an evaluator names a set here)
 
     @torch.no_grad()
     def evaluate(self, edited: str | None = None, sets: tuple[str, ...] = SETS, reference: bool = False,

@@ -500,6 +500,19 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     give_up_below = {"retain": retain_floor(base, cfg, kind)} if "retain" in stops else None
     # and the forget set as soon as it fails the criterion (FA@1 alone decides that: FA@5 >= FA@1 never rescues it)
     give_up_above = {"forget": cfg.forget_top1} if "forget" in stops and cfg.evaluate != "all" else None
+    utility_floor = base["utility_top1"] - getattr(cfg, BOUND[OTHER_KIND[kind]]) - 1e-9  # the guard's bound on the other kind's set
+
+    def to_beat(margin_ok: bool) -> float | None:
+        """The sum retain @1 + other-kind @1 a step must reach to be chosen over the best passing
+        step so far (ties kept: the smaller rho breaks them), None if any passing step would be;
+        inf if none can be (a step without the margin against a best with it).  Only with
+        `evaluate: decisions`: `all` scores every step whole."""
+        if not passing or cfg.evaluate == "all":
+            return None
+        best = max(passing, key=lambda r: (r["margin_ok"], utility_score(r), -r["rho"]))
+        if best["margin_ok"] != margin_ok:
+            return float("inf") if best["margin_ok"] else None
+        return best["retain_top1"] + best["utility_top1"] - 1e-9
     for layer in _widened(layers, widen, lambda: bool(passing)):
         param = params[layer]
         original = param.detach().clone()
@@ -535,23 +548,44 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
                 row.pop("forget_at_least", None)
             return row
 
-        def complete(row: dict, full: bool = False, score=score) -> dict:
+        def complete(row: dict, full: bool = False, margin_ok: bool = False, score=score) -> dict:
             """Score the guard sets of a row that has only the forget figures: the target kind's
             retain set first, the other kind's only if the retain bound holds (a row that fails
-            it is never chosen) or `full`.  Unless `full`, the retain set is given up as soon as
-            it cannot reach its bound (`scored: retain_below`, its figures None)."""
-            if row["scored"] == "retain_below" and full:
+            it is never chosen) or `full`.  Unless `full`, each set is given up as soon as it
+            cannot reach its bound (`scored: retain_below` / `utility_below`, its figures None,
+            where the evaluator can give the set up) or the figure the row would need to be
+            chosen over the best passing step so far, with or without the margin (`margin_ok`):
+            `scored: outranked`, its figures None and `guard_ok` unknown."""
+            if row["scored"] in ("retain_below", "utility_below", "outranked") and full:
                 row["scored"] = "forget"
+                row["guard_ok"] = None
+            need = None if full else to_beat(margin_ok)
+            if row["scored"] == "forget" and need == float("inf"):
+                row["scored"] = "outranked"  # no figure of its own could make it the choice: nothing scored
+                return row
             if row["scored"] == "forget":
-                got = score(row["rho"], ("retain",), None if full else give_up_below)
+                floors = dict(give_up_below or {})
+                if need is not None and "retain" in stops:
+                    floors["retain"] = max(floors.get("retain", -1.0), need - 1.0)  # even with every other-kind image right
+                got = score(row["rho"], ("retain",), None if full else floors or None)
                 if got.pop("retain_below", False):
-                    row.update(got, scored="retain_below", guard_ok=False)
+                    bound = (give_up_below or {}).get("retain")
+                    outranked = bound is None or floors["retain"] > bound
+                    row.update(got, scored="outranked" if outranked else "retain_below", guard_ok=None if outranked else False)
                     return row
                 row.update(got, scored="retain")
                 if not retain_bound_ok(row, base, cfg, kind):
                     row["guard_ok"] = False
             if row["scored"] == "retain" and (full or row["guard_ok"] is None):
-                row.update(score(row["rho"], ("utility",)), scored="all")
+                floors = {}
+                if not full and "utility" in stops:
+                    floors["utility"] = utility_floor if need is None else max(utility_floor, need - row["retain_top1"])
+                got = score(row["rho"], ("utility",), floors or None)
+                if got.pop("utility_below", False):
+                    outranked = floors["utility"] > utility_floor
+                    row.update(got, scored="outranked" if outranked else "utility_below", guard_ok=None if outranked else False)
+                    return row
+                row.update(got, scored="all")
                 row["guard_ok"] = guard_ok(row, base, cfg, kind)
             return row
 
@@ -573,7 +607,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
             # two can be kept, so only their guard sets are scored
             smallest = min((r for r in layer_rows[: len(layer_rows) - (cfg.rho_margin != 1.0)] if r["forget_ok"]), key=lambda r: r["rho"])
             margin = layer_rows[-1]
-            robust = cfg.rho_margin != 1.0 and margin["forget_ok"] and bool(complete(margin)["guard_ok"])
+            robust = cfg.rho_margin != 1.0 and margin["forget_ok"] and bool(complete(margin, margin_ok=True)["guard_ok"])
             final = {**(margin if robust else complete(smallest)), "margin_ok": robust}
             log.info("%s: rho %.4g (FA@1 %.3f, FA@5 %.3f, retain %s, utility %s, forget %s, guard %s)", layer, final["rho"],
                      final["forget_top1"], final["forget_top5"], _fmt(final["retain_top1"]), _fmt(final["utility_top1"]), final["forget_ok"],
