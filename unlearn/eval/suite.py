@@ -214,6 +214,7 @@ class Evaluator:
         self._all_blocks: list[int] | None = None                # the blocks read in one pass, if they fit (decided on first need)
         self._margin_order: dict[str, torch.Tensor] = {}         # per set, its images by the unedited model's top-1 margin
         self._misses: dict[str, torch.Tensor] = {}               # per set, how often each image was missed after an edit so far
+        self._shared_checked = False                             # the shared reference pass checked against this model's weights
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -331,7 +332,7 @@ class Evaluator:
             for b in blocks:
                 self._hidden[(b, name)] = torch.cat([p[b].cpu() for p in parts])
             return
-        self.shared.check(self.adapter)
+        self._check_shared()
         paths, states = getattr(self.tasks, name).paths, self.shared.states
         todo = [i for i, path in enumerate(paths) if not all(b in states.get(path, {}) for b in blocks)]
         if todo:
@@ -352,7 +353,7 @@ class Evaluator:
                 return self._encode_images(name, None)
             self._fill_hidden(name)
             return self._resumed(self._hidden[(blocks[-1], name)], blocks[-1])
-        self.shared.check(self.adapter)
+        self._check_shared()
         self._fill_hidden(name)
         paths, known = getattr(self.tasks, name).paths, self.shared.images
         todo = [i for i, path in enumerate(paths) if path not in known]
@@ -361,6 +362,13 @@ class Evaluator:
                    else self._batched(self.adapter.encode_images, self._images[name][todo]))
             known.update({paths[i]: new[j] for j, i in enumerate(todo)})
         return torch.stack([known[path] for path in paths])
+
+    def _check_shared(self) -> None:
+        """`SharedBase.check` once per evaluator until `reset` (its caches already assume the same
+        base weights throughout; a checksum over every parameter is not free on a large model)."""
+        if not self._shared_checked:
+            self.shared.check(self.adapter)
+            self._shared_checked = True
 
     def _reference_classes(self, name: str) -> torch.Tensor:
         task = getattr(self.tasks, name)
