@@ -31,7 +31,7 @@ from unlearn.runs import write_metrics
 from unlearn.sd.data import HELD_STREAM, TRAIN_STREAM, WORLD, Templates, canvas_images, render_images, to_pil
 from unlearn.sd.evaluate import SampleConfig, judge_images, judged_accuracy
 from unlearn.sd.judges import load_judges
-from unlearn.sd.model import UnetConfig, VaeConfig, build_pipeline, load_text_encoder, text_states
+from unlearn.sd.model import UnetConfig, VaeConfig, build_pipeline, drawing_dtype, load_text_encoder, text_states
 from unlearn.sd.train import encode_latents, train_unet, train_vae
 
 CLIP, JUDGES, CANVAS = "models/hf/base", "models/sd_judges", "data/eval/canvas"
@@ -59,6 +59,7 @@ def main() -> None:
     if p("data.source") != "synthetic":
         raise UnlearnError("sd.pretrained: synthetic trains on the synthetic world only; with real data give sd.pretrained: path/to/a diffusers folder")
     device = torch_device(p("model.device"))
+    dtype = drawing_dtype(str(p("sd.precision")), device)  # a bad value stops here, before any training
     size, seed = int(p("sd.image_size")), int(p("data.synthetic.seed"))
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
@@ -97,8 +98,13 @@ def main() -> None:
     prompt_index = WORLD.cell_of(data)
     curve, minutes = [], []  # validation accuracy at each checkpoint (a plot); the training minutes to it (its cost)
 
+    def drawing(unet_):
+        pipe_ = build_pipeline(vae, unet_, text_encoder, tokenizer)
+        pipe_.drawing_dtype = dtype
+        return pipe_
+
     def checkpoint(ema, step: int, seconds: float) -> None:
-        acc, _ = judged_accuracy(build_pipeline(vae, ema, text_encoder, tokenizer), judges, templates, sample, 1, sample.seed + VALIDATION, size)
+        acc, _ = judged_accuracy(drawing(ema), judges, templates, sample, 1, sample.seed + VALIDATION, size)
         curve.append({"step": step, "object": acc["object"]["accuracy"], "style": acc["style"]["accuracy"]})
         minutes.append(round(seconds / 60, 2))
         log.info("step %d (%.1f min): validation object %.3f, style %.3f", step, seconds / 60, curve[-1]["object"], curve[-1]["style"])
@@ -107,7 +113,7 @@ def main() -> None:
     unet, unet_losses = train_unet(latents, prompt_index, states, len(prompts) - 1, unet_cfg, seed, checkpoint, progress="unet")
     unet_s = time.perf_counter() - t0
     unet_train_s = minutes[-1] * 60 if minutes else unet_s
-    pipe = build_pipeline(vae, unet, text_encoder, tokenizer)
+    pipe = drawing(unet)
     t0 = time.perf_counter()
     test, images = judged_accuracy(pipe, judges, templates, sample, sample.images_per_prompt, sample.seed, size)
     sample_s = time.perf_counter() - t0
@@ -129,7 +135,7 @@ def main() -> None:
             "sampler": {"scheduler": "DDIM", **sample.__dict__}, "train_images": len(data),
             "vae_s": round(vae_s, 1), "unet_train_s": round(unet_train_s, 1), "unet_with_checkpoints_s": round(unet_s, 1),
             "sample_s": round(sample_s, 1), "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
-            "checkpoints_train_min": minutes, "threads": torch.get_num_threads()}, args.stage)
+            "checkpoints_train_min": minutes, "threads": torch.get_num_threads()}, args.stage, drawing_dtype=str(dtype).removeprefix("torch."))
 
 
 def adopt(folder: Path, p, out_dir: str, metrics_path: str, sheet: str, curve_csv: str, stage: str, start: float) -> None:
@@ -144,7 +150,7 @@ def adopt(folder: Path, p, out_dir: str, metrics_path: str, sheet: str, curve_cs
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     judges = judges_at(int(p("sd.image_size")))
-    pipe = load_pipeline(folder, device)
+    pipe = load_pipeline(folder, device, str(p("sd.precision")))
     tower, _ = load_text_encoder(CLIP, device)
     check_text_encoder(pipe.text_encoder, tower, str(folder), CLIP)
     pipe.scheduler = sample_scheduler_like(pipe.scheduler)  # the track's one sampler (DDIM) over the pipeline's own noise schedule
@@ -163,7 +169,7 @@ def adopt(folder: Path, p, out_dir: str, metrics_path: str, sheet: str, curve_cs
             "test": test, "judges_held_out_real": judges.config["held_out"], "pretrained": str(folder),
             "unet": {"parameters": sum(q.numel() for q in pipe.unet.parameters())}, "sampler": {"scheduler": type(pipe.scheduler).__name__, **sample.__dict__},
             "sample_s": round(sample_s, 1), "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
-            "threads": torch.get_num_threads()}, stage)
+            "threads": torch.get_num_threads()}, stage, drawing_dtype=str(pipe.drawing_dtype).removeprefix("torch."))
 
 
 if __name__ == "__main__":

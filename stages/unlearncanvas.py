@@ -34,7 +34,7 @@ from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
 from unlearn.sd.methods import Context, Diverged, check_methods, config_of, run_method
 from unlearn.sd.methods import methods as registered
-from unlearn.sd.model import load_pipeline
+from unlearn.sd.model import drawing_dtype, load_pipeline
 
 JUDGES, CANVAS = "models/sd_judges", "data/eval/canvas"
 VALIDATION = 1_000_000
@@ -80,6 +80,8 @@ def main() -> None:
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     device = torch_device(p("model.device"))
+    precision = str(p("sd.precision"))
+    drawing_dtype(precision, device)  # a bad value stops here, before any drawing
     base_dir = "models/" + args.stage.replace("unlearncanvas", "sd_base")
     metrics_out, grid_out = f"metrics/{args.stage}/{args.method}.json", f"plots/{args.stage}/{args.method}.png"
     answers = answer_set(templates, per_prompt, seed_images, axes)
@@ -105,7 +107,7 @@ def main() -> None:
     t_draw, drawn = 0.0, 0
     if args.method == "base":
         t0 = time.perf_counter()
-        x = draw(load_pipeline(base_dir, device))
+        x = draw(load_pipeline(base_dir, device, precision))
         t_draw, drawn = time.perf_counter() - t0, len(answers)
         pred = judge(x)
         rows = [{"target": t.name, "axis": t.axis, "status": "ok", **score(answers, pred, t), "fid": fid_without(t, x)} for t in targets]
@@ -120,7 +122,7 @@ def main() -> None:
 
             slug_inputs = build_slug_inputs(p, device)
         for t in targets:
-            pipe = load_pipeline(base_dir, device)
+            pipe = load_pipeline(base_dir, device, precision)
             keep = named_mask(real, t)
             ctx = Context(pipe, t, templates, real.subset(keep), real.subset(~keep), sample, size, seed + VALIDATION, judges, slug_inputs)
             torch.manual_seed(0)
@@ -159,7 +161,7 @@ def main() -> None:
                "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(), "threads": torch.get_num_threads()}
     outs = [metrics_out, grid_out] + ([] if args.method == "base" else [f"models/{args.stage}/{args.method}"])
     with atomic_outputs(*outs) as tmp:
-        write_metrics(tmp[0], metrics, run_name)
+        write_metrics(tmp[0], metrics, run_name, drawing_dtype=str(drawing_dtype(precision, device)).removeprefix("torch."))
         if grid:
             n = max(r.shape[0] for r in grid)
             image_grid(to_pil(torch.cat(grid)), tmp[1], size=48, cols=n)

@@ -81,6 +81,30 @@ def test_pipeline_saves_and_loads_offline_drawing_the_same(pipeline, tmp_path):
     assert torch.equal(generate(load_pipeline(tmp_path / "pipe"), prompts, cfg, seed=5, size=16), before)
 
 
+def test_a_pipeline_draws_in_the_precision_asked_with_its_weights_left_float32(pipeline, tmp_path):
+    """`sd.precision`: `auto` is float32 on a CPU (the same bits as a pipeline never told) and
+    float16 on a GPU; another dtype draws under autocast, so the UNet computes in it while every
+    weight stays float32 (the text encoder is the CLIP tower SLUG edits), and the images stay
+    close; a name that is not one of the dtypes is one line."""
+    from unlearn.sd.model import drawing_dtype
+
+    assert (drawing_dtype("auto", "cpu"), drawing_dtype("auto", "cuda"), drawing_dtype("bfloat16", "cpu")) == (torch.float32, torch.float16, torch.bfloat16)
+    with pytest.raises(UnlearnError, match=r"^sd.precision is 'half'; use one of auto, float32, float16, bfloat16 "):
+        drawing_dtype("half", "cpu")
+    pipeline.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    cfg = SampleConfig(steps=2, images_per_prompt=1, batch_size=4)
+    prompts = ["An apple image in Sepia style.", "A photo of a car.", "An apple image in Neon style.", "A photo of a mug."]
+    full = generate(load_pipeline(tmp_path / "pipe", "cpu", "auto"), prompts, cfg, seed=3, size=16)
+    assert torch.equal(full, generate(pipeline, prompts, cfg, seed=3, size=16))
+    low = load_pipeline(tmp_path / "pipe", "cpu", "bfloat16")
+    computed = []
+    low.unet.register_forward_hook(lambda module, args, out: computed.append(out[0].dtype))
+    drawn = generate(low, prompts, cfg, seed=3, size=16)
+    assert set(computed) == {torch.bfloat16} and len(computed) == cfg.steps
+    assert {p.dtype for part in (low.unet, low.vae, low.text_encoder) for p in part.parameters()} == {torch.float32}
+    assert drawn.dtype == torch.float32 and not torch.equal(drawn, full) and float((drawn - full).abs().max()) < 0.3
+
+
 def test_pipeline_folder_errors_are_one_line(pipeline, tmp_path):
     with pytest.raises(UnlearnError, match="is not a diffusers pipeline folder"):
         load_pipeline(tmp_path)
@@ -524,7 +548,7 @@ def test_a_diffusers_folder_is_adopted_as_the_base_pipeline_and_a_foreign_text_e
     shutil.copytree(clip_dir, tmp_path / "models" / "hf" / "base")
     pipeline.save_pretrained(tmp_path / "elsewhere", safe_serialization=True)
     monkeypatch.chdir(tmp_path)
-    params = {"model.device": "cpu", "sd.image_size": 16, "sd.templates": {}, "sd.sample": {"steps": 2, "images_per_prompt": 1, "batch_size": 256}}
+    params = {"model.device": "cpu", "sd.image_size": 16, "sd.precision": "auto", "sd.templates": {}, "sd.sample": {"steps": 2, "images_per_prompt": 1, "batch_size": 256}}
     outs = ("models/sd_base", "metrics/sd_base.json", "plots/sd_base.png", "plots/sd_base_curve.csv")
     sd_base.adopt(tmp_path / "elsewhere", params.get, *outs, "sd_base", time.perf_counter())
     metrics = json.loads((tmp_path / "metrics" / "sd_base.json").read_text())

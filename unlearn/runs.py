@@ -31,7 +31,7 @@ from unlearn.io import atomic_outputs, read_json, write_json
 
 RUNS = Path("runs")
 COST_KEY = re.compile(r"^(time|peak_memory)|_(s|mb|min)$")
-RECORD_KEYS = ("stage", "host", "cpus", "cpu", "torch", "python", "finished")
+RECORD_KEYS = ("stage", "host", "cpus", "cpu", "torch", "python", "finished", "drawing_dtype")  # how and where a run ran, not its cost
 log = logging.getLogger(__name__)
 
 
@@ -111,12 +111,13 @@ def with_cost(results: Any, cost: Any) -> Any:
     return results
 
 
-def write_metrics(path: str | Path, metrics: dict, stage: str) -> dict:
+def write_metrics(path: str | Path, metrics: dict, stage: str, **how: Any) -> dict:
     """Write `metrics`' results to `path` (a DVC output: the same bytes on every run) and its cost to
-    `runs/<stage>.json`; returns the cost part."""
+    `runs/<stage>.json`, with `how` it ran where that is a setting of the machine rather than a
+    result (the dtype a pipeline drew in); returns the cost part."""
     results, cost = split_cost(metrics)
     write_json(path, results)
-    write_run(stage, **cost)
+    write_run(stage, **cost, **how)
     return cost
 
 

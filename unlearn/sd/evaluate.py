@@ -42,9 +42,11 @@ def draw(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int, cuts
     so callers that stop early cut the same way whether or not they stop."""
     noise = initial_noise(pipe, len(prompts), cfg, seed, size)
     cuts = cuts if cuts is not None else [*range(0, len(prompts), cfg.batch_size), len(prompts)]
+    dtype = getattr(pipe, "drawing_dtype", torch.float32)  # `load_pipeline`'s precision
     for a, b in zip(cuts[:-1], cuts[1:]):
-        images = pipe(prompts[a:b], height=size, width=size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                      latents=noise[a:b].to(pipe._execution_device), output_type="pt").images
+        with torch.autocast(pipe._execution_device.type, dtype=dtype, enabled=dtype != torch.float32):
+            images = pipe(prompts[a:b], height=size, width=size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                          latents=noise[a:b].to(pipe._execution_device), output_type="pt").images
         yield images.float().cpu() * 2 - 1
 
 

@@ -152,9 +152,26 @@ def build_pipeline(vae, unet, text_encoder, tokenizer):
     return pipe
 
 
-def load_pipeline(folder: str | Path, device: str = "cpu", half: bool = False):
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+
+
+def drawing_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The dtype a pipeline draws in (`sd.precision`): `auto` is float16 on a CUDA device and
+    float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise UnlearnError(f"sd.precision is {precision!r}; use one of {', '.join(PRECISIONS)} (auto: float16 on a GPU, float32 on a CPU)")
+    if precision == "auto":
+        precision = "float16" if torch.device(device).type == "cuda" else "float32"
+    return getattr(torch, precision)
+
+
+def load_pipeline(folder: str | Path, device: str = "cpu", precision: str = "float32"):
     """`StableDiffusionPipeline.from_pretrained(folder)` offline, with one-line errors for a folder
-    that is not a pipeline or lacks a text encoder."""
+    that is not a pipeline or lacks a text encoder.  The weights stay float32 (the text encoder is
+    the CLIP tower SLUG computes gradients on and edits); with `precision` other than float32 the
+    pipeline draws under autocast in that dtype (`drawing_dtype`; `evaluate.draw`), so the UNet
+    and the autoencoder compute in half precision on a GPU."""
+    dtype = drawing_dtype(precision, device)
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
@@ -165,10 +182,11 @@ def load_pipeline(folder: str | Path, device: str = "cpu", half: bool = False):
             raise UnlearnError(f"the pipeline at {folder} has no {part}/ folder; SLUG edits the text encoder of a full "
                                "StableDiffusionPipeline folder")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16 if half else torch.float32, safety_checker=None,
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnlearnError(f"the pipeline at {folder} does not load: {first}") from None
     pipe.set_progress_bar_config(disable=True)
+    pipe.drawing_dtype = dtype
     return pipe.to(device)
