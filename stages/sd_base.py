@@ -98,13 +98,8 @@ def main() -> None:
     prompt_index = WORLD.cell_of(data)
     curve, minutes = [], []  # validation accuracy at each checkpoint (a plot); the training minutes to it (its cost)
 
-    def drawing(unet_):
-        pipe_ = build_pipeline(vae, unet_, text_encoder, tokenizer)
-        pipe_.drawing_dtype = dtype
-        return pipe_
-
     def checkpoint(ema, step: int, seconds: float) -> None:
-        acc, _ = judged_accuracy(drawing(ema), judges, templates, sample, 1, sample.seed + VALIDATION, size)
+        acc, _ = judged_accuracy(build_pipeline(vae, ema, text_encoder, tokenizer, dtype), judges, templates, sample, 1, sample.seed + VALIDATION, size)
         curve.append({"step": step, "object": acc["object"]["accuracy"], "style": acc["style"]["accuracy"]})
         minutes.append(round(seconds / 60, 2))
         log.info("step %d (%.1f min): validation object %.3f, style %.3f", step, seconds / 60, curve[-1]["object"], curve[-1]["style"])
@@ -113,7 +108,7 @@ def main() -> None:
     unet, unet_losses = train_unet(latents, prompt_index, states, len(prompts) - 1, unet_cfg, seed, checkpoint, progress="unet")
     unet_s = time.perf_counter() - t0
     unet_train_s = minutes[-1] * 60 if minutes else unet_s
-    pipe = drawing(unet)
+    pipe = build_pipeline(vae, unet, text_encoder, tokenizer, dtype)
     t0 = time.perf_counter()
     test, images = judged_accuracy(pipe, judges, templates, sample, sample.images_per_prompt, sample.seed, size)
     sample_s = time.perf_counter() - t0
@@ -135,7 +130,7 @@ def main() -> None:
             "sampler": {"scheduler": "DDIM", **sample.__dict__}, "train_images": len(data),
             "vae_s": round(vae_s, 1), "unet_train_s": round(unet_train_s, 1), "unet_with_checkpoints_s": round(unet_s, 1),
             "sample_s": round(sample_s, 1), "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
-            "checkpoints_train_min": minutes, "threads": torch.get_num_threads()}, args.stage, drawing_dtype=str(dtype).removeprefix("torch."))
+            "checkpoints_train_min": minutes, "threads": torch.get_num_threads()}, args.stage, drawing_dtype=dtype)
 
 
 def adopt(folder: Path, p, out_dir: str, metrics_path: str, sheet: str, curve_csv: str, stage: str, start: float) -> None:
@@ -169,7 +164,7 @@ def adopt(folder: Path, p, out_dir: str, metrics_path: str, sheet: str, curve_cs
             "test": test, "judges_held_out_real": judges.config["held_out"], "pretrained": str(folder),
             "unet": {"parameters": sum(q.numel() for q in pipe.unet.parameters())}, "sampler": {"scheduler": type(pipe.scheduler).__name__, **sample.__dict__},
             "sample_s": round(sample_s, 1), "time_s": round(time.perf_counter() - start, 1), "peak_memory_mb": peak_memory_mb(),
-            "threads": torch.get_num_threads()}, stage, drawing_dtype=str(pipe.drawing_dtype).removeprefix("torch."))
+            "threads": torch.get_num_threads()}, stage, drawing_dtype=pipe.drawing_dtype)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def main() -> None:
     with atomic_outputs(patch_out, metrics_out, log_csv, log_png, grid_png) as (patch_dir, metrics_file, csv_path, png_path, grid_tmp):
         save_patch(patch_dir, edit.layer, edit.delta, meta)
         metrics["stored_bytes"] = sum(f.stat().st_size for f in patch_dir.iterdir())
-        write_metrics(metrics_file, metrics, args.stage, drawing_dtype=str(pipe.drawing_dtype).removeprefix("torch."))
+        write_metrics(metrics_file, metrics, args.stage, drawing_dtype=pipe.drawing_dtype)
         write_search_log(edit, csv_path, png_path, f"SD, {concept.name}", clip.short_name, GIVE_UP_COLUMNS)
         n = len(test.sets["forget"][0]) // sample.images_per_prompt  # one drawing per prompt naming the target
         rows = [base_images["forget"][:n], test.images["forget"][:n]]

@@ -81,7 +81,7 @@ def main() -> None:
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     device = torch_device(p("model.device"))
     precision = str(p("sd.precision"))
-    drawing_dtype(precision, device)  # a bad value stops here, before any drawing
+    dtype = drawing_dtype(precision, device)  # a bad value stops here, before any drawing
     base_dir = "models/" + args.stage.replace("unlearncanvas", "sd_base")
     metrics_out, grid_out = f"metrics/{args.stage}/{args.method}.json", f"plots/{args.stage}/{args.method}.png"
     answers = answer_set(templates, per_prompt, seed_images, axes)
@@ -161,7 +161,7 @@ def main() -> None:
                "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(), "threads": torch.get_num_threads()}
     outs = [metrics_out, grid_out] + ([] if args.method == "base" else [f"models/{args.stage}/{args.method}"])
     with atomic_outputs(*outs) as tmp:
-        write_metrics(tmp[0], metrics, run_name, drawing_dtype=str(drawing_dtype(precision, device)).removeprefix("torch."))
+        write_metrics(tmp[0], metrics, run_name, drawing_dtype=dtype)
         if grid:
             n = max(r.shape[0] for r in grid)
             image_grid(to_pil(torch.cat(grid)), tmp[1], size=48, cols=n)

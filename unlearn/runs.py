@@ -114,10 +114,12 @@ def with_cost(results: Any, cost: Any) -> Any:
 def write_metrics(path: str | Path, metrics: dict, stage: str, **how: Any) -> dict:
     """Write `metrics`' results to `path` (a DVC output: the same bytes on every run) and its cost to
     `runs/<stage>.json`, with `how` it ran where that is a setting of the machine rather than a
-    result (the dtype a pipeline drew in); returns the cost part."""
+    result (the dtype a pipeline drew in, a `torch.dtype` recorded by name); returns the cost part."""
+    import torch
+
     results, cost = split_cost(metrics)
     write_json(path, results)
-    write_run(stage, **cost, **how)
+    write_run(stage, **cost, **{k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in how.items()})
     return cost
 
 

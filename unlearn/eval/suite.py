@@ -35,8 +35,8 @@ from unlearn.eval.zeroshot import (
     STYLE_TEMPLATES,
     class_embeddings,
     load_images,
-    top1_hits,
     topk_accuracy,
+    topk_hits,
 )
 from unlearn.models.adapter import Adapter
 
@@ -264,7 +264,7 @@ class Evaluator:
         right, seen, parts = 0, 0, []
         for emb in self._resuming(states, block):
             parts.append(emb)
-            hits = top1_hits(emb, class_emb, labels[seen : seen + len(emb)])  # as the full scoring ranks
+            hits = topk_hits(emb, class_emb, labels[seen : seen + len(emb)])[1]  # as the full scoring ranks
             self._misses[name][order[seen : seen + len(emb)]] += ~hits
             right += int(hits.sum())
             seen += len(emb)
@@ -328,20 +328,22 @@ class Evaluator:
         if not blocks or (blocks[0], name) in self._hidden:
             return
         if self.shared is None:
-            parts = [self.adapter.image_hiddens(x, blocks) for x in self._chunks(self._images[name])]
-            for b in blocks:
-                self._hidden[(b, name)] = torch.cat([p[b].cpu() for p in parts])
+            self._hidden.update({(b, name): states for b, states in self._read_hiddens(self._images[name], blocks).items()})
             return
         self._check_shared()
         paths, states = getattr(self.tasks, name).paths, self.shared.states
         todo = [i for i, path in enumerate(paths) if not all(b in states.get(path, {}) for b in blocks)]
         if todo:
-            parts = [self.adapter.image_hiddens(x, blocks) for x in self._chunks(self._images[name][todo])]
-            read = {b: torch.cat([p[b].cpu() for p in parts]) for b in blocks}
+            read = self._read_hiddens(self._images[name][todo], blocks)
             for j, i in enumerate(todo):
                 states.setdefault(paths[i], {}).update({b: read[b][j] for b in blocks})
         for b in blocks:
             self._hidden[(b, name)] = torch.stack([states[path][b] for path in paths])
+
+    def _read_hiddens(self, images: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
+        """The states of `images` entering every one of `blocks`, in one forward pass per chunk."""
+        parts = [self.adapter.image_hiddens(x, blocks) for x in self._chunks(images)]
+        return {b: torch.cat([p[b].cpu() for p in parts]) for b in blocks}
 
     def _reference_images(self, name: str) -> torch.Tensor:
         """The unedited image embeddings of set `name`; with the one-pass cache, resumed from the

@@ -56,14 +56,14 @@ def image_embeddings(adapter: Adapter, paths: Sequence[Path], batch_size: int = 
     return torch.cat(chunks)
 
 
-def top1_hits(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per image, whether its label has the highest logit, ranked exactly as `topk_accuracy` ranks."""
-    return (100.0 * image_emb @ class_emb.T.to(image_emb)).topk(min(5, class_emb.shape[0]), dim=-1).indices[:, 0] == labels
+def topk_hits(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[int, torch.Tensor]:
+    """Per k, per image, whether its label is among the k highest logits (100 * v . W)."""
+    logits = 100.0 * image_emb @ class_emb.T.to(image_emb)
+    y = torch.as_tensor(list(labels))
+    ranked = logits.topk(max(ks), dim=-1).indices
+    return {k: (ranked[:, :k] == y[:, None]).any(dim=-1) for k in ks}
 
 
 def topk_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int], ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Fraction of images whose label is among the k highest logits (100 * v . W)."""
-    logits = 100.0 * image_emb @ class_emb.T.to(image_emb)
-    y = torch.as_tensor(list(labels))
-    ranked = logits.topk(max(ks), dim=-1).indices
-    return {k: float((ranked[:, :k] == y[:, None]).any(dim=-1).float().mean()) for k in ks}
+    return {k: float(hits.float().mean()) for k, hits in topk_hits(image_emb, class_emb, labels, ks).items()}

@@ -502,6 +502,10 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     give_up_above = {"forget": cfg.forget_top1} if "forget" in stops and cfg.evaluate != "all" else None
     utility_floor = base["utility_top1"] - getattr(cfg, BOUND[OTHER_KIND[kind]]) - 1e-9  # the guard's bound on the other kind's set
 
+    def choice_key(r: dict) -> tuple:
+        """Among passing steps: margin steps first, then the highest utility score, then the smaller rho."""
+        return r["margin_ok"], utility_score(r), -r["rho"]
+
     def to_beat(margin_ok: bool) -> float | None:
         """The sum retain @1 + other-kind @1 a step must reach to be chosen over the best passing
         step so far (ties kept: the smaller rho breaks them), None if any passing step would be;
@@ -509,7 +513,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         `evaluate: decisions`: `all` scores every step whole."""
         if not passing or cfg.evaluate == "all":
             return None
-        best = max(passing, key=lambda r: (r["margin_ok"], utility_score(r), -r["rho"]))
+        best = max(passing, key=choice_key)
         if best["margin_ok"] != margin_ok:
             return float("inf") if best["margin_ok"] else None
         return best["retain_top1"] + best["utility_top1"] - 1e-9
@@ -619,7 +623,7 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         else:
             log.info("%s: no step up to rho %.4g passes the forget criterion", layer, cfg.rho_max)
     if passing:
-        choice = max(passing, key=lambda r: (r["margin_ok"], utility_score(r), -r["rho"]))
+        choice = max(passing, key=choice_key)
         return rows, {**choice, "converged": True}
     if not rows:
         raise UnlearnError("no layer to search: the Pareto fronts are empty")

@@ -143,12 +143,14 @@ def text_states(text_encoder, tokenizer, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def build_pipeline(vae, unet, text_encoder, tokenizer):
+def build_pipeline(vae, unet, text_encoder, tokenizer, dtype: torch.dtype = torch.float32):
+    """The track's pipeline from its parts; it draws in `dtype` (`drawing_dtype`, under autocast)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=sample_scheduler(),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    pipe.drawing_dtype = dtype  # read by `evaluate.draw`
     return pipe
 
 
@@ -188,5 +190,5 @@ def load_pipeline(folder: str | Path, device: str = "cpu", precision: str = "flo
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnlearnError(f"the pipeline at {folder} does not load: {first}") from None
     pipe.set_progress_bar_config(disable=True)
-    pipe.drawing_dtype = dtype
+    pipe.drawing_dtype = dtype  # read by `evaluate.draw`
     return pipe.to(device)
