@@ -168,6 +168,58 @@ def test_one_pass_hidden_states_are_each_blocks_own_bit_for_bit(model, batch):
         model.image_hiddens(images, [blocks[-1] + 1])
 
 
+def _text_blocks(model) -> list[int]:
+    return sorted({b for n in model.candidate_layers(include_layernorm=True) if (b := model.text_block_of(n)) is not None})
+
+
+def test_text_states_resume_to_the_full_forward_bit_for_bit(model, batch):
+    """The evaluator's text cache: every text candidate of a registered family has a block, no
+    image tensor has one; `text_hiddens` reads every block asked for in one pass, each the same
+    bits whatever else is asked; resumed from any block, the prompts' embeddings are
+    `encode_tokens`' bits (the evaluator takes the unedited class embeddings from the last)."""
+    _, tokens = batch
+    cands = model.candidate_layers(include_layernorm=True)
+    assert all(model.text_block_of(n) is not None for n in cands if model.tower(n) == "text")
+    assert all(model.text_block_of(n) is None for n in cands if model.tower(n) == "image")
+    blocks = _text_blocks(model)
+    assert blocks == list(range(blocks[-1] + 1)) and len(blocks) > 2  # every block, and the head (final norm, projection)
+    with torch.no_grad():
+        full, every = model.encode_tokens(tokens), model.text_hiddens(tokens, blocks)
+        assert sorted(every) == blocks and model.text_hiddens(tokens, []) == {}
+        for wanted in (blocks[1:-1], blocks[:1], blocks[-1:]):
+            got = model.text_hiddens(tokens, wanted)
+            assert sorted(got) == wanted and all(torch.equal(got[b], every[b]) for b in wanted)
+        for b in blocks:
+            assert every[b].shape[0] == len(CAPTIONS)  # batch first
+            assert torch.equal(model.encode_tokens_from(every[b], b, tokens), full), b
+        assert not torch.equal(every[0], every[1])
+    with pytest.raises(ValueError, match="out of"):
+        model.text_hiddens(tokens, [blocks[-1] + 1])
+
+
+def test_text_states_read_before_an_edit_resume_to_the_edited_forward(model, batch):
+    """Per text block, an edit of one of its tensors: the states read before the edit, resumed
+    at that block after it, give the edited model's full forward bit for bit (and not the
+    unedited one's)."""
+    _, tokens = batch
+    cands = [n for n in model.candidate_layers() if model.tower(n) == "text"]
+    params = dict(model.model.named_parameters())
+    with torch.no_grad():
+        before = model.encode_tokens(tokens)
+        states = model.text_hiddens(tokens, _text_blocks(model))
+    for b in _text_blocks(model):
+        name = next(n for n in cands if model.text_block_of(n) == b)
+        original = params[name].detach().clone()
+        try:
+            with torch.no_grad():
+                params[name].add_(0.5 * original.std() * torch.randn(original.shape, generator=torch.Generator().manual_seed(b)))
+                after, resumed = model.encode_tokens(tokens), model.encode_tokens_from(states[b], b, tokens)
+        finally:
+            _restore(model, name, original)
+        assert not torch.allclose(after, before), name
+        assert torch.equal(resumed, after), name
+
+
 def test_chunks_give_the_bits_of_one_batch(model):
     """The evaluator reads the one-pass cache and runs cached states through the rest of the
     tower in equal chunks of at most `CHUNK_CPU` images (`Evaluator._chunks`): per image the same

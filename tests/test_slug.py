@@ -358,7 +358,8 @@ def test_split_is_disjoint_and_seeded(tiny_world):
     assert split_part(data, "val", 0.34, 0) == val and split_part(data, "val", 0.34, 1) != val
 
 
-@pytest.mark.parametrize("layer", ["transformer.resblocks.2.mlp.c_proj.weight", "visual.transformer.resblocks.1.mlp.c_fc.weight", "visual.proj"])
+@pytest.mark.parametrize("layer", ["transformer.resblocks.2.mlp.c_proj.weight", "transformer.resblocks.0.attn.in_proj_weight", "text_projection",
+                                   "visual.transformer.resblocks.1.mlp.c_fc.weight", "visual.proj"])
 def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
     tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "test", 0.34, 0)
     ev = Evaluator(trained, tasks, batch_size=16)
@@ -439,6 +440,55 @@ def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_wo
     n_batches = sum(-(-n // 16) for n in Evaluator(trained, tasks, batch_size=16).sizes.values())
     assert calls == {"image_hiddens": n_batches, "image_hidden": 1}  # one pass per batch of each set; one image to size the cache
     assert calls_per_block["image_hiddens"] == 0 and calls_per_block["image_hidden"] > 2 * n_batches  # the blocks revisited, refilled
+
+
+def test_text_block_edits_resume_the_class_prompts_from_cached_states(trained, tiny_world, monkeypatch):
+    """The text cache: a search moving between text blocks and the head scores as with the class
+    prompts encoded in full (the budget 0), class embeddings bit for bit; the prompts are
+    tokenized once per domain and their states read in one pass per domain (plus one prompt to
+    size the cache); with the budget 0 nothing is resumed and every edit encodes in full."""
+    import unlearn.eval.suite as suite
+
+    tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "val", 0.34, 0)
+    layers = ["transformer.resblocks.2.mlp.c_fc.weight", "text_projection", "transformer.resblocks.0.attn.out_proj.weight",
+              "transformer.resblocks.1.attn.in_proj_weight", "transformer.resblocks.2.mlp.c_fc.weight"]
+    params = dict(trained.model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    noise = {n: torch.randn(params[n].shape, generator=g) for n in layers}
+
+    def run(budget: int) -> tuple[list, dict[str, int]]:
+        monkeypatch.setattr(suite, "HIDDEN_CACHE_BYTES", budget)
+        calls = {"text_hiddens": 0, "tokenize": 0, "encode_tokens_from": 0}
+        for name in calls:
+            original = getattr(type(trained), name)
+
+            def counted(self, *a, _name=name, _original=original, **k):
+                calls[_name] += 1
+                return _original(self, *a, **k)
+            monkeypatch.setattr(type(trained), name, counted)
+        ev = Evaluator(trained, tasks, batch_size=16)
+        ev.evaluate(reference=True)
+        out = []
+        for layer in layers:
+            ev.prepare(layer)
+            p, original = params[layer], params[layer].detach().clone()
+            with torch.no_grad():
+                p.add_(0.5 * original.norm() * noise[layer] / original.numel() ** 0.5)
+            try:
+                out += [ev.evaluate(layer, ("forget",)) | ev.evaluate(layer, ("retain", "utility")), ev._edited_classes("utility", layer)]
+            finally:
+                with torch.no_grad():
+                    p.copy_(original)
+        monkeypatch.undo()
+        return out, calls
+
+    cached, calls = run(1 << 30)
+    full, calls_full = run(0)
+    for a, b in zip(cached, full, strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert calls["text_hiddens"] == 3 and calls["tokenize"] == 2  # one prompt to size the cache, then one pass per domain
+    assert calls["encode_tokens_from"] >= 2 * len(layers)
+    assert calls_full["text_hiddens"] == 1 and calls_full["encode_tokens_from"] == 0
 
 
 def test_gradient_files_are_checked(adapter, tmp_path):
@@ -633,14 +683,17 @@ def test_a_shared_base_pass_is_read_once_for_every_concept_and_changes_no_figure
     reads = []
     hiddens = type(trained).image_hiddens
     monkeypatch.setattr(type(trained), "image_hiddens", lambda self, x, blocks: reads.append(len(x)) or hiddens(self, x, blocks))
+    text_reads, text_hiddens = [], type(trained).text_hiddens
+    monkeypatch.setattr(type(trained), "text_hiddens", lambda self, t, blocks: text_reads.append(len(t)) or text_hiddens(self, t, blocks))
     layer = "visual.transformer.resblocks.1.mlp.c_fc.weight"
     p = dict(trained.model.named_parameters())[layer]
     original = p.detach().clone()
     for k, t in enumerate(tasks):
         alone, together = Evaluator(trained, t, batch_size=16, chunk_size=4), Evaluator(trained, t, batch_size=16, chunk_size=4, shared=shared)
-        reads[:] = []
+        reads[:] = text_reads[:] = []
         base = together.evaluate(reference=True)
         assert (sum(reads) > 0) == (k == 0)  # the first concept reads every image once, the second none
+        assert any(n > 1 for n in text_reads) == (k == 0)  # and the class prompts' text states (beyond one prompt sizing the cache)
         assert base == alone.evaluate(reference=True)
         for ev in (alone, together):
             ev.prepare(layer)
@@ -652,6 +705,19 @@ def test_a_shared_base_pass_is_read_once_for_every_concept_and_changes_no_figure
         finally:
             with torch.no_grad():
                 p.copy_(original)
+        # a text edit scores the same
+        text = "transformer.resblocks.1.mlp.c_fc.weight"
+        q = dict(trained.model.named_parameters())[text]
+        q_original = q.detach().clone()
+        for ev in (alone, together):
+            ev.prepare(text)
+        try:
+            with torch.no_grad():
+                q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(k)) * q_original.std())
+            assert together.evaluate(text) == alone.evaluate(text)
+        finally:
+            with torch.no_grad():
+                q.copy_(q_original)
     try:
         with torch.no_grad():
             p.mul_(1.5)

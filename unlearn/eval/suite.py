@@ -9,9 +9,10 @@ A style's images are the canvas's stylised objects (`data/eval/canvas`), classif
 Every class's images are split once, with a seed, into a validation part (used to choose steps,
 epochs, layers) and a test part (reported), so no figure is chosen on the images it reports.
 
-`Evaluator` caches what an edit cannot change: after an edit of a text-tower tensor only the class
-prompts are re-encoded; after an edit of vision block b only blocks b.. run, from hidden states
-cached at b; and it scores only the sets asked for.
+`Evaluator` caches what an edit cannot change: after an edit of text block b only the class
+prompts are re-encoded, and only through blocks b.., from their states cached at b; after an edit
+of vision block b only blocks b.. run, from hidden states cached at b; and it scores only the sets
+asked for.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from unlearn.eval.zeroshot import (
     SIMPLE_IMAGENET_TEMPLATES,
     STYLE_TEMPLATES,
     class_embeddings,
+    class_means,
+    class_prompts,
     load_images,
     topk_accuracy,
     topk_hits,
@@ -158,6 +161,7 @@ class SharedBase:
         self.states: dict[Path, dict[int, torch.Tensor]] = {}
         self.images: dict[Path, torch.Tensor] = {}
         self.classes: dict[tuple, torch.Tensor] = {}
+        self.text_states: dict[tuple, dict[int, torch.Tensor]] = {}  # per (classes, templates): the prompts' states entering every cached text block
         self.checksum: torch.Tensor | None = None
 
     def check(self, adapter: Adapter) -> None:
@@ -182,6 +186,10 @@ class Evaluator:
     on the unedited model: by the reference evaluation, which needs that pass anyway (its image
     embeddings are resumed from the last state), or, without one, by the first `prepare` of a
     vision-block tensor (read during an edit, the states past the edited block would hold it).
+    The class prompts are tokenized once, and their states entering every text block are read
+    the same way (`Adapter.text_hiddens`, by the reference evaluation or the first `prepare` of a
+    text-block tensor) and kept when they fit the same budget; a text-block edit then re-encodes
+    the prompts from its block on, in one batch as the full forward does (the same bits).
     They are kept when all of them together fit `hidden_cache_bytes` (default
     `HIDDEN_CACHE_BYTES`); otherwise one block is kept at a time, each filled by its own partial
     pass when first needed (a search that moves between blocks pays that pass again).  Either
@@ -203,6 +211,7 @@ class Evaluator:
             raise ValueError(f"batch sizes must be >= 1 (batch_size {batch_size}, chunk_size {chunk_size})")
         self.chunk_size = chunk_size
         self._images = {n: load_images(adapter, getattr(tasks, n).paths) for n in SETS}
+        self._tokens: dict[str, torch.Tensor] = {}  # per domain, its class prompts tokenized (no weight changes them)
         self.reset()
 
     def reset(self) -> None:
@@ -212,6 +221,8 @@ class Evaluator:
         self._class_emb: dict[str, torch.Tensor] = {}            # unedited class embeddings, per domain (own, other)
         self._hidden: dict[tuple[int, str], torch.Tensor] = {}   # unedited hidden states at a vision block, per set
         self._all_blocks: list[int] | None = None                # the blocks read in one pass, if they fit (decided on first need)
+        self._text: dict[tuple[int, str], torch.Tensor] = {}     # unedited class prompts' states at a text block, per domain
+        self._text_blocks: list[int] | None = None               # the text blocks kept, if they fit (decided on first need)
         self._margin_order: dict[str, torch.Tensor] = {}         # per set, its images by the unedited model's top-1 margin
         self._misses: dict[str, torch.Tensor] = {}               # per set, how often each image was missed after an edit so far
         self._shared_checked = False                             # the shared reference pass checked against this model's weights
@@ -302,10 +313,71 @@ class Evaluator:
             self._all_blocks = blocks if 0 < total <= self.hidden_cache_bytes else []
         return self._all_blocks
 
+    def _class_tokens(self, name: str) -> torch.Tensor:
+        d = self._domain(name)
+        if d not in self._tokens:
+            task = getattr(self.tasks, name)
+            self._tokens[d] = self.adapter.tokenize(class_prompts(task.classnames, task.templates))
+        return self._tokens[d]
+
     @torch.no_grad()
     def _encode_classes(self, name: str) -> torch.Tensor:
         task = getattr(self.tasks, name)
-        return class_embeddings(self.adapter, task.classnames, task.templates).cpu()
+        return class_embeddings(self.adapter, task.classnames, task.templates, tokens=self._class_tokens(name)).cpu()
+
+    def _cached_text_blocks(self) -> list[int]:
+        """The text blocks whose class-prompt states are read in one pass and kept: every block
+        an edit of a candidate tensor can start at, if the states of both domains' prompts fit
+        `hidden_cache_bytes` (measured on one prompt), else none (a text edit then encodes the
+        prompts in full)."""
+        if self._text_blocks is None:
+            a = self.adapter
+            blocks = sorted({b for n in a.candidate_layers(include_layernorm=True) if (b := a.text_block_of(n)) is not None})
+            prompts = sum(len(self._class_tokens(n)) for n in ("retain", "utility"))
+            one = a.text_hiddens(self._class_tokens("retain")[:1], blocks[:1])[blocks[0]] if blocks else None
+            total = 0 if one is None else one.numel() * one.element_size() * len(blocks) * prompts
+            self._text_blocks = blocks if 0 < total <= self.hidden_cache_bytes else []
+        return self._text_blocks
+
+    @torch.no_grad()
+    def _fill_text(self, name: str) -> None:
+        """Every cached text block's states for the class prompts of set `name`'s domain, one
+        forward pass (the model must be unedited)."""
+        blocks, d = self._cached_text_blocks(), self._domain(name)
+        if not blocks or (blocks[0], d) in self._text:
+            return
+        task = getattr(self.tasks, name)
+        key = (tuple(task.classnames), tuple(task.templates))
+        if self.shared is not None:
+            self._check_shared()
+            states = self.shared.text_states.get(key)
+        else:
+            states = None
+        if states is None or any(b not in states for b in blocks):
+            read = self.adapter.text_hiddens(self._class_tokens(name), blocks)
+            states = {b: s.cpu() for b, s in read.items()}
+            if self.shared is not None:
+                self.shared.text_states[key] = states
+        self._text.update({(b, d): states[b] for b in blocks})
+
+    @torch.no_grad()
+    def _classes_from(self, name: str, block: int) -> torch.Tensor:
+        """Class embeddings of set `name`'s domain from the prompts' cached states entering text
+        block `block` (the bits of `_encode_classes` for any edit of blocks >= `block`)."""
+        key = (block, self._domain(name))
+        if key not in self._text:
+            raise RuntimeError(f"no cached states entering text block {block}: call prepare(edited) on the unedited model first")
+        a, task = self.adapter, getattr(self.tasks, name)
+        emb = a.encode_tokens_from(self._text[key].to(a.device), block, self._class_tokens(name))
+        return class_means(emb, len(task.classnames)).cpu()
+
+    def _edited_classes(self, name: str, edited: str) -> torch.Tensor:
+        """Class embeddings after an edit of text tensor `edited`: resumed at its block when the
+        states are kept, else encoded in full."""
+        block = self.adapter.text_block_of(edited)
+        if block is None or block not in self._cached_text_blocks():
+            return self._encode_classes(name)
+        return self._classes_from(name, block)
 
     @staticmethod
     def _domain(name: str) -> str:
@@ -319,6 +391,9 @@ class Evaluator:
         if edited is not None and self.adapter.image_block_of(edited) is not None:
             for name in SETS:
                 self._fill_hidden(name)  # a no-op when the states do not fit (one block at a time, filled when needed)
+        if edited is not None and self.adapter.text_block_of(edited) is not None:
+            for name in ("retain", "utility"):  # one per domain (forget and retain share theirs)
+                self._fill_text(name)  # a no-op when the states do not fit (the prompts encoded in full)
 
     @torch.no_grad()
     def _fill_hidden(self, name: str) -> None:
@@ -373,12 +448,18 @@ class Evaluator:
             self._shared_checked = True
 
     def _reference_classes(self, name: str) -> torch.Tensor:
+        """The unedited class embeddings of set `name`'s domain; with the text cache, resumed
+        from the last cached text block's states, filling the cache on the way (the bits of the
+        full forward: a contract test of every family)."""
         task = getattr(self.tasks, name)
+        blocks = self._cached_text_blocks()
+        self._fill_text(name)
+        encode = (lambda: self._classes_from(name, blocks[-1])) if blocks else (lambda: self._encode_classes(name))
         if self.shared is None:
-            return self._encode_classes(name)
+            return encode()
         key = (tuple(task.classnames), tuple(task.templates))
         if key not in self.shared.classes:
-            self.shared.classes[key] = self._encode_classes(name)
+            self.shared.classes[key] = encode()
         return self.shared.classes[key]
 
     def _cached_images(self, name: str) -> torch.Tensor:
@@ -419,7 +500,10 @@ class Evaluator:
                     image_emb = self._reference_images(name) if reference else self._encode_images(name, None)
                 d = self._domain(name)
                 if d not in fresh_classes:
-                    fresh_classes[d] = self._reference_classes(name) if reference and edited is None else self._encode_classes(name)
+                    if edited is not None:
+                        fresh_classes[d] = self._edited_classes(name, edited)
+                    else:
+                        fresh_classes[d] = self._reference_classes(name) if reference else self._encode_classes(name)
                 class_emb = fresh_classes[d]
             else:
                 block, class_emb = self.adapter.image_block_of(edited), self._cached_classes(name)

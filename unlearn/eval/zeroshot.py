@@ -28,12 +28,25 @@ SIMPLE_IMAGENET_TEMPLATES = (
 )
 
 
-@torch.no_grad()
-def class_embeddings(adapter: Adapter, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
-    """(C, D): per class, the mean of its normalised prompt embeddings, renormalised."""
-    prompts = [t.format(c) for c in classnames for t in templates]
-    emb = adapter.encode_texts(prompts).reshape(len(classnames), len(templates), -1).mean(dim=1)
+def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every class's prompts, class by class (the order `class_means` reads)."""
+    return [t.format(c) for c in classnames for t in templates]
+
+
+def class_means(prompt_emb: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C, D) from the normalised embeddings of `class_prompts`: per class their mean,
+    renormalised."""
+    emb = prompt_emb.reshape(n_classes, prompt_emb.shape[0] // n_classes, -1).mean(dim=1)
     return emb / emb.norm(dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def class_embeddings(adapter: Adapter, classnames: Sequence[str], templates: Sequence[str], tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, D): per class, the mean of its normalised prompt embeddings, renormalised.  `tokens`:
+    `class_prompts` already tokenized (a caller that encodes the same classes often)."""
+    if tokens is None:
+        tokens = adapter.tokenize(class_prompts(classnames, templates))
+    return class_means(adapter.encode_tokens(tokens), len(classnames))
 
 
 def load_images(adapter: Adapter, paths: Sequence[Path]) -> torch.Tensor:

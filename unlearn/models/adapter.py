@@ -267,6 +267,24 @@ class Adapter(abc.ABC):
         """Image embeddings from hidden states entering `block`: equal to `encode_images` of
         the images `image_hidden` was given, for any edit of blocks >= `block`."""
 
+    @abc.abstractmethod
+    def text_block_of(self, name: str) -> int | None:
+        """The first text block an edit of `name` changes (the block count for the final norm
+        and the projection), or None when the edit changes the image side only or the whole
+        text tower (the token and positional embeddings, which are never candidates)."""
+
+    @abc.abstractmethod
+    def text_hiddens(self, tokens: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The text tower's states entering each of `blocks` (batch first; block count: the
+        final norm's input), read in one forward pass of the family's own text encoder."""
+
+    @abc.abstractmethod
+    def encode_tokens_from(self, hidden: torch.Tensor, block: int, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings of `tokens` from their states entering `block` (`text_hiddens`):
+        the bits of `encode_tokens(tokens)` for any edit of blocks >= `block`, run through the
+        family's own forward with the blocks before `block` skipped (`tokens` give the pooling
+        position)."""
+
     # ------------------------------------------------------------------ input statistics
 
     @contextlib.contextmanager

@@ -28,6 +28,8 @@ _NOT_CANDIDATE = re.compile(r"(^|\.)(token_embedding|position_embedding|patch_em
 _NORM = re.compile(r"(^|\.)(layer_norm1|layer_norm2|pre_layrnorm|post_layernorm|final_layer_norm)\.weight$")
 _VISION_BLOCK = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.")
 _VISION_TAIL = re.compile(r"^(vision_model\.post_layernorm|visual_projection)\.")
+_TEXT_BLOCK = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.")
+_TEXT_TAIL = re.compile(r"^(text_model\.final_layer_norm|text_projection)\.")
 
 
 def _transformers():
@@ -174,3 +176,46 @@ class HFClipAdapter(Adapter):
             hidden = layer(hidden, None)
         out = self.model.visual_projection(vm.post_layernorm(hidden[:, 0, :]))
         return nn.functional.normalize(out, dim=-1) if normalize else out
+
+    def text_block_of(self, name: str) -> int | None:
+        if (m := _TEXT_BLOCK.match(name)) is not None:
+            return int(m.group(1))
+        return len(self.model.text_model.encoder.layers) if _TEXT_TAIL.match(name) else None
+
+    def _text_entry(self, block: int) -> nn.Module:
+        """The module whose input is the state entering text layer `block` (the final norm for
+        the layer count)."""
+        tm = self.model.text_model
+        if not 0 <= block <= len(tm.encoder.layers):
+            raise ValueError(f"text blocks {block} out of 0..{len(tm.encoder.layers)}")
+        return tm.encoder.layers[block] if block < len(tm.encoder.layers) else tm.final_layer_norm
+
+    @torch.no_grad()
+    def text_hiddens(self, tokens: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Pre-hooks on each layer asked for (and on the final norm) read their inputs during one
+        run of transformers' own text forward (its causal mask and pooling untouched)."""
+        wanted = sorted(set(blocks))
+        if not wanted:
+            return {}
+        captured: dict[int, torch.Tensor] = {}
+        handles = [self._text_entry(b).register_forward_pre_hook(lambda _m, args, b=b: captured.__setitem__(b, args[0])) for b in wanted]
+        try:
+            self.model.text_model(input_ids=tokens.to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return {b: captured[b] for b in wanted}
+
+    @torch.no_grad()
+    def encode_tokens_from(self, hidden: torch.Tensor, block: int, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """transformers' own text forward with the layers before `block` skipped and `hidden`
+        put in as the input of layer `block` (or of the final norm)."""
+        encoder = self.model.text_model.encoder
+        entry, full, state = self._text_entry(block), encoder.layers, hidden.to(self.device)
+        handle = entry.register_forward_pre_hook(lambda _m, args: (state, *args[1:]))
+        encoder.layers = nn.ModuleList(list(full)[block:])
+        try:
+            return self.encode_tokens(tokens, normalize=normalize)
+        finally:
+            encoder.layers = full
+            handle.remove()

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 _NOT_CANDIDATE = re.compile(r"(^|\.)(token_embedding|positional_embedding|class_embedding|conv1|logit_scale)(\.|$)")
 _VISUAL_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
 _VISUAL_TAIL = re.compile(r"^visual\.(ln_post|proj|attn_pool)")
+_TEXT_BLOCK = re.compile(r"^(?:text\.)?transformer\.resblocks\.(\d+)\.")
+_TEXT_TAIL = re.compile(r"^(?:text\.)?(ln_final|text_projection)(\.|$)")
 PROJECTIONS = ("visual.proj", "text_projection")
 
 
@@ -180,14 +182,93 @@ class OpenClipAdapter(Adapter):
         return nn.functional.normalize(out, dim=-1) if normalize else out
 
     @contextlib.contextmanager
-    def _only_blocks(self, keep: range) -> Iterator[None]:
-        transformer = self.model.visual.transformer
+    def _only_blocks(self, keep: range, transformer: nn.Module | None = None) -> Iterator[None]:
+        transformer = self.model.visual.transformer if transformer is None else transformer
         full = transformer.resblocks
         transformer.resblocks = nn.ModuleList([full[i] for i in keep])
         try:
             yield
         finally:
             transformer.resblocks = full
+
+    def _text_tower(self) -> tuple[nn.Module, str] | None:
+        """The module holding the text transformer and `ln_final` (the CLIP itself, or a
+        CustomTextCLIP's `text`) and its parameters' prefix; None for a text tower without
+        them (an HF text model inside open_clip: no partial text forwards, every text edit
+        encodes in full)."""
+        text = getattr(self.model, "text", None)
+        tower, prefix = (text, "text.") if isinstance(text, nn.Module) else (self.model, "")
+        ok = hasattr(getattr(tower, "transformer", None), "resblocks") and isinstance(getattr(tower, "ln_final", None), nn.Module)
+        return (tower, prefix) if ok else None
+
+    def text_block_of(self, name: str) -> int | None:
+        found = self._text_tower()
+        if found is None or name.startswith("visual."):
+            return None
+        tower, prefix = found
+        if (prefix == "text.") != name.startswith("text."):
+            return None
+        if (m := _TEXT_BLOCK.match(name)) is not None:
+            return int(m.group(1))
+        return len(tower.transformer.resblocks) if _TEXT_TAIL.match(name) else None
+
+    def _text_entry(self, tower: nn.Module, block: int) -> nn.Module:
+        """The module whose input is the state entering text block `block` (the final norm
+        for the block count)."""
+        blocks = tower.transformer.resblocks
+        if not 0 <= block <= len(blocks):
+            raise ValueError(f"text blocks {block} out of 0..{len(blocks)}")
+        return blocks[block] if block < len(blocks) else tower.ln_final
+
+    @torch.no_grad()
+    def text_hiddens(self, tokens: torch.Tensor, blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Pre-hooks on each block asked for (and on `ln_final`) read their inputs during one run
+        of open_clip's own `encode_text`; states are returned batch first."""
+        wanted = sorted(set(blocks))
+        if not wanted:
+            return {}
+        found = self._text_tower()
+        if found is None:
+            raise UnlearnError(f"{type(self.model).__name__} has no open_clip text transformer to read states from")
+        tower = found[0]
+        seq_first = not getattr(tower.transformer, "batch_first", True)
+        captured: dict[int, torch.Tensor] = {}
+
+        def reader(b: int):
+            def hook(module, args):
+                x = args[0]
+                captured[b] = x.transpose(0, 1) if seq_first and module is not tower.ln_final else x
+            return hook
+
+        handles = [self._text_entry(tower, b).register_forward_pre_hook(reader(b)) for b in wanted]
+        try:
+            self.model.encode_text(tokens.to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        return {b: captured[b] for b in wanted}
+
+    @torch.no_grad()
+    def encode_tokens_from(self, hidden: torch.Tensor, block: int, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """open_clip's own `encode_text` with the blocks before `block` skipped and `hidden` put
+        in as the input of `block` (or of `ln_final`, the transformer passing its input through:
+        an empty block list would break open_clip's dtype lookup on the first block)."""
+        found = self._text_tower()
+        if found is None:
+            raise UnlearnError(f"{type(self.model).__name__} has no open_clip text transformer to resume from")
+        tower = found[0]
+        entry = self._text_entry(tower, block)
+        seq_first = not getattr(tower.transformer, "batch_first", True)
+        state = hidden.to(self.device)
+        state = state.transpose(0, 1) if seq_first and entry is not tower.ln_final else state
+        handle = entry.register_forward_pre_hook(lambda _m, args: (state, *args[1:]))
+        n = len(tower.transformer.resblocks)
+        skip = self._only_blocks(range(block, n), tower.transformer) if block < n else _replace_attr(tower.transformer, "forward", lambda x, *_a, **_k: x)
+        try:
+            with skip:
+                return self.model.encode_text(tokens.to(self.device), normalize=normalize)
+        finally:
+            handle.remove()
 
     # ---- input statistics
 
