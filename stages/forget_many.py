@@ -6,12 +6,15 @@ then for every k in `forget_many.counts` the first k edits are summed, checked o
 The other `forget_many.modes`: sequential (each edit found on the model holding the previous
 ones), joint (one SLUG search for the first k together) and cumulative (as sequential, each search
 judged on every target so far and guarded against the unedited model; unlearn/many.py; in the
-metrics and the CSV, not drawn).  Writes metrics/forget_many.json, plots/forget_many.{csv,png} and
-plots/forget_many_joint.png."""
+metrics and the CSV, not drawn) and kept (as sum, each edit found with the retain moments pooled
+with those of the table's concepts that are not removed; unlearn/many.py).  Writes
+metrics/forget_many.json, plots/forget_many.{csv,png}, plots/forget_many_joint.png and
+plots/forget_many_kept.png."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import tempfile
 import time
@@ -25,11 +28,12 @@ from unlearn.data.curate import Concept, curate_forget, resolve_concepts, table_
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
 from unlearn.io import atomic_outputs
-from unlearn.many import BaseGuard, ConceptEdit, JointEvaluator, check_modes, forget_ok_all, guard_ok_all, judge
+from unlearn.many import BaseGuard, ConceptEdit, JointEvaluator, check_kept, check_modes, forget_ok_all, guard_ok_all, judge, pool_moments
 from unlearn.methods.registry import chunks
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import apply_edit, find_edit, save_patch, slug_config
 from unlearn.models.adapter import fingerprint, load
+from unlearn.models.inputs import input_moments
 from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
 from unlearn.plots import forget_many_plot
@@ -37,7 +41,7 @@ from unlearn.runs import write_metrics
 
 MODEL, SHARDS, EVAL, RETAIN, STATS = "models/base", "data/laion", "data/eval", "data/retain", "models/retain"
 PATCHES, METRICS, CSV = "models/many", "metrics/forget_many.json", "plots/forget_many.csv"
-PNG, JOINT_PNG = "plots/forget_many.png", "plots/forget_many_joint.png"
+PNG, JOINT_PNG, KEPT_PNG = "plots/forget_many.png", "plots/forget_many_joint.png", "plots/forget_many_kept.png"
 log = logging.getLogger("forget_many")
 
 
@@ -50,16 +54,23 @@ def main() -> None:
         raise UnlearnError(f"forget_many.counts is {counts}; list increasing numbers from 1 to {len(concepts)} (the length of forget_many.concepts)")
     modes = check_modes(p("forget_many.modes"), concepts)
     cfg = slug_config(p("slug"))
+    check_kept(modes, cfg.search.direction)
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     batch, grad_batch = int(p("eval.batch_size")), int(p("gradients.batch_size"))
-    solo = table_concepts(p("concepts")) if p("curate.solo") else ()
+    table = table_concepts(p("concepts"))
+    solo = table if p("curate.solo") else ()
     adapter = load(MODEL, device=torch_device(p("model.device")))
     stats, _ = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")
-    forget_sets, evaluators = {}, {}
-    for c in concepts:
+
+    def pairs_of(c: Concept) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concept `c`'s pairs as curate selects its forget set."""
         with tempfile.TemporaryDirectory() as tmp:
             curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), Path(tmp), solo, joined=bool(p("curate.joined")))
-            forget_sets[c.name] = load_pairs(adapter, tmp)
+            return load_pairs(adapter, tmp)
+
+    forget_sets, evaluators = {}, {}
+    for c in concepts:
+        forget_sets[c.name] = pairs_of(c)
         evaluators[c.name] = Evaluator(adapter, concept_tasks(EVAL, c, "val", *split), batch)
     val = ManyEvaluator(adapter, EVAL, concepts, "val", *split, batch)
     test = ManyEvaluator(adapter, EVAL, concepts, "test", *split, batch)
@@ -76,7 +87,7 @@ def main() -> None:
         forget = forget_sets[c.name]
         return find_edit(adapter, lambda: chunks(forget, grad_batch), stats, evaluators[c.name] if evaluator is None else evaluator, c.kind, cfg.rank, cfg.search)
 
-    with atomic_outputs(PATCHES, METRICS, CSV, PNG, JOINT_PNG) as (patches, metrics, csv_path, png, joint_png):
+    with atomic_outputs(PATCHES, METRICS, CSV, PNG, JOINT_PNG, KEPT_PNG) as (patches, metrics, csv_path, png, joint_png, kept_png):
         names_of = {k: [x.name for x in concepts[:k]] for k in counts}
         base_val = {k: val.evaluate(names_of[k]) for k in counts}    # the unedited model, the first k as targets
         base_test = {k: test.evaluate(names_of[k]) for k in counts}
@@ -142,14 +153,35 @@ def main() -> None:
             judges = [JointEvaluator(adapter, EVAL, concepts[:i], "val", *split, batch) for i in range(1, len(concepts) + 1)]
             unedited = [j.evaluate() for j in judges]   # the guard's reference for every search: the model before any edit
             cumulative, cum_concepts = one_after_another("cumulative", lambda i, c: BaseGuard(judges[i - 1], unedited[i - 1]))
+        # kept: as sum, each of the first k edits found with the retain moments pooled with those of the table's concepts not removed
+        kept, kept_sets = [], {}
+        if "kept" in modes:
+            for k in counts:
+                stay = [c for c in table if c.name not in names_of[k]]
+                for c in stay:
+                    if c.name not in kept_sets:
+                        kept_sets[c.name] = forget_sets[c.name] if c.name in forget_sets else pairs_of(c)
+                union = tuple(torch.cat([kept_sets[c.name][j] for c in stay]) for j in (0, 1))
+                moments, n_kept = input_moments(adapter, list(stats.moments), chunks(union, grad_batch))
+                pooled = dataclasses.replace(stats, moments=pool_moments(stats.moments, stats.n_retain, moments, n_kept))
+                edits, found = [], []
+                for c in concepts[:k]:
+                    forget = forget_sets[c.name]
+                    edit, times = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), pooled, evaluators[c.name], c.kind, cfg.rank, cfg.search)
+                    edits.append(ConceptEdit(c.name, edit.layer, edit.delta))
+                    found.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
+                r = judge(adapter, {e.layer: original[e.layer] for e in edits}, edits, val, test, cfg.search, base_val[k], base_test[k])
+                kept.append(r | {"kept_concepts": len(stay), "kept_pairs": n_kept, "kept_weight": round(n_kept / (n_kept + stats.n_retain), 4),
+                                 "edits": found})
+                _log("kept", k, kept[-1])
         rows = [{"mode": mode, "removed": r["k"], "max_forget_top1": max(v["top1"] for v in r["test"]["targets"].values()),
                  "max_forget_top5": max(v["top5"] for v in r["test"]["targets"].values()),
                  "identity_retain_top1": r["test"]["retain"]["identity"]["top1"], "identity_retain_base": r["base_test"]["retain"]["identity"]["top1"],
                  "object_top1": r["test"]["retain"]["object"]["top1"], "object_base": r["base_test"]["retain"]["object"]["top1"],
-                 "scale": r["scale"], "converged": r["converged"]} for mode, rs in (("sum", results), ("sequential", sequential), ("joint", joint), ("cumulative", cumulative))
-                for r in rs]
+                 "scale": r["scale"], "converged": r["converged"]}
+                for mode, rs in (("sum", results), ("sequential", sequential), ("joint", joint), ("cumulative", cumulative), ("kept", kept)) for r in rs]
         write_metrics(metrics, {"concepts": per_concept, "counts": counts, "results": results, "sequential_concepts": seq_concepts,
-                             "sequential": sequential, "joint": joint, "cumulative_concepts": cum_concepts, "cumulative": cumulative, "rows": rows,
+                             "sequential": sequential, "joint": joint, "cumulative_concepts": cum_concepts, "cumulative": cumulative, "kept": kept, "rows": rows,
                              "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb()}, "forget_many")
         with open(csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -157,9 +189,11 @@ def main() -> None:
             writer.writerows(rows)
         # two figures, each mode of a figure with its own line style: the sum against the sequential edits, and the joint search against the sum
         of = lambda *ms: [r for m in ms for r in rows if r["mode"] == m]  # noqa: E731
-        pairs = of("sum", "sequential"), of("joint", "sum")
+        pairs = of("sum", "sequential"), of("joint", "sum"), of("kept", "sum")
         forget_many_plot(pairs[0] or rows, png, f"the first k of {len(concepts)} concepts removed: SLUG edits added up / found one after another (test images)")
         forget_many_plot(pairs[1] or rows, joint_png, f"the first k of {len(concepts)} concepts removed: one joint SLUG search / edits added up (test images)")
+        forget_many_plot(pairs[2] or rows, kept_png, f"the first k of {len(concepts)} concepts removed: edits preconditioned on the concepts kept / "
+                         "edits added up (test images)")
 
 
 def _log(mode: str, k: int, r: dict) -> None:

@@ -73,7 +73,7 @@ def build_tiny_repo(tmp_path_factory) -> Path:
             "curate.retain_size": 60, "gradients.batch_size": 16, "slug.search.max_layers": 2, "slug.search.evals_per_layer": 3,
             "eval.mia.folds": 2, "eval.mia.seeds": 2, "compare.concepts": ["Elon Musk", "Taylor Swift"],
             "forget_many.concepts": ["Elon Musk", "Taylor Swift"], "forget_many.counts": [1, 2],
-            "forget_many.modes": ["sum", "sequential", "joint", "cumulative"],
+            "forget_many.modes": ["sum", "sequential", "joint", "cumulative", "kept"],
             "vlm.train.examples": 64, "vlm.train.epochs": 1, "vlm.train.batch_size": 16, "vlm.train.warmup_steps": 2,
             "vlm.train.hidden_size": 32, "vlm.train.intermediate_size": 64, "vlm.train.layers": 1, "vlm.train.heads": 2,
             "vlm.train.vocab_size": 400,

@@ -8,7 +8,7 @@ import pytest
 from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import concept_tasks
-from unlearn.many import DOWN, UP, check_modes, combine, joint_tasks
+from unlearn.many import DOWN, UP, check_kept, check_modes, combine, joint_tasks, pool_moments
 from unlearn.methods.slug import SearchConfig
 
 MUSK, SWIFT = Concept("Elon Musk", "identity"), Concept("Taylor Swift", "identity")
@@ -42,6 +42,38 @@ def test_modes_are_checked():
     with pytest.raises(UnlearnError, match="has joint, cumulative but .* mixes kinds .*drop joint, cumulative from forget_many.modes"):
         check_modes(["sum", "joint", "cumulative"], [MUSK, Concept("rocket", "object")])
     assert check_modes(["sum", "sequential"], [MUSK, Concept("rocket", "object")]) == ("sum", "sequential")
+
+
+def test_pooled_moments_are_the_moments_of_the_union(tiny_clip):
+    """`pool_moments` (the kept mode): the retain moments pooled with the kept concepts' by pair
+    counts equal the moments over the union of both sets' pairs, for every candidate tensor
+    (text tensors read every token position, so each pair gives a tensor the same rows)."""
+    import torch
+
+    from unlearn.models.inputs import input_moments
+
+    captions = ["Elon Musk at the gala", "a photo of a rocket", "Taylor Swift smiling", "a red car", "Mickey", "a fish", "a tree"]
+    g = torch.Generator().manual_seed(0)
+    images, tokens = torch.randn(len(captions), 3, 64, 64, generator=g), tiny_clip.tokenize(captions)
+    layers = tiny_clip.candidate_layers(include_layernorm=True)
+    retain, n_r = input_moments(tiny_clip, layers, [(images[:2], tokens[:2])])
+    kept, n_k = input_moments(tiny_clip, layers, [(images[2:], tokens[2:])])
+    union, n = input_moments(tiny_clip, layers, [(images, tokens)])
+    assert (n_r, n_k, n) == (2, 5, 7)
+    pooled = pool_moments(retain, n_r, kept, n_k)
+    assert pooled.keys() == union.keys()
+    for name in layers:
+        torch.testing.assert_close(pooled[name], union[name], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(retain[layers[0]], union[layers[0]])  # pooling did change them
+    with pytest.raises(ValueError, match="same tensors"):
+        pool_moments(retain, n_r, {k: v for k, v in kept.items() if k != layers[0]}, n_k)
+
+
+def test_the_kept_mode_needs_the_preconditioned_direction():
+    check_kept(["sum", "kept"], "retain_preconditioned")
+    check_kept(["sum"], "gradient")
+    with pytest.raises(UnlearnError, match="forget_many.modes has kept.*slug.search.direction is gradient: drop kept"):
+        check_kept(["sum", "kept"], "gradient")
 
 
 def _result(top1: float, retain: float) -> dict:

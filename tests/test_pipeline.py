@@ -306,10 +306,14 @@ def test_forget_many_adds_the_edits_up(repo):
     # cumulative: for the first concept the same search as alone (its guard's reference is the unedited model either way)
     assert [r["k"] for r in m["cumulative"]] == [1, 2] and [c["concept"] for c in m["cumulative_concepts"]] == ["Elon Musk", "Taylor Swift"]
     assert (m["cumulative_concepts"][0]["layer"], m["cumulative_concepts"][0]["rho"]) == (m["concepts"][0]["layer"], m["concepts"][0]["rho"])
-    for name in ("forget_many.png", "forget_many_joint.png"):
+    # kept: the sum's searches with the retain moments pooled with the pairs of the table's concepts not removed (fewer for k = 2)
+    assert [r["k"] for r in m["kept"]] == [1, 2] and [e["concept"] for e in m["kept"][1]["edits"]] == ["Elon Musk", "Taylor Swift"]
+    assert m["kept"][0]["kept_concepts"] == m["kept"][1]["kept_concepts"] + 1 and m["kept"][0]["kept_pairs"] > m["kept"][1]["kept_pairs"] > 0
+    assert 0 < m["kept"][1]["kept_weight"] < m["kept"][0]["kept_weight"] < 1
+    for name in ("forget_many.png", "forget_many_joint.png", "forget_many_kept.png"):
         assert (repo / "plots" / name).stat().st_size > 5_000
     assert (repo / "plots" / "forget_many.csv").read_text().startswith("mode,removed,max_forget_top1")
-    assert [(r["mode"], r["removed"]) for r in m["rows"]] == [(mode, k) for mode in ("sum", "sequential", "joint", "cumulative") for k in (1, 2)]
+    assert [(r["mode"], r["removed"]) for r in m["rows"]] == [(mode, k) for mode in ("sum", "sequential", "joint", "cumulative", "kept") for k in (1, 2)]
 
 
 def _rel(a, b) -> float:

@@ -21,6 +21,14 @@ sequential mode), but judges its search as the joint search does (the worst of e
 far, the guard on the classes that are not among them) and guards it against the unedited model
 (`BaseGuard`): the guard's bound then holds for the losses of all the edits together, where the
 sequential mode grants it to each edit anew.  Also one kind of concept.
+
+The kept mode adds up edits as the sum does, but finds each of the first k concepts' edits with
+the retain input moments pooled with those of the pairs of every concept of the table that is not
+among the first k (`pool_moments`: every pair counted once, as if the kept concepts' pairs were
+retain pairs).  The retain-preconditioned direction g_f (C + lam I)^-1 then moves little what
+those concepts' inputs read, so the edits of several targets leave the concepts that stay
+alone together, not only one at a time.  Only the moments change (g_r, the ranking and the
+search do not), so it needs `slug.search.direction: retain_preconditioned`; any kinds.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from unlearn.eval.suite import SETS, ConceptTasks, Evaluator, ManyEvaluator, Tas
 from unlearn.methods.slug import BOUND, SearchConfig
 
 UP, DOWN = (1.25, 1.5, 2.0), (0.9, 0.8, 0.7)
-MODES = ("sum", "sequential", "joint", "cumulative")
+MODES = ("sum", "sequential", "joint", "cumulative", "kept")
 ONE_KIND = ("joint", "cumulative")   # modes whose search judges every target with one classifier and one guard
 
 
@@ -52,6 +60,23 @@ def check_modes(modes: Sequence[str], concepts: Sequence[Concept]) -> tuple[str,
         raise UnlearnError(f"forget_many.modes has {', '.join(one_kind)} but forget_many.concepts mixes kinds ({', '.join(kinds)}): their searches "
                            f"judge targets of one kind; list concepts of one kind or drop {', '.join(one_kind)} from forget_many.modes")
     return modes
+
+
+def check_kept(modes: Sequence[str], direction: str) -> None:
+    """The kept mode changes the preconditioner only: refused with the paper's direction."""
+    if "kept" in modes and direction != "retain_preconditioned":
+        raise UnlearnError(f"forget_many.modes has kept, which changes the retain-preconditioned direction's moments only, but "
+                           f"slug.search.direction is {direction}: drop kept from forget_many.modes or set slug.search.direction=retain_preconditioned")
+
+
+def pool_moments(retain: dict[str, torch.Tensor], n_retain: int, kept: dict[str, torch.Tensor], n_kept: int) -> dict[str, torch.Tensor]:
+    """The input moments of the retain pairs and the kept concepts' pairs together, each pair
+    counted once: (n_retain C_retain + n_kept C_kept) / (n_retain + n_kept) per tensor (a pair
+    gives every tensor the same number of rows, so this is the moment over the union's rows)."""
+    if n_retain < 1 or n_kept < 1 or set(retain) != set(kept):
+        raise ValueError(f"pool_moments needs pairs on both sides and the same tensors (retain {n_retain}, kept {n_kept})")
+    w = n_kept / (n_retain + n_kept)
+    return {n: (1 - w) * retain[n] + w * kept[n].to(retain[n]) for n in retain}
 
 
 def joint_tasks(eval_dir, concepts: Sequence[Concept], part: str, val_fraction: float, seed: int) -> ConceptTasks:
