@@ -384,6 +384,19 @@ def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
     assert float(moved.abs().max()) > 1e-3  # the edit did change what the cache recomputes
 
 
+def _count_calls(monkeypatch, cls, *names: str) -> dict[str, int]:
+    """Count the calls of methods `names` of `cls` (patched until `monkeypatch.undo()`)."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(cls, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            calls[_name] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("reference_first", [True, False])
 def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_world, monkeypatch, reference_first):
     """A search moving between vision blocks (back and forth): with every block's states read in
@@ -403,14 +416,7 @@ def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_wo
 
     def run(budget: int, chunk: int | None = None) -> tuple[list[dict], dict[str, int]]:
         monkeypatch.setattr(suite, "HIDDEN_CACHE_BYTES", budget)
-        calls = {"image_hiddens": 0, "image_hidden": 0}
-        for name in calls:
-            original = getattr(type(trained), name)
-
-            def counted(self, *a, _name=name, _original=original, **k):
-                calls[_name] += 1
-                return _original(self, *a, **k)
-            monkeypatch.setattr(type(trained), name, counted)
+        calls = _count_calls(monkeypatch, type(trained), "image_hiddens", "image_hidden")
         ev = Evaluator(trained, tasks, batch_size=16, chunk_size=chunk)
         if reference_first:
             ev.evaluate(reference=True)
@@ -458,14 +464,7 @@ def test_text_block_edits_resume_the_class_prompts_from_cached_states(trained, t
 
     def run(budget: int) -> tuple[list, dict[str, int]]:
         monkeypatch.setattr(suite, "HIDDEN_CACHE_BYTES", budget)
-        calls = {"text_hiddens": 0, "tokenize": 0, "encode_tokens_from": 0}
-        for name in calls:
-            original = getattr(type(trained), name)
-
-            def counted(self, *a, _name=name, _original=original, **k):
-                calls[_name] += 1
-                return _original(self, *a, **k)
-            monkeypatch.setattr(type(trained), name, counted)
+        calls = _count_calls(monkeypatch, type(trained), "text_hiddens", "tokenize", "encode_tokens_from")
         ev = Evaluator(trained, tasks, batch_size=16)
         ev.evaluate(reference=True)
         out = []

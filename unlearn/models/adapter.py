@@ -115,6 +115,25 @@ def check_made_for(what: str, recorded: dict, model_dir: str | Path, fix: str) -
                            f"{model_dir} is {want[:12]}); {fix}")
 
 
+def read_inputs(entries: dict[int, nn.Module], run: Callable[[], Any],
+                adapt: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """The first input of each module of `entries` (key -> module) during one call of `run`
+    (forward pre-hooks, removed after), through `adapt(module, x)` if given: how a family's
+    `text_hiddens` reads the states entering its blocks in one pass of its own forward."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def reader(key: int):
+        return lambda module, args: captured.__setitem__(key, args[0] if adapt is None else adapt(module, args[0]))
+
+    handles = [m.register_forward_pre_hook(reader(k)) for k, m in entries.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: captured[k] for k in entries}
+
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """The symmetric CLIP contrastive loss over a batch (each image's own caption is its label),
     with the same operations as open_clip's `ClipLoss` on one process."""

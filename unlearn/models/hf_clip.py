@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from unlearn.errors import UnlearnError
-from unlearn.models.adapter import Adapter, read_family
+from unlearn.models.adapter import Adapter, read_family, read_inputs
 
 WEIGHTS_FILE = "model.safetensors"
 _NOT_CANDIDATE = re.compile(r"(^|\.)(token_embedding|position_embedding|patch_embedding|class_embedding|logit_scale)(\.|$)")
@@ -197,14 +197,7 @@ class HFClipAdapter(Adapter):
         wanted = sorted(set(blocks))
         if not wanted:
             return {}
-        captured: dict[int, torch.Tensor] = {}
-        handles = [self._text_entry(b).register_forward_pre_hook(lambda _m, args, b=b: captured.__setitem__(b, args[0])) for b in wanted]
-        try:
-            self.model.text_model(input_ids=tokens.to(self.device))
-        finally:
-            for h in handles:
-                h.remove()
-        return {b: captured[b] for b in wanted}
+        return read_inputs({b: self._text_entry(b) for b in wanted}, lambda: self.model.text_model(input_ids=tokens.to(self.device)))
 
     @torch.no_grad()
     def encode_tokens_from(self, hidden: torch.Tensor, block: int, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -24,7 +24,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from unlearn.errors import UnlearnError
-from unlearn.models.adapter import Adapter, Record, read_family
+from unlearn.models.adapter import Adapter, Record, read_family, read_inputs
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY_ARCH = "unlearn-tiny-vit"
@@ -232,21 +232,8 @@ class OpenClipAdapter(Adapter):
             raise UnlearnError(f"{type(self.model).__name__} has no open_clip text transformer to read states from")
         tower = found[0]
         seq_first = not getattr(tower.transformer, "batch_first", True)
-        captured: dict[int, torch.Tensor] = {}
-
-        def reader(b: int):
-            def hook(module, args):
-                x = args[0]
-                captured[b] = x.transpose(0, 1) if seq_first and module is not tower.ln_final else x
-            return hook
-
-        handles = [self._text_entry(tower, b).register_forward_pre_hook(reader(b)) for b in wanted]
-        try:
-            self.model.encode_text(tokens.to(self.device))
-        finally:
-            for h in handles:
-                h.remove()
-        return {b: captured[b] for b in wanted}
+        return read_inputs({b: self._text_entry(tower, b) for b in wanted}, lambda: self.model.encode_text(tokens.to(self.device)),
+                           lambda module, x: x.transpose(0, 1) if seq_first and module is not tower.ln_final else x)
 
     @torch.no_grad()
     def encode_tokens_from(self, hidden: torch.Tensor, block: int, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.sd.data import Axes, Templates
 from unlearn.eval.parts import equal_cuts
+from unlearn.sd.data import Axes, Templates
 from unlearn.sd.evaluate import SampleConfig, draw
 from unlearn.sd.judges import Judges
 from unlearn.sd.model import check_text_encoder
