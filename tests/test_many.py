@@ -8,7 +8,7 @@ import pytest
 from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import concept_tasks
-from unlearn.many import DOWN, UP, check_kept, check_modes, combine, joint_tasks, pool_moments
+from unlearn.many import DOWN, UP, check_kept, check_modes, combine, joint_tasks, moments_without, pool_moments
 from unlearn.methods.slug import SearchConfig
 
 MUSK, SWIFT = Concept("Elon Musk", "identity"), Concept("Taylor Swift", "identity")
@@ -67,6 +67,12 @@ def test_pooled_moments_are_the_moments_of_the_union(tiny_clip):
     assert not torch.allclose(retain[layers[0]], union[layers[0]])  # pooling did change them
     with pytest.raises(ValueError, match="same tensors"):
         pool_moments(retain, n_r, {k: v for k, v in kept.items() if k != layers[0]}, n_k)
+    # and back: the union less one part gives the other part's moments (bench/kept_moments.py's kept set)
+    rest = moments_without(union, n, retain, n_r)
+    for name in layers:
+        torch.testing.assert_close(rest[name], kept[name], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="a part of the pairs"):
+        moments_without(union, n, retain, n)
 
 
 def test_the_kept_mode_needs_the_preconditioned_direction():

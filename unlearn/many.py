@@ -79,6 +79,15 @@ def pool_moments(retain: dict[str, torch.Tensor], n_retain: int, kept: dict[str,
     return {n: (1 - w) * retain[n] + w * kept[n].to(retain[n]) for n in retain}
 
 
+def moments_without(every: dict[str, torch.Tensor], n_every: int, part: dict[str, torch.Tensor], n_part: int) -> dict[str, torch.Tensor]:
+    """The input moments of a concatenation of pairs less one part of it (`part`'s moments over its
+    `n_part` pairs): (n_every C_every - n_part C_part) / (n_every - n_part) per tensor, so the
+    kept set of every concept but one costs one pass over that concept's pairs."""
+    if not 0 < n_part < n_every or set(every) != set(part):
+        raise ValueError(f"moments_without needs a part of the pairs and the same tensors (every {n_every}, part {n_part})")
+    return {n: (n_every * every[n] - n_part * part[n].to(every[n])) / (n_every - n_part) for n in every}
+
+
 def joint_tasks(eval_dir, concepts: Sequence[Concept], part: str, val_fraction: float, seed: int) -> ConceptTasks:
     """SLUG's evaluation sets for several targets of one kind searched as one: forget = every
     target's images (each labelled with its own class), retain = the images of the kind's classes

@@ -1,0 +1,138 @@
+"""One concept at a time, SLUG with the shared retain moments against the kept mode's moments.
+
+`forget_many`'s kept mode (README "Many concepts at once") pools the retain input moments with
+those of the pairs of every concept of the table that stays.  This bench asks what that does to
+a single concept: per identity, the search stage's SLUG (`find_edit`, validation images) once with
+the shared retain statistics and once with C = (n_r C_r + n_k C_k) / (n_r + n_k), the kept set
+being every concept of the table but the target (the concatenation of each concept's pairs as
+curate selects its forget set: its moments are those of all concepts' pairs less the target's,
+read in one pass plus one pass over the target's pairs); each edit judged on the test images
+(FA@1, FA@5, identity retain @1, ImageNet-style @1 against the unedited model).
+
+Needs `dvc repro retain_stats` (models/base, models/retain, data/).  Writes
+bench/results/kept_moments.{json,md}.
+
+    python bench/kept_moments.py                  # every identity (about 6 min on 2 CPU cores)
+    python bench/kept_moments.py --concepts 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
+from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
+from unlearn.many import moments_without, pool_moments  # noqa: E402
+from unlearn.methods.registry import chunks  # noqa: E402
+from unlearn.methods.retain_stats import load_retain_stats  # noqa: E402
+from unlearn.methods.slug import apply_edit, find_edit, slug_config  # noqa: E402
+from unlearn.models.adapter import load  # noqa: E402
+from unlearn.models.inputs import input_moments  # noqa: E402
+from unlearn.models.train import load_pairs  # noqa: E402
+from unlearn.params import load_yaml  # noqa: E402
+
+MODEL, STATS, RETAIN, SHARDS, EVAL = "models/base", "models/retain", "data/retain", "data/laion", "data/eval"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concepts", type=int, default=24, help="identities (the table's first N)")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    p = load_yaml("params.yaml")
+    cfg = slug_config(p["slug"])
+    if cfg.search.direction != "retain_preconditioned":
+        sys.exit("slug.search.direction is gradient: the moments change nothing; set it to retain_preconditioned")
+    split = (p["eval"]["split"]["val_fraction"], p["eval"]["split"]["seed"])
+    batch, grad_batch, cur = p["eval"]["batch_size"], p["gradients"]["batch_size"], p["curate"]
+    table = table_concepts(p["concepts"])
+    solo = table if cur["solo"] else ()
+    identities = [c for c in table if c.kind == "identity"][: args.concepts]
+    adapter = load(MODEL)
+    stats, _ = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")
+    layers = list(stats.moments)
+    pairs = {}
+    for c in table:
+        with tempfile.TemporaryDirectory() as tmp:
+            curate_forget(SHARDS, c, int(cur["forget_max"]), int(cur["seed"]), Path(tmp), solo, joined=bool(cur["joined"]))
+            pairs[c.name] = load_pairs(adapter, tmp)
+    t0 = time.perf_counter()
+    every = tuple(torch.cat([pairs[c.name][j] for c in table]) for j in (0, 1))
+    m_all, n_all = input_moments(adapter, layers, chunks(every, grad_batch))
+    table_s = time.perf_counter() - t0
+    print(f"moments of every concept's pairs: {n_all} pairs, {table_s:.1f} s (once per model)", flush=True)
+    shared_val, shared_test = SharedBase(), SharedBase()
+    rows = []
+    for c in identities:
+        forget = pairs[c.name]
+        t0 = time.perf_counter()
+        m_c, n_c = input_moments(adapter, layers, chunks(forget, grad_batch))
+        own_s = time.perf_counter() - t0  # the target's own pairs, taken out of the kept set: a per-concept cost of the kept moments
+        n_k = n_all - n_c
+        kept = moments_without(m_all, n_all, m_c, n_c)  # every concept's pairs but the target's
+        variants = {"shared": stats, "kept": dataclasses.replace(stats, moments=pool_moments(stats.moments, stats.n_retain, kept, n_k))}
+        test = Evaluator(adapter, concept_tasks(EVAL, c, "test", *split), batch, shared=shared_test)
+        base = test.evaluate(reference=True)
+        row = {"concept": c.name, "base": base, "kept_pairs": n_k, "own_moments_s": round(own_s, 3)}
+        for name, st in variants.items():
+            val = Evaluator(adapter, concept_tasks(EVAL, c, "val", *split), batch, shared=shared_val)
+            edit, times = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), st, val, c.kind, cfg.rank, cfg.search)
+            param = dict(adapter.model.named_parameters())[edit.layer]
+            original = param.detach().clone()
+            apply_edit(adapter, edit.layer, edit.delta)
+            try:
+                after = Evaluator(adapter, concept_tasks(EVAL, c, "test", *split), batch).evaluate()
+            finally:
+                with torch.no_grad():
+                    param.copy_(original)  # the same bits (x + d - d need not be x)
+            row[name] = {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "unlearn_s": round(times["unlearn"], 3), "test": after}
+        rows.append(row)
+        s, k = row["shared"], row["kept"]
+        print(f"{c.name:20s} shared {adapter.short_name(s['layer'])} {s['rho']:.3g} retain {100 * (s['test']['retain_top1'] - base['retain_top1']):+.2f} "
+              f"utility {100 * (s['test']['utility_top1'] - base['utility_top1']):+.2f} FA5 {100 * s['test']['forget_top5']:.1f} | kept "
+              f"{adapter.short_name(k['layer'])} {k['rho']:.3g} retain {100 * (k['test']['retain_top1'] - base['retain_top1']):+.2f} "
+              f"utility {100 * (k['test']['utility_top1'] - base['utility_top1']):+.2f} FA5 {100 * k['test']['forget_top5']:.1f}", flush=True)
+    summary = {}
+    for name in ("shared", "kept"):
+        drops = [(100 * (r["base"]["retain_top1"] - r[name]["test"]["retain_top1"]), 100 * (r["base"]["utility_top1"] - r[name]["test"]["utility_top1"]))
+                 for r in rows]
+        meets = [r for r in rows if r[name]["test"]["forget_top1"] == 0 and r[name]["test"]["forget_top5"] <= cfg.search.forget_top5 + 1e-9
+                 and r["base"]["retain_top1"] - r[name]["test"]["retain_top1"] <= cfg.search.max_identity_drop + 1e-9
+                 and r["base"]["utility_top1"] - r[name]["test"]["utility_top1"] <= cfg.search.max_object_drop + 1e-9]
+        summary[name] = {"mean_identity_retain_drop": round(sum(d[0] for d in drops) / len(rows), 3),
+                         "max_identity_retain_drop": round(max(d[0] for d in drops), 3),
+                         "mean_imagenet_style_drop": round(sum(d[1] for d in drops) / len(rows), 3),
+                         "max_imagenet_style_drop": round(max(d[1] for d in drops), 3),
+                         "converged": sum(r[name]["converged"] for r in rows), "meet_targets_on_test": len(meets),
+                         "mean_unlearn_s": round(sum(r[name]["unlearn_s"] for r in rows) / len(rows), 3)}
+    summary["kept"]["mean_own_moments_s"] = round(sum(r["own_moments_s"] for r in rows) / len(rows), 3)
+    summary["kept"]["table_moments_s"] = round(table_s, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kept_moments.json").write_text(json.dumps({"summary": summary, "concepts": rows, "threads": torch.get_num_threads()}, indent=2) + "\n")
+    lines = [f"SLUG one identity at a time, test images: shared retain moments against the kept mode's (every other concept's pairs pooled in); "
+             f"{len(rows)} identities", "",
+             f"The kept moments cost one pass over every concept's pairs ({table_s:.1f} s, once per model) and one over the target's own pairs "
+             f"({summary['kept']['mean_own_moments_s']:.2f} s per concept, not in the SLUG column).", "",
+             "| moments | converged | meet the targets on test | identity retain drop, mean / max | ImageNet-style drop, mean / max | SLUG s per concept |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {s['converged']} | {s['meet_targets_on_test']} | {s['mean_identity_retain_drop']:.2f} / {s['max_identity_retain_drop']:.2f} | "
+              f"{s['mean_imagenet_style_drop']:.2f} / {s['max_imagenet_style_drop']:.2f} | {s['mean_unlearn_s']:.2f} |" for n, s in summary.items()]
+    (out / "kept_moments.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
