@@ -34,12 +34,11 @@ import torch  # noqa: E402
 
 from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
-from unlearn.many import moments_without, pool_moments  # noqa: E402
+from unlearn.many import KeptMoments, pool_moments  # noqa: E402
 from unlearn.methods.registry import chunks  # noqa: E402
 from unlearn.methods.retain_stats import load_retain_stats  # noqa: E402
 from unlearn.methods.slug import apply_edit, find_edit, slug_config  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
-from unlearn.models.inputs import input_moments  # noqa: E402
 from unlearn.models.train import load_pairs  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 
@@ -62,26 +61,22 @@ def main() -> None:
     identities = [c for c in table if c.kind == "identity"][: args.concepts]
     adapter = load(MODEL)
     stats, _ = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")
-    layers = list(stats.moments)
     pairs = {}
     for c in table:
         with tempfile.TemporaryDirectory() as tmp:
             curate_forget(SHARDS, c, int(cur["forget_max"]), int(cur["seed"]), Path(tmp), solo, joined=bool(cur["joined"]))
             pairs[c.name] = load_pairs(adapter, tmp)
     t0 = time.perf_counter()
-    every = tuple(torch.cat([pairs[c.name][j] for c in table]) for j in (0, 1))
-    m_all, n_all = input_moments(adapter, layers, chunks(every, grad_batch))
+    table_moments = KeptMoments(adapter, list(stats.moments), pairs, grad_batch)
     table_s = time.perf_counter() - t0
-    print(f"moments of every concept's pairs: {n_all} pairs, {table_s:.1f} s (once per model)", flush=True)
+    print(f"moments of every concept's pairs: {table_moments.n_every} pairs, {table_s:.1f} s (once per model)", flush=True)
     shared_val, shared_test = SharedBase(), SharedBase()
     rows = []
     for c in identities:
         forget = pairs[c.name]
         t0 = time.perf_counter()
-        m_c, n_c = input_moments(adapter, layers, chunks(forget, grad_batch))
-        own_s = time.perf_counter() - t0  # the target's own pairs, taken out of the kept set: a per-concept cost of the kept moments
-        n_k = n_all - n_c
-        kept = moments_without(m_all, n_all, m_c, n_c)  # every concept's pairs but the target's
+        kept, n_k = table_moments.without([c.name])  # every concept's pairs but the target's
+        own_s = time.perf_counter() - t0  # one pass over the target's own pairs: a per-concept cost of the kept moments
         variants = {"shared": stats, "kept": dataclasses.replace(stats, moments=pool_moments(stats.moments, stats.n_retain, kept, n_k))}
         test = Evaluator(adapter, concept_tasks(EVAL, c, "test", *split), batch, shared=shared_test)
         base = test.evaluate(reference=True)

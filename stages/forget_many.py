@@ -28,12 +28,11 @@ from unlearn.data.curate import Concept, curate_forget, resolve_concepts, table_
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
 from unlearn.io import atomic_outputs
-from unlearn.many import BaseGuard, ConceptEdit, JointEvaluator, check_kept, check_modes, forget_ok_all, guard_ok_all, judge, pool_moments
+from unlearn.many import BaseGuard, ConceptEdit, JointEvaluator, KeptMoments, check_modes, forget_ok_all, guard_ok_all, judge, pool_moments
 from unlearn.methods.registry import chunks
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import apply_edit, find_edit, save_patch, slug_config
 from unlearn.models.adapter import fingerprint, load
-from unlearn.models.inputs import input_moments
 from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
 from unlearn.plots import forget_many_plot
@@ -52,9 +51,8 @@ def main() -> None:
     counts = [int(k) for k in p("forget_many.counts")]
     if not counts or counts != sorted(set(counts)) or counts[0] < 1 or counts[-1] > len(concepts):
         raise UnlearnError(f"forget_many.counts is {counts}; list increasing numbers from 1 to {len(concepts)} (the length of forget_many.concepts)")
-    modes = check_modes(p("forget_many.modes"), concepts)
     cfg = slug_config(p("slug"))
-    check_kept(modes, cfg.search.direction)
+    modes = check_modes(p("forget_many.modes"), concepts, cfg.search.direction)
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     batch, grad_batch = int(p("eval.batch_size")), int(p("gradients.batch_size"))
     table = table_concepts(p("concepts"))
@@ -154,15 +152,11 @@ def main() -> None:
             unedited = [j.evaluate() for j in judges]   # the guard's reference for every search: the model before any edit
             cumulative, cum_concepts = one_after_another("cumulative", lambda i, c: BaseGuard(judges[i - 1], unedited[i - 1]))
         # kept: as sum, each of the first k edits found with the retain moments pooled with those of the table's concepts not removed
-        kept, kept_sets = [], {}
+        kept = []
         if "kept" in modes:
+            table_moments = KeptMoments(adapter, list(stats.moments), {c.name: forget_sets[c.name] if c.name in forget_sets else pairs_of(c) for c in table}, grad_batch)
             for k in counts:
-                stay = [c for c in table if c.name not in names_of[k]]
-                for c in stay:
-                    if c.name not in kept_sets:
-                        kept_sets[c.name] = forget_sets[c.name] if c.name in forget_sets else pairs_of(c)
-                union = tuple(torch.cat([kept_sets[c.name][j] for c in stay]) for j in (0, 1))
-                moments, n_kept = input_moments(adapter, list(stats.moments), chunks(union, grad_batch))
+                moments, n_kept = table_moments.without(names_of[k])
                 pooled = dataclasses.replace(stats, moments=pool_moments(stats.moments, stats.n_retain, moments, n_kept))
                 edits, found = [], []
                 for c in concepts[:k]:
@@ -171,7 +165,7 @@ def main() -> None:
                     edits.append(ConceptEdit(c.name, edit.layer, edit.delta))
                     found.append({"concept": c.name, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "time_s": round(times["unlearn"], 3)})
                 r = judge(adapter, {e.layer: original[e.layer] for e in edits}, edits, val, test, cfg.search, base_val[k], base_test[k])
-                kept.append(r | {"kept_concepts": len(stay), "kept_pairs": n_kept, "kept_weight": round(n_kept / (n_kept + stats.n_retain), 4),
+                kept.append(r | {"kept_concepts": len(table) - k, "kept_pairs": n_kept, "kept_weight": round(n_kept / (n_kept + stats.n_retain), 4),
                                  "edits": found})
                 _log("kept", k, kept[-1])
         rows = [{"mode": mode, "removed": r["k"], "max_forget_top1": max(v["top1"] for v in r["test"]["targets"].values()),

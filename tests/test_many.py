@@ -8,10 +8,11 @@ import pytest
 from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import concept_tasks
-from unlearn.many import DOWN, UP, check_kept, check_modes, combine, joint_tasks, moments_without, pool_moments
+from unlearn.many import DOWN, UP, KeptMoments, check_modes, combine, joint_tasks, moments_without, pool_moments
 from unlearn.methods.slug import SearchConfig
 
 MUSK, SWIFT = Concept("Elon Musk", "identity"), Concept("Taylor Swift", "identity")
+PRECONDITIONED = "retain_preconditioned"
 
 
 def test_joint_tasks_forget_every_target_and_retain_only_the_others(tiny_world):
@@ -33,15 +34,15 @@ def test_joint_tasks_forget_every_target_and_retain_only_the_others(tiny_world):
 
 
 def test_modes_are_checked():
-    assert check_modes(["sum", "joint"], [MUSK, SWIFT]) == ("sum", "joint")
+    assert check_modes(["sum", "joint"], [MUSK, SWIFT], PRECONDITIONED) == ("sum", "joint")
     for bad in ([], ["sum", "sum"], ["summed"]):
         with pytest.raises(UnlearnError, match="forget_many.modes"):
-            check_modes(bad, [MUSK])
+            check_modes(bad, [MUSK], PRECONDITIONED)
     with pytest.raises(UnlearnError, match="mixes kinds \\(identity, object\\).*drop joint"):
-        check_modes(["joint"], [MUSK, Concept("rocket", "object")])
+        check_modes(["joint"], [MUSK, Concept("rocket", "object")], PRECONDITIONED)
     with pytest.raises(UnlearnError, match="has joint, cumulative but .* mixes kinds .*drop joint, cumulative from forget_many.modes"):
-        check_modes(["sum", "joint", "cumulative"], [MUSK, Concept("rocket", "object")])
-    assert check_modes(["sum", "sequential"], [MUSK, Concept("rocket", "object")]) == ("sum", "sequential")
+        check_modes(["sum", "joint", "cumulative"], [MUSK, Concept("rocket", "object")], PRECONDITIONED)
+    assert check_modes(["sum", "sequential"], [MUSK, Concept("rocket", "object")], PRECONDITIONED) == ("sum", "sequential")
 
 
 def test_pooled_moments_are_the_moments_of_the_union(tiny_clip):
@@ -73,13 +74,24 @@ def test_pooled_moments_are_the_moments_of_the_union(tiny_clip):
         torch.testing.assert_close(rest[name], kept[name], rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="a part of the pairs"):
         moments_without(union, n, retain, n)
+    # KeptMoments: one pass over every concept's pairs, then each removal costs a pass over its own
+    table = KeptMoments(tiny_clip, layers, {"a": (images[:2], tokens[:2]), "b": (images[2:4], tokens[2:4]), "c": (images[4:], tokens[4:])}, 3)
+    assert table.n_every == 7
+    for names, lo, hi in ((["a"], 2, 7), (["b", "c"], 0, 2)):
+        left, n_left = table.without(names)
+        alone, n_alone = input_moments(tiny_clip, layers, [(images[lo:hi], tokens[lo:hi])])
+        assert n_left == n_alone
+        for name in layers:
+            torch.testing.assert_close(left[name], alone[name], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="no pairs for"):
+        table.without(["d"])
 
 
 def test_the_kept_mode_needs_the_preconditioned_direction():
-    check_kept(["sum", "kept"], "retain_preconditioned")
-    check_kept(["sum"], "gradient")
+    assert check_modes(["sum", "kept"], [MUSK], "retain_preconditioned") == ("sum", "kept")
+    assert check_modes(["sum"], [MUSK], "gradient") == ("sum",)
     with pytest.raises(UnlearnError, match="forget_many.modes has kept.*slug.search.direction is gradient: drop kept"):
-        check_kept(["sum", "kept"], "gradient")
+        check_modes(["sum", "kept"], [MUSK], "gradient")
 
 
 def _result(top1: float, retain: float) -> dict:

@@ -1,6 +1,7 @@
 """SLUG's parts: the one-pass gradient, the edit direction, the Pareto front, the step search,
 the cached evaluator, gradient and patch files."""
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -384,6 +385,19 @@ def test_cached_evaluation_equals_a_full_evaluation(trained, tiny_world, layer):
     assert float(moved.abs().max()) > 1e-3  # the edit did change what the cache recomputes
 
 
+@contextlib.contextmanager
+def _nudged(param: torch.nn.Parameter, scale: float, noise: torch.Tensor):
+    """`param` moved by `scale` times its norm along unit-RMS `noise`, restored bit for bit after."""
+    original = param.detach().clone()
+    with torch.no_grad():
+        param.add_(scale * original.norm() * noise / original.numel() ** 0.5)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            param.copy_(original)
+
+
 def _count_calls(monkeypatch, cls, *names: str) -> dict[str, int]:
     """Count the calls of methods `names` of `cls` (patched until `monkeypatch.undo()`)."""
     calls = dict.fromkeys(names, 0)
@@ -423,17 +437,11 @@ def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_wo
         out = []
         for layer in layers:
             ev.prepare(layer)
-            p, original = params[layer], params[layer].detach().clone()
             for scale in (0.3, 0.6):
-                with torch.no_grad():
-                    p.add_(scale * original.norm() * noise[layer] / original.numel() ** 0.5)
-                try:
+                with _nudged(params[layer], scale, noise[layer]):
                     out.append(ev.evaluate(layer, ("forget",)) | ev.evaluate(layer, ("retain", "utility")))
                     # the embeddings themselves, bit for bit (a text edit: the cached unedited image embeddings)
                     out.append(ev._encode_images("utility", trained.image_block_of(layer)) if trained.tower(layer) == "image" else ev._image_emb["utility"])
-                finally:
-                    with torch.no_grad():
-                        p.copy_(original)
         monkeypatch.undo()
         return out, calls
 
@@ -470,14 +478,8 @@ def test_text_block_edits_resume_the_class_prompts_from_cached_states(trained, t
         out = []
         for layer in layers:
             ev.prepare(layer)
-            p, original = params[layer], params[layer].detach().clone()
-            with torch.no_grad():
-                p.add_(0.5 * original.norm() * noise[layer] / original.numel() ** 0.5)
-            try:
+            with _nudged(params[layer], 0.5, noise[layer]):
                 out += [ev.evaluate(layer, ("forget",)) | ev.evaluate(layer, ("retain", "utility")), ev._edited_classes("utility", layer)]
-            finally:
-                with torch.no_grad():
-                    p.copy_(original)
         monkeypatch.undo()
         return out, calls
 

@@ -48,8 +48,9 @@ MODES = ("sum", "sequential", "joint", "cumulative", "kept")
 ONE_KIND = ("joint", "cumulative")   # modes whose search judges every target with one classifier and one guard
 
 
-def check_modes(modes: Sequence[str], concepts: Sequence[Concept]) -> tuple[str, ...]:
-    """`forget_many.modes`, checked against MODES and (for joint) the concepts' kinds."""
+def check_modes(modes: Sequence[str], concepts: Sequence[Concept], direction: str) -> tuple[str, ...]:
+    """`forget_many.modes`, checked against MODES, (for joint and cumulative) the concepts' kinds
+    and (for kept, which changes the preconditioner only) `slug.search.direction`."""
     modes = tuple(modes)
     unknown = [m for m in modes if m not in MODES]
     if not modes or unknown or len(set(modes)) != len(modes):
@@ -59,14 +60,10 @@ def check_modes(modes: Sequence[str], concepts: Sequence[Concept]) -> tuple[str,
     if one_kind and len(kinds) > 1:
         raise UnlearnError(f"forget_many.modes has {', '.join(one_kind)} but forget_many.concepts mixes kinds ({', '.join(kinds)}): their searches "
                            f"judge targets of one kind; list concepts of one kind or drop {', '.join(one_kind)} from forget_many.modes")
-    return modes
-
-
-def check_kept(modes: Sequence[str], direction: str) -> None:
-    """The kept mode changes the preconditioner only: refused with the paper's direction."""
     if "kept" in modes and direction != "retain_preconditioned":
         raise UnlearnError(f"forget_many.modes has kept, which changes the retain-preconditioned direction's moments only, but "
                            f"slug.search.direction is {direction}: drop kept from forget_many.modes or set slug.search.direction=retain_preconditioned")
+    return modes
 
 
 def pool_moments(retain: dict[str, torch.Tensor], n_retain: int, kept: dict[str, torch.Tensor], n_kept: int) -> dict[str, torch.Tensor]:
@@ -86,6 +83,32 @@ def moments_without(every: dict[str, torch.Tensor], n_every: int, part: dict[str
     if not 0 < n_part < n_every or set(every) != set(part):
         raise ValueError(f"moments_without needs a part of the pairs and the same tensors (every {n_every}, part {n_part})")
     return {n: (n_every * every[n] - n_part * part[n].to(every[n])) / (n_every - n_part) for n in every}
+
+
+class KeptMoments:
+    """The input moments of every concept's pairs (`pairs`: name -> (images, tokens), as curate
+    selects each forget set), read in one pass; `without(names)` gives those of all but the named
+    concepts' pairs at the cost of one pass over theirs (`moments_without`): the kept set of a
+    removal, for the kept mode (every k) and `bench/kept_moments.py` (every single concept)."""
+
+    def __init__(self, adapter, layers: Sequence[str], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int):
+        self.adapter, self.layers, self.pairs, self.batch_size = adapter, list(layers), pairs, batch_size
+        self.every, self.n_every = self._moments(list(pairs))
+
+    def _moments(self, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], int]:
+        from unlearn.methods.registry import chunks
+        from unlearn.models.inputs import input_moments
+
+        union = tuple(torch.cat([self.pairs[n][j] for n in names]) for j in (0, 1))
+        return input_moments(self.adapter, self.layers, chunks(union, self.batch_size))
+
+    def without(self, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], int]:
+        """The moments of every concept's pairs but those of `names`, and their pair count."""
+        unknown = [n for n in names if n not in self.pairs]
+        if unknown:
+            raise ValueError(f"KeptMoments has no pairs for {unknown}")
+        part, n_part = self._moments(names)
+        return moments_without(self.every, self.n_every, part, n_part), self.n_every - n_part
 
 
 def joint_tasks(eval_dir, concepts: Sequence[Concept], part: str, val_fraction: float, seed: int) -> ConceptTasks:

@@ -349,13 +349,10 @@ class Evaluator:
         task = getattr(self.tasks, name)
         key = (tuple(task.classnames), tuple(task.templates))
         if self.shared is not None:
-            self._check_shared()
-            states = self.shared.text_states.get(key)
-        else:
-            states = None
-        if states is None or any(b not in states for b in blocks):
-            read = self.adapter.text_hiddens(self._class_tokens(name), blocks)
-            states = {b: s.cpu() for b, s in read.items()}
+            self._check_shared()  # one model's evaluators: the same candidates, so the same blocks
+        states = None if self.shared is None else self.shared.text_states.get(key)
+        if states is None:
+            states = {b: s.cpu() for b, s in self.adapter.text_hiddens(self._class_tokens(name), blocks).items()}
             if self.shared is not None:
                 self.shared.text_states[key] = states
         self._text.update({(b, d): states[b] for b in blocks})

@@ -42,7 +42,8 @@ def draw(pipe, prompts: list[str], cfg: SampleConfig, seed: int, size: int, cuts
     so callers that stop early cut the same way whether or not they stop."""
     noise = initial_noise(pipe, len(prompts), cfg, seed, size)
     cuts = cuts if cuts is not None else [*range(0, len(prompts), cfg.batch_size), len(prompts)]
-    dtype = getattr(pipe, "drawing_dtype", torch.float32)  # `load_pipeline`'s precision
+    # `load_pipeline`'s / `build_pipeline`'s precision; a pipeline made by diffusers directly draws in its own weights' dtype
+    dtype = getattr(pipe, "drawing_dtype", pipe.unet.dtype)
     for a, b in zip(cuts[:-1], cuts[1:]):
         with torch.autocast(pipe._execution_device.type, dtype=dtype, enabled=dtype != torch.float32):
             images = pipe(prompts[a:b], height=size, width=size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
