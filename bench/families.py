@@ -70,7 +70,9 @@ def main() -> None:
                     rows += _single_tensors(adapter, family, name, concept, forget, retain, val, test, base, params, grad_batch, args)
                     continue
                 t = time.perf_counter()
-                out = run_method("slug", adapter, forget, retain, val, concept.kind, params["slug"], grad_batch)
+                # the shared retain moments: the concept moments (moments: kept) are the open_clip base model's, not an export's
+                shared = {**params["slug"], "search": {**params["slug"]["search"], "moments": "shared"}}
+                out = run_method("slug", adapter, forget, retain, val, concept.kind, shared, grad_batch)
                 wall = time.perf_counter() - t
                 after = test.evaluate()
                 row = {"concept": name, "family": family, "layer": out.details["layer"], "short": adapter.short_name(out.details["layer"]),

@@ -61,6 +61,7 @@ def main() -> None:
         sys.exit(f"error: -k must be between 2 and {len(concepts)} (the length of forget_many.concepts)")
     concepts = concepts[: args.k]
     cfg = slug_config(p["slug"])
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, moments="shared"))  # as forget_many's paper modes: the shared retain moments
     adapter = load("models/base")
     for t in args.towers:
         if t not in adapter.towers:

@@ -1,13 +1,14 @@
-"""One concept at a time, SLUG with the shared retain moments against the kept mode's moments.
+"""One concept at a time, SLUG with the shared retain moments against the kept moments.
 
-`forget_many`'s kept mode (README "Many concepts at once") pools the retain input moments with
-those of the pairs of every concept of the table that stays.  This bench asks what that does to
-a single concept: per identity, the search stage's SLUG (`find_edit`, validation images) once with
-the shared retain statistics and once with C = (n_r C_r + n_k C_k) / (n_r + n_k), the kept set
-being every concept of the table but the target (the concatenation of each concept's pairs as
-curate selects its forget set: its moments are those of all concepts' pairs less the target's,
-read in one pass plus one pass over the target's pairs); each edit judged on the test images
-(FA@1, FA@5, identity retain @1, ImageNet-style @1 against the unedited model).
+The kept moments (`slug.search.moments: kept`, the default since 2026-12-05; README "The kept
+moments") pool the retain input moments with those of the pairs of every other concept of the
+table.  Per identity, the search stage's SLUG (`find_edit`, validation images) once with
+`moments: shared` (the retain statistics alone) and once with `moments: kept`, C = (n_r C_r +
+n_k C_k) / (n_r + n_k), the kept set being every concept of the table but the target (the
+concatenation of each concept's pairs as curate selects its forget set: its moments are those of
+all concepts' pairs, read once, less the target's, read by the search for its planned layers);
+each edit judged on the test images (FA@1, FA@5, identity retain @1, ImageNet-style @1 against
+the unedited model).
 
 Needs `dvc repro retain_stats` (models/base, models/retain, data/).  Writes
 bench/results/kept_moments.{json,md}.
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 
 from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
-from unlearn.many import KeptMoments, pool_moments  # noqa: E402
+from unlearn.methods.kept import compute_table_moments  # noqa: E402
 from unlearn.methods.registry import chunks  # noqa: E402
 from unlearn.methods.retain_stats import load_retain_stats  # noqa: E402
 from unlearn.methods.slug import apply_edit, find_edit, slug_config  # noqa: E402
@@ -67,23 +68,23 @@ def main() -> None:
             curate_forget(SHARDS, c, int(cur["forget_max"]), int(cur["seed"]), Path(tmp), solo, joined=bool(cur["joined"]))
             pairs[c.name] = load_pairs(adapter, tmp)
     t0 = time.perf_counter()
-    table_moments = KeptMoments(adapter, list(stats.moments), pairs, grad_batch)
+    table_moments = compute_table_moments(adapter, list(stats.moments), pairs, grad_batch)
     table_s = time.perf_counter() - t0
     print(f"moments of every concept's pairs: {table_moments.n_every} pairs, {table_s:.1f} s (once per model)", flush=True)
     shared_val, shared_test = SharedBase(), SharedBase()
     rows = []
     for c in identities:
         forget = pairs[c.name]
-        t0 = time.perf_counter()
-        kept, n_k = table_moments.without([c.name])  # every concept's pairs but the target's
-        own_s = time.perf_counter() - t0  # one pass over the target's own pairs: a per-concept cost of the kept moments
-        variants = {"shared": stats, "kept": dataclasses.replace(stats, moments=pool_moments(stats.moments, stats.n_retain, kept, n_k))}
+        # the search stage's kept moments: every concept's pairs but the target's, read for the planned layers inside the search
+        # (the pass over the target's own pairs is in SLUG's time, in its directions)
+        kept = table_moments.kept_source(adapter, stats.moments, stats.n_retain, c.name, forget, grad_batch)
+        variants = {"shared": (dataclasses.replace(cfg.search, moments="shared"), None), "kept": (dataclasses.replace(cfg.search, moments="kept"), kept)}
         test = Evaluator(adapter, concept_tasks(EVAL, c, "test", *split), batch, shared=shared_test)
         base = test.evaluate(reference=True)
-        row = {"concept": c.name, "base": base, "kept_pairs": n_k, "own_moments_s": round(own_s, 3)}
-        for name, st in variants.items():
+        row = {"concept": c.name, "base": base, "kept_pairs": table_moments.n_every - int(forget[0].shape[0])}
+        for name, (search_cfg, moments) in variants.items():
             val = Evaluator(adapter, concept_tasks(EVAL, c, "val", *split), batch, shared=shared_val)
-            edit, times = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), st, val, c.kind, cfg.rank, cfg.search)
+            edit, times = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, val, c.kind, cfg.rank, search_cfg, moments=moments)
             param = dict(adapter.model.named_parameters())[edit.layer]
             original = param.detach().clone()
             apply_edit(adapter, edit.layer, edit.delta)
@@ -92,7 +93,8 @@ def main() -> None:
             finally:
                 with torch.no_grad():
                     param.copy_(original)  # the same bits (x + d - d need not be x)
-            row[name] = {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "unlearn_s": round(times["unlearn"], 3), "test": after}
+            row[name] = {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "unlearn_s": round(times["unlearn"], 3),
+                         "directions_s": round(times["directions"], 3), "test": after}
         rows.append(row)
         s, k = row["shared"], row["kept"]
         print(f"{c.name:20s} shared {adapter.short_name(s['layer'])} {s['rho']:.3g} retain {100 * (s['test']['retain_top1'] - base['retain_top1']):+.2f} "
@@ -112,15 +114,17 @@ def main() -> None:
                          "max_imagenet_style_drop": round(max(d[1] for d in drops), 3),
                          "converged": sum(r[name]["converged"] for r in rows), "meet_targets_on_test": len(meets),
                          "mean_unlearn_s": round(sum(r[name]["unlearn_s"] for r in rows) / len(rows), 3)}
-    summary["kept"]["mean_own_moments_s"] = round(sum(r["own_moments_s"] for r in rows) / len(rows), 3)
+    summary["kept"]["mean_directions_s"] = round(sum(r["kept"]["directions_s"] for r in rows) / len(rows), 3)  # with the target's own moments
+    summary["shared"]["mean_directions_s"] = round(sum(r["shared"]["directions_s"] for r in rows) / len(rows), 3)
     summary["kept"]["table_moments_s"] = round(table_s, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kept_moments.json").write_text(json.dumps({"summary": summary, "concepts": rows, "threads": torch.get_num_threads()}, indent=2) + "\n")
     lines = [f"SLUG one identity at a time, test images: shared retain moments against the kept mode's (every other concept's pairs pooled in); "
              f"{len(rows)} identities", "",
-             f"The kept moments cost one pass over every concept's pairs ({table_s:.1f} s, once per model) and one over the target's own pairs "
-             f"({summary['kept']['mean_own_moments_s']:.2f} s per concept, not in the SLUG column).", "",
+             f"The kept moments cost one pass over every concept's pairs ({table_s:.1f} s, once per model) and, per concept, one forward pass over the "
+             f"target's own pairs for the planned layers, inside SLUG's directions (the SLUG column holds it: directions "
+             f"{summary['kept']['mean_directions_s']:.2f} s against {summary['shared']['mean_directions_s']:.2f} s).", "",
              "| moments | converged | meet the targets on test | identity retain drop, mean / max | ImageNet-style drop, mean / max | SLUG s per concept |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {n} | {s['converged']} | {s['meet_targets_on_test']} | {s['mean_identity_retain_drop']:.2f} / {s['max_identity_retain_drop']:.2f} | "

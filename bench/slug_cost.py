@@ -1,7 +1,9 @@
 """SLUG's cost on the default world, against its floor and the baselines (one process, one run).
 
-Per concept: the time split of SLUG with the shared retain statistics (forget gradient, ranking,
-directions, base scoring, step scoring on the target's images and on the guard sets), its floor
+Per concept: the time split of SLUG with the shared retain statistics and (with
+`slug.search.moments: kept`, the default) the table's concept moments, both computed once here
+and timed apart (forget gradient, ranking, directions with the target's own moments, base
+scoring, step scoring on the target's images and on the guard sets), its floor
 (one forward+backward over the forget set, timed alone in the same process before SLUG runs)
 and the ratio; the one-time retain statistics; how the cost grows with the number of concepts
 (1, 5, 24) and with the retain-set size (500, 2,000, 8,000 pairs drawn from every shard: timing
@@ -14,7 +16,7 @@ on every set (`all`), and what the evaluator's one-pass cache of every vision bl
 keeping one block at a time (the same search run both ways, interleaved: same edit, and the
 times in the same machine state).
 
-Needs `dvc repro retain_set` (models/base, data/, data/retain).  Writes the table and a plot
+Needs `dvc repro retain_set` (models/base, data/, data/retain).  About 8 minutes on 2 CPU cores.  Writes the table and a plot
 under --out (default bench/results/).
 
     python bench/slug_cost.py                       # every identity, sizes 500 2000 8000
@@ -39,6 +41,7 @@ import torch  # noqa: E402
 
 from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
+from unlearn.methods.kept import compute_table_moments  # noqa: E402
 from unlearn.methods.registry import chunks, run_method  # noqa: E402
 from unlearn.methods.retain_stats import compute_retain_stats  # noqa: E402
 from unlearn.methods.slug import find_edit, forget_gradient, slug_config  # noqa: E402
@@ -65,7 +68,8 @@ def main() -> None:
     cfg = slug_config(params["slug"])
     split = (params["eval"]["split"]["val_fraction"], params["eval"]["split"]["seed"])
     batch, grad_batch, cur = params["eval"]["batch_size"], params["gradients"]["batch_size"], params["curate"]
-    table = [c for c in table_concepts(params["concepts"]) if c.kind == "identity"][: args.concepts]
+    every = table_concepts(params["concepts"])
+    table = [c for c in every if c.kind == "identity"][: args.concepts]
     compare = [c for c in table_concepts(params["concepts"]) if c.name in params["compare"]["concepts"]]
     adapter = load("models/base")
     base_state = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
@@ -75,10 +79,20 @@ def main() -> None:
 
     rows, forget_sets = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for c in {*table, *compare}:
+        for c in every:  # every concept of the table: the kept moments read them all
             Path(tmp, c.slug).mkdir()
-            curate_forget("data/laion", c, cur["forget_max"], cur["seed"], Path(tmp, c.slug), ())
+            curate_forget("data/laion", c, cur["forget_max"], cur["seed"], Path(tmp, c.slug), every if cur["solo"] else (), joined=bool(cur["joined"]))
             forget_sets[c.name] = load_pairs(adapter, str(Path(tmp, c.slug)))
+    table_moments, table_s = None, 0.0
+    if cfg.search.moments == "kept":
+        table_moments, table_s = timed(lambda: compute_table_moments(adapter, list(stats.moments), forget_sets, grad_batch))
+        print(f"concept moments (once): {table_s:.2f} s over {table_moments.n_every} pairs of {len(forget_sets)} concepts")
+
+    def moments(c):
+        """The concept's moments source for find_edit (None: the retain statistics' own)."""
+        if table_moments is None:
+            return None
+        return table_moments.kept_source(adapter, stats.moments, stats.n_retain, c.name, forget_sets[c.name], grad_batch)
     forget_gradient(adapter, chunks(forget_sets[table[0].name], grad_batch))  # warm-up: the first backward pass pays for allocation
     # the unedited model's reference pass over the validation images, shared by every concept's search (the first one reads it)
     base_pass = SharedBase()
@@ -86,7 +100,8 @@ def main() -> None:
         forget = forget_sets[c.name]
         _, floor = timed(lambda f=forget: forget_gradient(adapter, chunks(f, grad_batch)))
         evaluator = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch, shared=base_pass)
-        (edit, t), _ = timed(lambda f=forget, e=evaluator, k=c.kind: find_edit(adapter, lambda: chunks(f, grad_batch), stats, e, k, cfg.rank, cfg.search))
+        (edit, t), _ = timed(lambda f=forget, e=evaluator, c=c: find_edit(adapter, lambda: chunks(f, grad_batch), stats, e, c.kind, cfg.rank, cfg.search,
+                                                                                                  moments=moments(c)))
         kept = t["eval_guard"] / max(edit.times["evals_guard"], 1)  # one guard scoring: what a kept step costs
         row = {"concept": c.name, "pairs": int(forget[0].shape[0]), "floor_s": floor, **{f"{k}_s": v for k, v in t.items()},
                "evals_forget": edit.times["evals_forget"], "evals_guard": edit.times["evals_guard"], "kept_step_s": kept,
@@ -101,12 +116,12 @@ def main() -> None:
     for c in compare:
         forget = forget_sets[c.name]
         ev = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch)
-        (a, ta) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
+        (a, ta) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search, moments=moments(c))
         # the same search with the evaluator's cache before its one-pass fill (one vision block kept at a time), interleaved
         # here so that both run in the same machine state: the cache's gain, and the same edit
         one_block = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch, hidden_cache_bytes=0)
-        (a1, ta1) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, one_block, c.kind, cfg.rank, cfg.search)
-        (b, tb) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, all_cfg)
+        (a1, ta1) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, one_block, c.kind, cfg.rank, cfg.search, moments=moments(c))
+        (b, tb) = find_edit(adapter, lambda f=forget: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, all_cfg, moments=moments(c))
         same = (a.layer, a.rho, a.converged) == (b.layer, b.rho, b.converged) and torch.equal(a.delta, b.delta)
         same_cache = (a.layer, a.rho) == (a1.layer, a1.rho) and torch.equal(a.delta, a1.delta)
         checks.append({"concept": c.name, "decisions": [a.layer, a.rho], "all": [b.layer, b.rho], "same": same,
@@ -127,7 +142,8 @@ def main() -> None:
                     p.copy_(base_state[n])
             ev = Evaluator(adapter, concept_tasks("data/eval", c, "val", *split), batch, shared=base_pass)
             if m == "slug":
-                edit, t = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search)
+                edit, t = find_edit(adapter, lambda f=forget_sets[c.name]: chunks(f, grad_batch), stats, ev, c.kind, cfg.rank, cfg.search,
+                                    moments=moments(c))
                 status, seconds = ("ok" if edit.converged else "not_converged"), t["unlearn"]
             else:
                 out = run_method(m, adapter, forget_sets[c.name], retain, ev, c.kind, params[m], grad_batch)
@@ -152,10 +168,11 @@ def main() -> None:
     per = [r["unlearn_s"] for r in rows]
     growth = []
     for n in sorted({1, min(5, len(rows)), len(rows)}):
-        shared = retain_s + sum(per[:n])
-        growth.append({"concepts": n, "shared_s": shared, "per_concept_stats_s": sum(per[:n]) + n * retain_s, "amortised_per_concept_s": shared / n})
+        shared = retain_s + table_s + sum(per[:n])
+        growth.append({"concepts": n, "shared_s": shared, "per_concept_stats_s": sum(per[:n]) + n * (retain_s + table_s), "amortised_per_concept_s": shared / n})
     summary = {
-        "retain_stats_s": retain_s, "n_retain": stats.n_retain, "slug_per_concept_s": mean(per), "floor_s": mean([r["floor_s"] for r in rows]),
+        "retain_stats_s": retain_s, "n_retain": stats.n_retain, "moments": cfg.search.moments, "concept_moments_s": table_s,
+        "concept_moments_pairs": table_moments.n_every if table_moments else None, "slug_per_concept_s": mean(per), "floor_s": mean([r["floor_s"] for r in rows]),
         "ratio_to_floor": mean([r["ratio_to_floor"] for r in rows]), "within_3_floor_plus_kept": sum(r["unlearn_s"] <= r["target_s"] for r in rows),
         "baselines_per_concept_s": {m: mean([b["unlearn_s"] for b in baselines if b["method"] == m]) for m in args.baselines},
         "interleaved_per_concept_s": {m: mean([b["unlearn_s"] for b in baselines if b["method"] == m]) for m in ["slug", *args.baselines]},
@@ -170,7 +187,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "slug_cost.json").write_text(json.dumps({"summary": summary, "concepts": rows, "growth": growth, "sizes": sizes, "baselines": baselines,
                                                     "choice_checks": checks, "threads": torch.get_num_threads()}, indent=2) + "\n")
-    lines = ["| concepts | retain stats once + SLUG per concept, s | retain stats per concept (before), s | amortised per concept, s |", "|---|---|---|---|"]
+    lines = [f"SLUG's moments: {cfg.search.moments}; one-time statistics: retain {retain_s:.1f} s" + (f", concept moments {table_s:.1f} s" if table_moments else ""), "",
+             "| concepts | statistics once + SLUG per concept, s | statistics per concept (before), s | amortised per concept, s |", "|---|---|---|---|"]
     lines += [f"| {g_['concepts']} | {g_['shared_s']:.1f} | {g_['per_concept_stats_s']:.1f} | {g_['amortised_per_concept_s']:.2f} |" for g_ in growth]
     lines += ["", "| retain pairs | retain statistics, s |", "|---|---|"] + [f"| {s['retain_pairs']:,} | {s['retain_stats_s']:.1f} |" for s in sizes]
     (out / "slug_cost.md").write_text("\n".join(lines) + "\n")
@@ -197,8 +215,8 @@ def plot(rows, growth, sizes, path) -> None:
     axes[0].set_xticks(range(len(rows)), [r["concept"].split()[-1] for r in rows], rotation=90, fontsize=6)
     axes[0].set_ylabel("seconds per concept")
     axes[0].legend(fontsize=6)
-    axes[1].plot([g["concepts"] for g in growth], [g["shared_s"] for g in growth], "o-", label="shared retain statistics")
-    axes[1].plot([g["concepts"] for g in growth], [g["per_concept_stats_s"] for g in growth], "s--", label="retain statistics per concept")
+    axes[1].plot([g["concepts"] for g in growth], [g["shared_s"] for g in growth], "o-", label="statistics once (retain; concept moments)")
+    axes[1].plot([g["concepts"] for g in growth], [g["per_concept_stats_s"] for g in growth], "s--", label="statistics per concept")
     axes[1].set_xlabel("concepts")
     axes[1].set_ylabel("total seconds")
     axes[1].legend(fontsize=7)

@@ -41,7 +41,9 @@ def main() -> None:
     resolve_concepts(p("forget_many.concepts"), table, "forget_many.concepts")
     check_direction(p("slug.search.direction"), p("slug.search.damping"))
     check_fallback(p("slug.search.fallback"))
-    as_config(SearchConfig, {"widen_to": p("slug.search.widen_to")}, "slug.search")  # an integer >= 0 (its RANGES)
+    # widen_to an integer >= 0 (its RANGES); moments shared or kept, kept with the preconditioned direction only
+    as_config(SearchConfig, {"widen_to": p("slug.search.widen_to"), "moments": p("slug.search.moments"), "direction": p("slug.search.direction"),
+                             "damping": p("slug.search.damping")}, "slug.search")
     vlm = resolve_concept(str(p("vlm.concept")), table)
     if vlm.kind != "identity":
         raise UnlearnError(f"vlm.concept {vlm.name!r} is an {vlm.kind}; the VLM track forgets an identity of the table")

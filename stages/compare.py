@@ -22,7 +22,7 @@ from unlearn.params import stage_params
 from unlearn.plots import compare_scatter, compare_time_bars
 from unlearn.runs import read_metrics, write_metrics
 
-RUNS, METRICS, RETAIN_ONCE = "metrics/compare", "metrics/compare.json", "metrics/retain_stats.json"
+RUNS, METRICS, RETAIN_ONCE, TABLE_ONCE = "metrics/compare", "metrics/compare.json", "metrics/retain_stats.json", "metrics/concept_moments.json"
 TABLE, CSV, SCATTER = "plots/compare.md", "plots/compare.csv", "plots/compare_scatter.png"
 TIMED_TABLE, TIMES = Path("plots/runs/compare.md"), Path("plots/runs/compare_time.png")  # git-ignored: they change on every run
 log = logging.getLogger("compare")
@@ -43,7 +43,9 @@ def main() -> None:
             raise UnlearnError(f"{path} covers {[r['concept'] for r in rows]}, not compare.concepts {concepts}; run `dvc repro compare_run@{m}`")
         results[m] = rows
     once = read_metrics(RETAIN_ONCE, "retain_stats") if "slug" in methods else None
-    out = aggregate(results, concepts, kinds, once)
+    # SLUG's kept moments (slug.search.moments: kept, recorded in its rows): the table's moments, also once
+    table_once = read_metrics(TABLE_ONCE, "concept_moments") if any(r.get("moments") == "kept" for r in results.get("slug", [])) else None
+    out = aggregate(results, concepts, kinds, once, table_once)
     with atomic_outputs(METRICS, TABLE, CSV, SCATTER) as (metrics, md, csv_path, scatter):
         write_metrics(metrics, out["metrics"], "compare")
         md.write_text(out["table"])

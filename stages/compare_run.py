@@ -20,6 +20,7 @@ from unlearn.errors import UnlearnError
 from unlearn.eval.mia import ConceptAttack
 from unlearn.eval.suite import ACCURACY_KEYS, Evaluator, SharedBase, concept_tasks
 from unlearn.io import atomic_outputs, read_json
+from unlearn.methods.kept import load_table_moments
 from unlearn.methods.registry import changed_bytes, check_method, chunks, methods, run_method
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.models.adapter import load
@@ -27,11 +28,11 @@ from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
 from unlearn.runs import write_metrics
 
-MODEL, EVAL, DATA, RETAIN, STATS = "models/base", "data/eval", "data/compare", "data/retain", "models/retain"
+MODEL, EVAL, DATA, RETAIN, STATS, TABLE = "models/base", "data/eval", "data/compare", "data/retain", "models/retain", "models/concept_moments"
 log = logging.getLogger("compare_run")
 
 
-def run_concept(method: str, concept, p, device: str, retain_stats, shared: SharedBase) -> dict:
+def run_concept(method: str, concept, p, device: str, retain_stats, shared: SharedBase, table=None) -> dict:
     adapter = load(MODEL, device=device)
     base_state = {n: t.detach().cpu().clone() for n, t in adapter.model.named_parameters()}
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
@@ -50,8 +51,12 @@ def run_concept(method: str, concept, p, device: str, retain_stats, shared: Shar
         return test.evaluate() | {"mia": attack(adapter)["mean"]}
 
     base = report()
+    kept = None
+    if method == "slug" and table is not None:  # slug.search.moments: kept
+        def kept(stats, forget=forget, where=where):
+            return table.kept_source(adapter, stats.moments, stats.n_retain, concept.name, forget, grad_batch, f"{where}/forget")
     outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size, shared=shared), concept.kind, p(method), grad_batch,
-                         retain_stats)
+                         retain_stats, kept)
     row = {"concept": concept.name, "method": method, "status": outcome.status, "epoch": outcome.epoch, "time_s": outcome.time_s,
            **outcome.details, "epochs": outcome.epochs, "base": base}
     if outcome.status == "failed":
@@ -73,11 +78,13 @@ def main() -> None:
     torch.manual_seed(int(p("compare.seed")))
     device = torch_device(p("model.device"))
     concepts = [resolve_concept(str(n), p("concepts")) for n in p("compare.concepts")]
-    stats = None
+    stats = table = None
     if method == "slug":
         stats = load_retain_stats(STATS, load(MODEL, device=device), MODEL, f"{RETAIN}/manifest.json")[0]
+        if methods()[method].config(p(method), method).search.moments == "kept":
+            table = load_table_moments(TABLE, MODEL)
     shared = SharedBase()  # the unedited model's reference pass over the validation images, read by the first concept's search
-    rows = [run_concept(method, c, p, device, stats, shared) for c in concepts]
+    rows = [run_concept(method, c, p, device, stats, shared, table) for c in concepts]
     with atomic_outputs(f"metrics/compare/{method}.json") as (out,):
         write_metrics(out, {"method": method, "params": p(method), "rows": rows, "peak_memory_mb": peak_memory_mb()}, f"compare_run@{method}")
 

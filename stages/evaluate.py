@@ -49,10 +49,13 @@ def main() -> None:
     times["unlearn"] = known("gradients", "rank_layers", "search")
     times["total"] = known("curate", "gradients", "rank_layers", "search", "evaluate")
     times["retain_stats_once"] = cost("retain_stats", "time_s")  # shared by every concept, not in unlearn or total
+    if meta.get("moments") == "kept":
+        times["concept_moments_once"] = cost("concept_moments", "time_s")  # the same (slug.search.moments: kept)
     metrics = {
         "concept": concept.name, "kind": concept.kind, "method": "slug",
         **{k: after[k] for k in ACCURACY_KEYS}, "mia": after["mia"],
         "layer": meta["layer"], "rho": meta["rho"], "converged": bool(meta["converged"]), "direction": meta["direction"],
+        "moments": meta.get("moments"),
         "time_s": times, "peak_memory_mb": max(peaks + [peak_memory_mb()]),
         "stored_bytes": Path(PATCH, PATCH_WEIGHTS).stat().st_size,
         "images": {"forget": len(tasks.forget.paths), "retain": len(tasks.retain.paths), "utility": len(tasks.utility.paths)},

@@ -28,7 +28,8 @@ from unlearn.data.curate import Concept, curate_forget, resolve_concepts, table_
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
 from unlearn.io import atomic_outputs
-from unlearn.many import BaseGuard, ConceptEdit, JointEvaluator, KeptMoments, check_modes, forget_ok_all, guard_ok_all, judge, pool_moments
+from unlearn.many import BaseGuard, ConceptEdit, JointEvaluator, check_modes, forget_ok_all, guard_ok_all, judge
+from unlearn.methods.kept import KeptMoments, pool_moments
 from unlearn.methods.registry import chunks
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import apply_edit, find_edit, save_patch, slug_config
@@ -52,6 +53,8 @@ def main() -> None:
     if not counts or counts != sorted(set(counts)) or counts[0] < 1 or counts[-1] > len(concepts):
         raise UnlearnError(f"forget_many.counts is {counts}; list increasing numbers from 1 to {len(concepts)} (the length of forget_many.concepts)")
     cfg = slug_config(p("slug"))
+    # every mode sets its own moments: the paper's modes the shared retain moments, kept the table's less the first k (below)
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, moments="shared"))
     modes = check_modes(p("forget_many.modes"), concepts, cfg.search.direction)
     split = (float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     batch, grad_batch = int(p("eval.batch_size")), int(p("gradients.batch_size"))

@@ -68,7 +68,8 @@ def main() -> None:
     cfg = as_config(SearchConfig, {**p("slug.search"), "forget_top1": ss["forget_rate"], "forget_top5": ss["forget_rate"],
                                    "max_identity_drop": ss["max_drop"], "max_object_drop": ss["max_drop"], "max_style_drop": ss["max_drop"],
                                    "max_layers": ss["max_layers"], "evals_per_layer": ss["evals_per_layer"], "damping": ss["damping"],
-                                   "widen_to": 0},  # no widening: each further layer costs minutes of drawing (sd.search.max_layers is the plan)
+                                   "widen_to": 0,  # no widening: each further layer costs minutes of drawing (sd.search.max_layers is the plan)
+                                   "moments": "shared"},  # the retain moments mixed with the pipeline's prompts' (sd.search.prompt_moments), not the CLIP table's
                     "slug.search + sd.search")
     other_names = [str(n) for n in (p("sd.other_names") or {}).get(concept.name, [])]
     device = torch_device(p("model.device"))

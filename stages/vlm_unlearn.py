@@ -52,7 +52,8 @@ def main() -> None:
         raise UnlearnError(f"vlm.search has keys {sorted(vs)}; it needs exactly {sorted(known)} (copy them from the committed params.yaml)")
     cfg = as_config(SearchConfig, {**p("slug.search"), "forget_top1": vs["forget_rate"], "forget_top5": vs["forget_rate"],
                                    "max_identity_drop": vs["max_identity_drop"], "max_object_drop": vs["max_object_drop"],
-                                   "damping": vs["damping"]}, "slug.search + vlm.search")
+                                   "damping": vs["damping"], "moments": "shared"},  # the transformers CLIP's retain moments (vlm_retain_stats)
+                    "slug.search + vlm.search")
     concepts = table_concepts(table)
     identities, objects = [c for c in concepts if c.kind == "identity"], [c for c in concepts if c.kind == "object"]
     device = torch_device(p("model.device"))

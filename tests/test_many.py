@@ -8,7 +8,7 @@ import pytest
 from unlearn.data.curate import Concept
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import concept_tasks
-from unlearn.many import DOWN, UP, KeptMoments, check_modes, combine, joint_tasks, moments_without, pool_moments
+from unlearn.many import DOWN, UP, check_modes, combine, joint_tasks
 from unlearn.methods.slug import SearchConfig
 
 MUSK, SWIFT = Concept("Elon Musk", "identity"), Concept("Taylor Swift", "identity")
@@ -43,48 +43,6 @@ def test_modes_are_checked():
     with pytest.raises(UnlearnError, match="has joint, cumulative but .* mixes kinds .*drop joint, cumulative from forget_many.modes"):
         check_modes(["sum", "joint", "cumulative"], [MUSK, Concept("rocket", "object")], PRECONDITIONED)
     assert check_modes(["sum", "sequential"], [MUSK, Concept("rocket", "object")], PRECONDITIONED) == ("sum", "sequential")
-
-
-def test_pooled_moments_are_the_moments_of_the_union(tiny_clip):
-    """`pool_moments` (the kept mode): the retain moments pooled with the kept concepts' by pair
-    counts equal the moments over the union of both sets' pairs, for every candidate tensor
-    (text tensors read every token position, so each pair gives a tensor the same rows)."""
-    import torch
-
-    from unlearn.models.inputs import input_moments
-
-    captions = ["Elon Musk at the gala", "a photo of a rocket", "Taylor Swift smiling", "a red car", "Mickey", "a fish", "a tree"]
-    g = torch.Generator().manual_seed(0)
-    images, tokens = torch.randn(len(captions), 3, 64, 64, generator=g), tiny_clip.tokenize(captions)
-    layers = tiny_clip.candidate_layers(include_layernorm=True)
-    retain, n_r = input_moments(tiny_clip, layers, [(images[:2], tokens[:2])])
-    kept, n_k = input_moments(tiny_clip, layers, [(images[2:], tokens[2:])])
-    union, n = input_moments(tiny_clip, layers, [(images, tokens)])
-    assert (n_r, n_k, n) == (2, 5, 7)
-    pooled = pool_moments(retain, n_r, kept, n_k)
-    assert pooled.keys() == union.keys()
-    for name in layers:
-        torch.testing.assert_close(pooled[name], union[name], rtol=1e-9, atol=1e-12)
-    assert not torch.allclose(retain[layers[0]], union[layers[0]])  # pooling did change them
-    with pytest.raises(ValueError, match="same tensors"):
-        pool_moments(retain, n_r, {k: v for k, v in kept.items() if k != layers[0]}, n_k)
-    # and back: the union less one part gives the other part's moments (bench/kept_moments.py's kept set)
-    rest = moments_without(union, n, retain, n_r)
-    for name in layers:
-        torch.testing.assert_close(rest[name], kept[name], rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match="a part of the pairs"):
-        moments_without(union, n, retain, n)
-    # KeptMoments: one pass over every concept's pairs, then each removal costs a pass over its own
-    table = KeptMoments(tiny_clip, layers, {"a": (images[:2], tokens[:2]), "b": (images[2:4], tokens[2:4]), "c": (images[4:], tokens[4:])}, 3)
-    assert table.n_every == 7
-    for names, lo, hi in ((["a"], 2, 7), (["b", "c"], 0, 2)):
-        left, n_left = table.without(names)
-        alone, n_alone = input_moments(tiny_clip, layers, [(images[lo:hi], tokens[lo:hi])])
-        assert n_left == n_alone
-        for name in layers:
-            torch.testing.assert_close(left[name], alone[name], rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match="no pairs for"):
-        table.without(["d"])
 
 
 def test_the_kept_mode_needs_the_preconditioned_direction():

@@ -138,7 +138,7 @@ def test_slug_stages_write_their_outputs(repo):
         assert 0.0 <= m[key] <= 1.0 and 0.0 <= m["base"][key] <= 1.0
     assert isinstance(m["converged"], bool) and m["rho"] > 0
     cost = _record(repo, "evaluate")
-    assert set(cost["time_s"]) >= {"curate", "gradients", "rank_layers", "search", "evaluate", "unlearn", "total", "retain_stats_once"}
+    assert set(cost["time_s"]) >= {"curate", "gradients", "rank_layers", "search", "evaluate", "unlearn", "total", "retain_stats_once", "concept_moments_once"}
     assert all(v > 0 for v in cost["time_s"].values()) and cost["peak_memory_mb"] > 0
     assert m["stored_bytes"] == (repo / "models" / "unlearned" / "patch.safetensors").stat().st_size
     patch = json.loads((repo / "models" / "unlearned" / "patch.json").read_text())
@@ -146,6 +146,7 @@ def test_slug_stages_write_their_outputs(repo):
     search = yaml.safe_load((repo / "params.yaml").read_text())["slug"]["search"]
     assert search["direction"] == "retain_preconditioned"  # the default the README describes
     assert patch["direction"] == m["direction"] == search["direction"] and patch["damping"] == search["damping"]
+    assert search["moments"] == "kept" and patch["moments"] == m["moments"] == "kept"  # the retain moments pooled with the table's (README "The kept moments")
 
 
 def test_unknown_concept_fails_cleanly(repo):

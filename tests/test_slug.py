@@ -332,9 +332,17 @@ def test_the_search_widens_to_further_layers_only_when_no_planned_layer_passes(a
     grads = {n: torch.ones_like(p) for n, p in params.items()}
     cfg = slug.SearchConfig(max_layers=1, rho_start=0.1, rho_max=1.6, evals_per_layer=4, widen_to=2)
     ev = Graded()
-    rows, choice = slug.search_layers(adapter, ev, grads, layers, cfg, ev.evaluate(), "identity", widen=widen)
+    # as `search` gives them: the widened layers' directions (and input moments) computed only when the search widens
+    asked = []
+    directions = slug._Directions({n: grads[n] for n in layers}, lambda: asked.append(list(widen)) or {n: grads[n] for n in widen})
+    directions.times = {"directions_s": 0.0}
+    rows, choice = slug.search_layers(adapter, ev, directions, layers, cfg, ev.evaluate(), "identity", widen=widen)
     assert choice["converged"] is True and choice["layer"] == ("visual.proj" if first_forgets else "text_projection")
     assert ev.layers == (layers if first_forgets else layers + widen)
+    assert asked == ([] if first_forgets else [widen]) and directions.times["directions_s"] >= 0.0
+    with pytest.raises(KeyError):
+        directions["an unknown layer"]
+    assert asked == [widen]  # computed once, on the first layer the plan lacks, whatever is asked after
     assert all(torch.equal(params[n], originals[n]) for n in layers + widen)
     unwidened = Graded()
     rows_alone, alone = slug.search_layers(adapter, unwidened, grads, layers, cfg, unwidened.evaluate(), "identity")

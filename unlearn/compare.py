@@ -45,7 +45,7 @@ def seconds(t: float | None) -> str:
 
 
 def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str, ...], retain_once: dict | None = None,
-          times: bool = False) -> str:
+          times: bool = False, table_once: dict | None = None) -> str:
     """The comparison as markdown; `times`: with the wall-time column (a run's cost: the table in
     plots/runs/compare.md, not the committed plots/compare.md, whose bytes must not change from run to run)."""
     what, utility, retain = HEADERS.get(kinds, MIXED)
@@ -72,16 +72,25 @@ def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str
                 if times and once is not None else "")
         lines += ["", f"SLUG's retain statistics (g_r and the retain input moments over {retain_once['n_retain']:,} pairs, stage `retain_stats`) "
                   f"are computed once for every concept{cost}."]
+    if table_once:
+        once = table_once.get("time_s")
+        cost = (f": {seconds(once)} s, {seconds(once / len(concepts))} s per concept over these {len(concepts)} (not in the time column)"
+                if times and once is not None else "")
+        lines += ["", f"So are the moments of every concept's pairs of the table ({table_once['pairs']:,} pairs of {table_once['concepts']} concepts, "
+                  f"stage `concept_moments`), which SLUG's kept moments pool with the retain moments, less the target's own pairs "
+                  f"(read in each concept's time){cost}."]
     return "\n".join(lines) + "\n"
 
 
 
 
-def aggregate(results: dict[str, list[dict]], concepts: list[str], kinds: tuple[str, ...], retain_once: dict | None = None) -> dict:
+def aggregate(results: dict[str, list[dict]], concepts: list[str], kinds: tuple[str, ...], retain_once: dict | None = None,
+              table_once: dict | None = None) -> dict:
     """From each method's per-concept rows: the summary per method, the original model's means,
     the time of each method relative to SLUG's, flat rows for the CSV and plots, and the table.
     `retain_once`: the one-time cost of SLUG's retain statistics (metrics/retain_stats.json),
-    reported apart and as a share per concept."""
+    reported apart and as a share per concept; `table_once` the same of the concept moments
+    (metrics/concept_moments.json), when SLUG's moments are kept."""
     summary = [summarise(m, rows) for m, rows in results.items()]
     any_rows = next(iter(results.values()))
     base = {k: mean([r["base"][k] for r in any_rows]) for k in MEAN_KEYS}
@@ -97,7 +106,11 @@ def aggregate(results: dict[str, list[dict]], concepts: list[str], kinds: tuple[
     if retain_once:
         t = retain_once.get("time_s")
         once = {"time_s": t, "per_concept_s": None if t is None else round(t / len(concepts), 3), "n_retain": retain_once["n_retain"]}
+    if table_once:
+        t = table_once.get("time_s")
+        once = (once or {}) | {"concept_moments": {"time_s": t, "per_concept_s": None if t is None else round(t / len(concepts), 3),
+                                                   "pairs": table_once["pairs"], "concepts": table_once["concepts"]}}
     metrics = {"concepts": concepts, "base": base, "methods": by_method, "time_ratio_to_slug": ratio, "slug_retain_stats": once,
                "rows": [{k: v for k, v in r.items() if k != "epochs"} for rows in results.values() for r in rows]}
-    return {"metrics": metrics, "flat": flat, "table": table(summary, base, concepts, kinds, retain_once),
-            "table_with_times": table(summary, base, concepts, kinds, retain_once, times=True)}
+    return {"metrics": metrics, "flat": flat, "table": table(summary, base, concepts, kinds, retain_once, table_once=table_once),
+            "table_with_times": table(summary, base, concepts, kinds, retain_once, times=True, table_once=table_once)}

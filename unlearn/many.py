@@ -24,7 +24,7 @@ sequential mode grants it to each edit anew.  Also one kind of concept.
 
 The kept mode adds up edits as the sum does, but finds each of the first k concepts' edits with
 the retain input moments pooled with those of the pairs of every concept of the table that is not
-among the first k (`pool_moments`: every pair counted once, as if the kept concepts' pairs were
+among the first k (`unlearn.methods.kept.pool_moments`: every pair counted once, as if the kept concepts' pairs were
 retain pairs).  The retain-preconditioned direction g_f (C + lam I)^-1 then moves little what
 those concepts' inputs read, so the edits of several targets leave the concepts that stay
 alone together, not only one at a time.  Only the moments change (g_r, the ranking and the
@@ -64,51 +64,6 @@ def check_modes(modes: Sequence[str], concepts: Sequence[Concept], direction: st
         raise UnlearnError(f"forget_many.modes has kept, which changes the retain-preconditioned direction's moments only, but "
                            f"slug.search.direction is {direction}: drop kept from forget_many.modes or set slug.search.direction=retain_preconditioned")
     return modes
-
-
-def pool_moments(retain: dict[str, torch.Tensor], n_retain: int, kept: dict[str, torch.Tensor], n_kept: int) -> dict[str, torch.Tensor]:
-    """The input moments of the retain pairs and the kept concepts' pairs together, each pair
-    counted once: (n_retain C_retain + n_kept C_kept) / (n_retain + n_kept) per tensor (a pair
-    gives every tensor the same number of rows, so this is the moment over the union's rows)."""
-    if n_retain < 1 or n_kept < 1 or set(retain) != set(kept):
-        raise ValueError(f"pool_moments needs pairs on both sides and the same tensors (retain {n_retain}, kept {n_kept})")
-    w = n_kept / (n_retain + n_kept)
-    return {n: (1 - w) * retain[n] + w * kept[n].to(retain[n]) for n in retain}
-
-
-def moments_without(every: dict[str, torch.Tensor], n_every: int, part: dict[str, torch.Tensor], n_part: int) -> dict[str, torch.Tensor]:
-    """The input moments of a concatenation of pairs less one part of it (`part`'s moments over its
-    `n_part` pairs): (n_every C_every - n_part C_part) / (n_every - n_part) per tensor, so the
-    kept set of every concept but one costs one pass over that concept's pairs."""
-    if not 0 < n_part < n_every or set(every) != set(part):
-        raise ValueError(f"moments_without needs a part of the pairs and the same tensors (every {n_every}, part {n_part})")
-    return {n: (n_every * every[n] - n_part * part[n].to(every[n])) / (n_every - n_part) for n in every}
-
-
-class KeptMoments:
-    """The input moments of every concept's pairs (`pairs`: name -> (images, tokens), as curate
-    selects each forget set), read in one pass; `without(names)` gives those of all but the named
-    concepts' pairs at the cost of one pass over theirs (`moments_without`): the kept set of a
-    removal, for the kept mode (every k) and `bench/kept_moments.py` (every single concept)."""
-
-    def __init__(self, adapter, layers: Sequence[str], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], batch_size: int):
-        self.adapter, self.layers, self.pairs, self.batch_size = adapter, list(layers), pairs, batch_size
-        self.every, self.n_every = self._moments(list(pairs))
-
-    def _moments(self, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], int]:
-        from unlearn.methods.registry import chunks
-        from unlearn.models.inputs import input_moments
-
-        union = tuple(torch.cat([self.pairs[n][j] for n in names]) for j in (0, 1))
-        return input_moments(self.adapter, self.layers, chunks(union, self.batch_size))
-
-    def without(self, names: Sequence[str]) -> tuple[dict[str, torch.Tensor], int]:
-        """The moments of every concept's pairs but those of `names`, and their pair count."""
-        unknown = [n for n in names if n not in self.pairs]
-        if unknown:
-            raise ValueError(f"KeptMoments has no pairs for {unknown}")
-        part, n_part = self._moments(names)
-        return moments_without(self.every, self.n_every, part, n_part), self.n_every - n_part
 
 
 def joint_tasks(eval_dir, concepts: Sequence[Concept], part: str, val_fraction: float, seed: int) -> ConceptTasks:

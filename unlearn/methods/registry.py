@@ -63,6 +63,7 @@ class Context:
     kind: str
     grad_batch: int = 128
     retain_stats: object = None   # SLUG's shared retain statistics (unlearn.methods.retain_stats), None: computed from `retain`
+    retain_moments: object = None  # SLUG's kept moments: RetainStats -> the concept's moments source (`TableMoments.kept_source`), None: none given
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,13 @@ def check_methods(names: list, key: str = "compare.methods") -> list[str]:
 
 
 def run_method(name: str, adapter: Adapter, forget: Pairs, retain: Pairs, evaluator, kind: str, params: dict,
-               grad_batch: int = 128, retain_stats=None) -> Outcome:
+               grad_batch: int = 128, retain_stats=None, retain_moments=None) -> Outcome:
     """Unlearn in place with method `name` and its params section; `evaluator` holds the
     target's validation images (the decisions); report on test images afterwards.
-    `retain_stats`: statistics of `retain` computed once for every concept (SLUG reads them)."""
+    `retain_stats`: statistics of `retain` computed once for every concept (SLUG reads them);
+    `retain_moments`: SLUG's kept moments of this concept (`Context.retain_moments`)."""
     method = methods()[check_method(name)]
-    return method.run(Context(adapter, forget, retain, evaluator, kind, grad_batch, retain_stats), method.config(params, name))
+    return method.run(Context(adapter, forget, retain, evaluator, kind, grad_batch, retain_stats, retain_moments), method.config(params, name))
 
 
 # ---------------------------------------------------------------- shared by the methods

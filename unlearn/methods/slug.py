@@ -48,6 +48,8 @@ from unlearn.methods.retain_stats import RetainStats, compute_retain_stats
 from unlearn.models.adapter import Adapter, check_made_for, fingerprint, read_family
 from unlearn.models.gradients import mean_gradient
 
+# a step's input moments: per tensor, or a function giving them for the tensors asked (the kept moments)
+Moments = dict[str, torch.Tensor] | Callable[[list[str]], dict[str, torch.Tensor]]
 SIGN_CONVENTION = "+grad L_f: the stored forget gradient points to higher forget loss; the edit adds it"
 log = logging.getLogger(__name__)
 
@@ -250,12 +252,15 @@ def precondition(grad: torch.Tensor, moment: torch.Tensor, layout: str, damping:
 
 
 def step_directions(adapter: Adapter, forget_grads: dict[str, torch.Tensor], layers: Sequence[str], cfg: SearchConfig,
-                    moments: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+                    moments: Moments | None) -> dict[str, torch.Tensor]:
     """The edit direction of each layer in `layers`.  `gradient` (the paper): g_f itself.
     `retain_preconditioned`: g_f preconditioned by the second moments of the layer's inputs on
-    the retain set (`moments`, from the retain statistics; see `precondition`)."""
+    the retain set (`moments`, from the retain statistics, or a function giving them for the
+    layers asked: the kept moments, `unlearn.methods.kept`; see `precondition`)."""
     if cfg.direction == "gradient":
         return {layer: forget_grads[layer] for layer in layers}
+    if callable(moments):
+        moments = moments(list(layers))
     lacking = [layer for layer in layers if moments is None or layer not in moments]
     if lacking:
         raise UnlearnError(f"the retain statistics hold no input moments of {lacking[:3]}; re-run `dvc repro retain_stats` "
@@ -376,6 +381,7 @@ class SearchConfig:
     rho_margin: float = 1.2        # the edit uses margin x the smallest passing rho found on validation
     direction: str = "retain_preconditioned"  # or gradient: g_f (the paper); see step_directions
     damping: float = 0.1           # lam of retain_preconditioned, as a fraction of the mean eigenvalue of C_r
+    moments: str = "shared"        # C of retain_preconditioned: shared: the retain pairs' | kept: pooled with every other concept's of the table (unlearn.methods.kept)
     evaluate: str = "decisions"    # decisions: retain and other-kind sets scored only where the choice reads them (see search_layers) | all
     stop: str = "all"              # all: search every planned layer, keep the best | first: stop at the first layer (by Pareto rank) that passes
     fallback: str = "forget"       # when no layer passes: forget: the step that forgets most | guard: the one that forgets most within the guard
@@ -392,6 +398,12 @@ class SearchConfig:
         if unknown:
             raise UnlearnError(f"slug.search.top5_kinds names {sorted(unknown)}; use kinds of the concept table ({', '.join(KINDS)})")
         check_fallback(self.fallback)
+        if self.moments not in ("shared", "kept"):
+            raise UnlearnError(f"slug.search.moments is {self.moments!r}; use shared (the retain pairs' input moments) or kept (pooled with those "
+                               "of every other concept of the table: stage concept_moments)")
+        if self.moments == "kept" and self.direction != "retain_preconditioned":
+            raise UnlearnError("slug.search.moments is kept, which changes the retain-preconditioned direction's moments only, but "
+                               f"slug.search.direction is {self.direction}: set slug.search.moments=shared or slug.search.direction=retain_preconditioned")
         if self.evaluate not in ("decisions", "all"):
             raise UnlearnError(f"slug.search.evaluate is {self.evaluate!r}; use decisions (score the guard sets only for steps that "
                                "pass the forget criterion) or all")
@@ -441,6 +453,26 @@ GUARD_SETS = ("retain", "utility")
 
 def _fmt(v: float | None) -> str:
     return "not scored" if v is None else f"{v:.3f}"
+
+
+class _Directions(dict):
+    """The planned layers' directions; the widened layers' computed on first use, all at once (a
+    search that converges on its planned layers never reads their input moments), their time added
+    to `times["directions_s"]` once set."""
+
+    def __init__(self, planned: dict[str, torch.Tensor], widened: Callable[[], dict[str, torch.Tensor]]):
+        super().__init__(planned)
+        self._widened, self.times = widened, None
+
+    def __missing__(self, layer: str) -> torch.Tensor:
+        t = time.perf_counter()
+        more, self._widened = self._widened(), lambda: {}
+        self.update(more)
+        if self.times is not None:
+            self.times["directions_s"] += time.perf_counter() - t
+        if layer not in more:
+            raise KeyError(layer)
+        return more[layer]
 
 
 def _widened(layers: Sequence[str], widen: Sequence[str], passed: Callable[[], bool]):
@@ -709,7 +741,7 @@ class Edit:
 
 
 def search(adapter: Adapter, evaluator, forget: dict[str, torch.Tensor], front: dict, order: dict[str, list[str]], cfg: SearchConfig,
-           kind: str, moments: dict[str, torch.Tensor] | None) -> Edit:
+           kind: str, moments: Moments | None) -> Edit:
     """The layers to try (by Pareto rank), their edit directions, the step search on the
     evaluator's (validation) images and the chosen edit; the model is left unedited."""
     layers = plan_layers(front, order, cfg.max_layers)
@@ -719,8 +751,9 @@ def search(adapter: Adapter, evaluator, forget: dict[str, torch.Tensor], front: 
     base = evaluator.evaluate(reference=True)
     log.info("base model on validation: %s", base)
     t1 = time.perf_counter()
-    directions = step_directions(adapter, forget, layers + widen, cfg, moments)
+    directions = _Directions(step_directions(adapter, forget, layers, cfg, moments), lambda: step_directions(adapter, forget, widen, cfg, moments))
     times = {"base_eval_s": t1 - t0, "directions_s": time.perf_counter() - t1}
+    directions.times = times
     rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, kind, times, widen)
     param = dict(adapter.model.named_parameters())[choice["layer"]]
     delta = edit_delta(param.detach(), directions[choice["layer"]], choice["rho"])
@@ -736,26 +769,32 @@ def apply_edit(adapter: Adapter, layer: str, delta: torch.Tensor) -> None:
 
 
 def find_edit(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: RetainStats, evaluator, kind: str,
-              rank_cfg: RankConfig, search_cfg: SearchConfig, keep: Callable[[str], bool] | None = None) -> tuple[Edit, dict[str, float]]:
+              rank_cfg: RankConfig, search_cfg: SearchConfig, keep: Callable[[str], bool] | None = None,
+              moments: Moments | None = None) -> tuple[Edit, dict[str, float]]:
     """SLUG for one concept, given the shared retain statistics: forget gradient, ranking (of the
-    candidates `keep` accepts, if given) and search; the model is left unedited.  Returns the edit
-    and the wall time of each phase (the search's split by what it scored)."""
+    candidates `keep` accepts, if given) and search; the model is left unedited.  The step's input
+    moments are `moments` if given (the concept's kept moments: `TableMoments.kept_source`), else
+    the retain statistics'; `search_cfg.moments` says which the caller must give.  Returns the
+    edit and the wall time of each phase (the search's split by what it scored)."""
+    if search_cfg.moments == "kept" and moments is None:
+        raise UnlearnError("slug.search.moments is kept but no concept moments were given; run the stage after `dvc repro concept_moments` "
+                           "or set slug.search.moments=shared")
     t0 = time.perf_counter()
     g_f, _, _ = forget_gradient(adapter, forget_batches())
     t1 = time.perf_counter()
     ranking = rank(adapter, g_f, retain.gradient, rank_cfg, keep)
     t2 = time.perf_counter()
-    edit = search(adapter, evaluator, g_f, ranking.front_scores(), ranking.order, search_cfg, kind, retain.moments)
+    edit = search(adapter, evaluator, g_f, ranking.front_scores(), ranking.order, search_cfg, kind, retain.moments if moments is None else moments)
     t3 = time.perf_counter()
     phases = {k[:-2]: v for k, v in edit.times.items() if k.endswith("_s")}
     return edit, {"forget_gradient": t1 - t0, "rank_layers": t2 - t1, "search": t3 - t2, **phases, "unlearn": t3 - t0}
 
 
 def unlearn(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: RetainStats, evaluator, kind: str,
-            rank_cfg: RankConfig, search_cfg: SearchConfig) -> tuple[Edit, dict[str, float]]:
+            rank_cfg: RankConfig, search_cfg: SearchConfig, moments: Moments | None = None) -> tuple[Edit, dict[str, float]]:
     """`find_edit`, and the edit applied in place (timed with it)."""
     t0 = time.perf_counter()
-    edit, times = find_edit(adapter, forget_batches, retain, evaluator, kind, rank_cfg, search_cfg)
+    edit, times = find_edit(adapter, forget_batches, retain, evaluator, kind, rank_cfg, search_cfg, moments=moments)
     apply_edit(adapter, edit.layer, edit.delta)
     times["unlearn"] = time.perf_counter() - t0
     return edit, times
@@ -795,11 +834,18 @@ def run(ctx: Context, cfg: SlugConfig) -> Outcome:
     if stats is None:
         stats = compute_retain_stats(ctx.adapter, lambda: chunks(ctx.retain, ctx.grad_batch), with_moments=cfg.search.direction != "gradient")
     once = time.perf_counter() - t0
-    edit, times = unlearn(ctx.adapter, lambda: chunks(ctx.forget, ctx.grad_batch), stats, ctx.evaluator, ctx.kind, cfg.rank, cfg.search)
+    moments = None
+    if cfg.search.moments == "kept":
+        if ctx.retain_moments is None:
+            raise UnlearnError("slug.search.moments is kept but the run was given no concept moments (stage concept_moments); "
+                               "set slug.search.moments=shared")
+        moments = ctx.retain_moments(stats)
+    edit, times = unlearn(ctx.adapter, lambda: chunks(ctx.forget, ctx.grad_batch), stats, ctx.evaluator, ctx.kind, cfg.rank, cfg.search, moments)
     if ctx.retain_stats is None:
         times["retain_stats"] = once
     return Outcome("ok" if edit.converged else "not_forgotten", {k: round(v, 3) for k, v in times.items()},
                    details={"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows),
                             **({} if edit.converged else {"fallback": edit.choice["fallback"]}),
                             "evals_forget": edit.times["evals_forget"], "evals_guard": edit.times["evals_guard"],
-                            "direction": cfg.search.direction, "shared_retain_stats": ctx.retain_stats is not None})
+                            "direction": cfg.search.direction, "moments": cfg.search.moments if cfg.search.direction != "gradient" else None,
+                            "shared_retain_stats": ctx.retain_stats is not None})

@@ -89,7 +89,8 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     search = as_config(SearchConfig, {**inputs.search, "forget_top1": cfg.forget_rate, "forget_top5": cfg.forget_rate,
                                       "max_identity_drop": cfg.max_drop, "max_object_drop": cfg.max_drop, "max_style_drop": cfg.max_drop,
                                       "max_layers": cfg.max_layers, "evals_per_layer": cfg.evals_per_layer, "damping": cfg.damping,
-                                      "stop": cfg.stop, "widen_to": 0},  # no widening: each further layer costs minutes of drawing
+                                      "stop": cfg.stop, "widen_to": 0,  # no widening: each further layer costs minutes of drawing
+                                      "moments": "shared"},  # the retain moments mixed with the pipeline's prompts' (prompt_moments)
                        "slug.search + unlearncanvas.slug")
     rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
     val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, ctx.sample, cfg.images_per_prompt, ctx.validation_seed, ctx.size,
