@@ -7,17 +7,15 @@ moments"; unlearn.methods.kept).  Its time and memory go to metrics/concept_mome
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
-from pathlib import Path
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
-from unlearn.data.curate import curate_forget, table_concepts
+from unlearn.data.curate import table_concepts
 from unlearn.io import atomic_outputs
 from unlearn.methods.kept import compute_table_moments, save_table_moments
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.models.adapter import load
-from unlearn.models.train import load_pairs
+from unlearn.models.train import forget_pairs
 from unlearn.params import stage_params
 from unlearn.runs import write_metrics
 
@@ -33,11 +31,7 @@ def main() -> None:
     batch_size = int(p("gradients.batch_size"))
     adapter = load(MODEL, device=torch_device(p("model.device")))
     layers = list(load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")[0].moments)  # the tensors the retain moments cover
-    pairs = {}
-    for c in table:
-        with tempfile.TemporaryDirectory() as tmp:
-            curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), Path(tmp), solo, joined=bool(p("curate.joined")))
-            pairs[c.name] = load_pairs(adapter, tmp)
+    pairs = forget_pairs(adapter, SHARDS, table, int(p("curate.forget_max")), int(p("curate.seed")), solo, bool(p("curate.joined")))
     curated_s = time.perf_counter() - start
     t0 = time.perf_counter()
     moments = compute_table_moments(adapter, layers, pairs, batch_size)
@@ -47,7 +41,7 @@ def main() -> None:
         write_metrics(metrics, {"concepts": len(pairs), "pairs": moments.n_every, "moment_tensors": len(moments.every),
                                 "curate_s": round(curated_s, 2), "moments_s": round(moments_s, 2), "time_s": round(time.perf_counter() - start, 2),
                                 "peak_memory_mb": peak_memory_mb()}, "concept_moments")
-    log.info("moments of %d tensors over %d pairs of %d concepts (%.1f s; curation %.1f s)", len(moments.every), moments.n_every, len(pairs),
+    log.info("moments of %d tensors over %d pairs of %d concepts (%.1f s; curation, one scan of the shards, %.1f s)", len(moments.every), moments.n_every, len(pairs),
              moments_s, curated_s)
 
 

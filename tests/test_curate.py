@@ -1,6 +1,7 @@
 """Forget/retain curation: word-boundary matching, the concept table, determinism, bad input."""
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import ROOT
@@ -151,3 +152,30 @@ def test_curate_solo_leaves_out_captions_naming_another_concept(tiny_world, tmp_
     assert shared and solo["left_out_shared"] == len(shared) and solo["solo"] and not everything["solo"]
     assert solo["count"] == everything["count"] - len(shared)
     assert {row["key"] for row in solo["samples"]} == {row["key"] for row in everything["samples"]} - {row["key"] for row in shared}
+
+
+@pytest.mark.parametrize("solo", [False, True])
+def test_one_scan_selects_every_concepts_set_as_curate_does(tiny_world, tiny_clip, tmp_path, solo):
+    """`select_forget` (one scan for several concepts) gives each concept the manifest that
+    `curate_forget` writes for it alone, and `forget_pairs` the tensors `load_pairs` reads from
+    that set (what stage concept_moments relies on: the search matches them by hash)."""
+    from unlearn.data.curate import select_forget
+    from unlearn.models.train import forget_pairs, load_pairs
+
+    table = yaml.safe_load((ROOT / "params.yaml").read_text())["concepts"]
+    rivals = table_concepts(table) if solo else ()
+    concepts = [resolve_concept(n, table) for n in ("Taylor Swift", "Elon Musk", "Mickey")]
+    selected, samples = select_forget(tiny_world / "laion", concepts, 3, 0, rivals)
+    pairs = forget_pairs(tiny_clip, str(tiny_world / "laion"), concepts, 3, 0, rivals, batch_size=2)
+    for c in concepts:
+        f_dir = tmp_path / c.slug
+        f_dir.mkdir()
+        alone = curate_forget(tiny_world / "laion", c, 3, 0, f_dir, rivals)
+        sel = selected[c.name]
+        assert [r["key"] for r in sel.rows] == [r["key"] for r in alone["samples"]] and sel.matched == alone["matched"]
+        assert sel.stats == alone["match"] and sel.shared == alone["left_out_shared"] and sel.rivals == alone["solo"]
+        assert all(r["key"] in samples for r in sel.rows)
+        images, tokens = load_pairs(tiny_clip, str(f_dir))
+        assert torch.equal(pairs[c.name][0], images) and torch.equal(pairs[c.name][1], tokens)
+    with pytest.raises(UnlearnError, match="no caption .* mentions concept 'Nobody Atall'"):
+        select_forget(tiny_world / "laion", [concepts[0], Concept("Nobody Atall", "identity")], 3, 0)

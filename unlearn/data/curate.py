@@ -144,6 +144,67 @@ def _caption_faults(sample: Sample, counts: dict) -> None:
             log.warning("caption of %s is not valid UTF-8: read as %s", sample.key, sample.encoding)
 
 
+@dataclass
+class ForgetSelection:
+    """One concept's forget set as the scan selected it: its rows (a seeded subset), how many
+    captions matched, how many were left out for naming another concept too, and the counts of
+    the manifest's `match`."""
+    concept: Concept
+    rows: list[dict]
+    matched: int
+    shared: int
+    stats: dict
+    rivals: bool
+
+
+def select_forget(shard_dir: str | Path, concepts: Sequence[Concept], forget_max: int, seed: int, solo_among: Sequence[Concept] = (),
+                  joined: bool = False) -> tuple[dict[str, ForgetSelection], dict[str, Sample]]:
+    """The forget set of every concept in `concepts`, in one scan of the shards (see
+    `curate_forget`), and the selected samples by key (their image bytes and captions).  A
+    concept that no caption mentions is an error."""
+    if forget_max < 1:
+        raise UnlearnError(f"curate.forget_max is {forget_max}; it must be >= 1 (the committed default is 1000)")
+    shard_dir = Path(shard_dir)
+    common = {"captions": 0, "empty": 0, "not_utf8": 0}  # the same for every concept: every caption is read once
+    per = {c.name: {"rows": [], "shared": 0, "rivals": [r for r in solo_among if r.name != c.name],
+                    "stats": {"joined_only": 0, "skipped_images": {}, "rules": dict.fromkeys(RULES if joined else RULES[:-1], 0),
+                              "phrases": dict.fromkeys(c.phrases, 0)}} for c in concepts}
+    samples: dict[str, Sample] = {}
+    faults: dict = {}
+    for tar in list_shards(shard_dir):
+        for sample in iter_shard(tar, faults):
+            common["captions"] += 1
+            _caption_faults(sample, common)
+            for c in concepts:
+                state, stats = per[c.name], per[c.name]["stats"]
+                m = c.match(sample.caption, joined)
+                if m is None:
+                    stats["joined_only"] += (not joined) and c.joined_in(sample.caption)
+                    continue
+                if any(r.mentioned_in(sample.caption, joined) for r in state["rivals"]):
+                    state["shared"] += 1
+                    continue
+                if _image_skipped(sample, tar, stats):
+                    continue
+                stats["rules"][m.rule] += 1
+                stats["phrases"][m.phrase] += 1
+                state["rows"].append(_row(sample, tar.name))
+                samples.setdefault(sample.key, sample)
+    out = {}
+    for c in concepts:
+        state = per[c.name]
+        stats = common | state["stats"] | ({"duplicate_keys": list(faults["duplicate_keys"])} if "duplicate_keys" in faults else {})
+        if not state["rows"]:
+            hint = (f"; {stats['joined_only']} caption(s) name it only joined (\"#ElonMusk\"): set curate.joined: true to count them"
+                    if stats["joined_only"] else "")
+            raise UnlearnError(f"no caption in {shard_dir} mentions concept {c.name!r}{' alone' if state['shared'] else ''} "
+                               f"(phrases: {', '.join(c.phrases)}); add aliases or pick another concept{hint}")
+        rows = _seeded_subset(state["rows"], forget_max, np.random.default_rng(seed))
+        out[c.name] = ForgetSelection(c, rows, len(state["rows"]), state["shared"], stats | {"joined": joined}, bool(state["rivals"]))
+    keep = {r["key"] for sel in out.values() for r in sel.rows}
+    return out, {k: v for k, v in samples.items() if k in keep}
+
+
 def curate_forget(shard_dir: str | Path, concept: Concept, forget_max: int, seed: int, forget_dir: Path,
                   solo_among: Sequence[Concept] = (), joined: bool = False) -> dict:
     """Write the forget set of `concept` (the pairs whose caption mentions it, a seeded subset of
@@ -152,47 +213,17 @@ def curate_forget(shard_dir: str | Path, concept: Concept, forget_max: int, seed
     image carries the other concept's features into the forget gradient.  With `joined`, joined
     forms ("#ElonMusk") count too.  The manifest's `match` says how the captions were matched:
     per rule and per phrase, how many captions only a joined form names, and how many captions
-    were empty or not valid UTF-8."""
-    if forget_max < 1:
-        raise UnlearnError(f"curate.forget_max is {forget_max}; it must be >= 1 (the committed default is 1000)")
+    were empty or not valid UTF-8.  Several concepts' sets in one scan: `select_forget`."""
+    sel = select_forget(shard_dir, [concept], forget_max, seed, solo_among, joined)[0][concept.name]
     shard_dir = Path(shard_dir)
-    forget: list[dict] = []
-    shared = 0
-    rivals = [c for c in solo_among if c.name != concept.name]
-    stats = {"captions": 0, "empty": 0, "not_utf8": 0, "joined_only": 0, "skipped_images": {},
-             "rules": dict.fromkeys(RULES if joined else RULES[:-1], 0), "phrases": dict.fromkeys(concept.phrases, 0)}
-    for tar in list_shards(shard_dir):
-        for sample in iter_shard(tar, stats):
-            stats["captions"] += 1
-            _caption_faults(sample, stats)
-            m = concept.match(sample.caption, joined)
-            if m is None:
-                stats["joined_only"] += (not joined) and concept.joined_in(sample.caption)
-                continue
-            if any(c.mentioned_in(sample.caption, joined) for c in rivals):
-                shared += 1
-                continue
-            if _image_skipped(sample, tar, stats):
-                continue
-            stats["rules"][m.rule] += 1
-            stats["phrases"][m.phrase] += 1
-            forget.append(_row(sample, tar.name))
-    if not forget:
-        hint = (f"; {stats['joined_only']} caption(s) name it only joined (\"#ElonMusk\"): set curate.joined: true to count them"
-                if stats["joined_only"] else "")
-        raise UnlearnError(f"no caption in {shard_dir} mentions concept {concept.name!r}{' alone' if shared else ''} "
-                           f"(phrases: {', '.join(concept.phrases)}); add aliases or pick another concept{hint}")
-    matched = len(forget)
-    forget = _seeded_subset(forget, forget_max, np.random.default_rng(seed))
-    stats["joined"] = joined
-    f = _write_set(shard_dir, forget, forget_dir, {"concept": concept.name, "kind": concept.kind, "source": str(shard_dir), "seed": seed,
-                                                   "set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude),
-                                                   "matched": matched, "cap": forget_max, "solo": bool(rivals), "left_out_shared": shared,
-                                                   "match": stats})
-    log.info("forget: %d of %d captions that mention %s (rules: %s)", len(forget), matched, concept.name,
-             ", ".join(f"{k} {v}" for k, v in stats["rules"].items() if v))
-    if stats["joined_only"]:
-        log.info("%d caption(s) name %s only in a joined form; curate.joined: true would add them", stats["joined_only"], concept.name)
+    f = _write_set(shard_dir, sel.rows, forget_dir, {"concept": concept.name, "kind": concept.kind, "source": str(shard_dir), "seed": seed,
+                                                     "set": "forget", "phrases": list(concept.phrases), "exclude": list(concept.exclude),
+                                                     "matched": sel.matched, "cap": forget_max, "solo": sel.rivals, "left_out_shared": sel.shared,
+                                                     "match": sel.stats})
+    log.info("forget: %d of %d captions that mention %s (rules: %s)", len(sel.rows), sel.matched, concept.name,
+             ", ".join(f"{k} {v}" for k, v in sel.stats["rules"].items() if v))
+    if sel.stats["joined_only"]:
+        log.info("%d caption(s) name %s only in a joined form; curate.joined: true would add them", sel.stats["joined_only"], concept.name)
     return f
 
 

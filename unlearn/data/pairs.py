@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,10 +24,16 @@ def decode(sample: Sample, where: str | Path) -> Image.Image:
 
 def pair_batches(shard_dir: str | Path, preprocess: Callable, tokenizer: Callable, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, tokens) batches in stored order, streamed: memory holds one batch at a time."""
+    return sample_batches(iter_samples(shard_dir), shard_dir, preprocess, tokenizer, batch_size)
+
+
+def sample_batches(samples: Iterable[Sample], where: str | Path, preprocess: Callable, tokenizer: Callable,
+                   batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, tokens) batches of `samples` in their order (`where`: what they came from, for errors)."""
     images: list[torch.Tensor] = []
     captions: list[str] = []
-    for sample in iter_samples(shard_dir):
-        images.append(preprocess(decode(sample, shard_dir)))
+    for sample in samples:
+        images.append(preprocess(decode(sample, where)))
         captions.append(sample.caption)
         if len(images) == batch_size:
             yield torch.stack(images), tokenizer(captions)
