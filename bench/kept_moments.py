@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,14 +32,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
+from unlearn.data.curate import table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
 from unlearn.methods.kept import compute_table_moments  # noqa: E402
 from unlearn.methods.registry import chunks  # noqa: E402
 from unlearn.methods.retain_stats import load_retain_stats  # noqa: E402
 from unlearn.methods.slug import apply_edit, find_edit, slug_config  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
-from unlearn.models.train import load_pairs  # noqa: E402
+from unlearn.models.train import forget_pairs  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 
 MODEL, STATS, RETAIN, SHARDS, EVAL = "models/base", "models/retain", "data/retain", "data/laion", "data/eval"
@@ -62,11 +61,7 @@ def main() -> None:
     identities = [c for c in table if c.kind == "identity"][: args.concepts]
     adapter = load(MODEL)
     stats, _ = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")
-    pairs = {}
-    for c in table:
-        with tempfile.TemporaryDirectory() as tmp:
-            curate_forget(SHARDS, c, int(cur["forget_max"]), int(cur["seed"]), Path(tmp), solo, joined=bool(cur["joined"]))
-            pairs[c.name] = load_pairs(adapter, tmp)
+    pairs = forget_pairs(adapter, SHARDS, table, int(cur["forget_max"]), int(cur["seed"]), solo, bool(cur["joined"]))  # one scan
     t0 = time.perf_counter()
     table_moments = compute_table_moments(adapter, list(stats.moments), pairs, grad_batch)
     table_s = time.perf_counter() - t0

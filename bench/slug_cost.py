@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,14 +38,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
-from unlearn.data.curate import curate_forget, table_concepts  # noqa: E402
+from unlearn.data.curate import table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
 from unlearn.methods.kept import compute_table_moments  # noqa: E402
 from unlearn.methods.registry import chunks, run_method  # noqa: E402
 from unlearn.methods.retain_stats import compute_retain_stats  # noqa: E402
 from unlearn.methods.slug import find_edit, forget_gradient, slug_config  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
-from unlearn.models.train import load_pairs  # noqa: E402
+from unlearn.models.train import forget_pairs, load_pairs  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 
 
@@ -77,12 +76,9 @@ def main() -> None:
     stats, retain_s = timed(lambda: compute_retain_stats(adapter, lambda: chunks(retain, grad_batch)))
     print(f"retain statistics (once): {retain_s:.2f} s over {stats.n_retain} pairs, {len(stats.moments)} moment tensors")
 
-    rows, forget_sets = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for c in every:  # every concept of the table: the kept moments read them all
-            Path(tmp, c.slug).mkdir()
-            curate_forget("data/laion", c, cur["forget_max"], cur["seed"], Path(tmp, c.slug), every if cur["solo"] else (), joined=bool(cur["joined"]))
-            forget_sets[c.name] = load_pairs(adapter, str(Path(tmp, c.slug)))
+    rows = []
+    # every concept of the table (the kept moments read them all), as curate selects each forget set, in one scan
+    forget_sets = forget_pairs(adapter, "data/laion", every, cur["forget_max"], cur["seed"], every if cur["solo"] else (), bool(cur["joined"]))
     table_moments, table_s = None, 0.0
     if cfg.search.moments == "kept":
         table_moments, table_s = timed(lambda: compute_table_moments(adapter, list(stats.moments), forget_sets, grad_batch))
