@@ -32,6 +32,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
+from unlearn.data.concept_pairs import forget_pairs  # noqa: E402
 from unlearn.data.curate import table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
 from unlearn.methods.kept import compute_table_moments  # noqa: E402
@@ -39,7 +40,6 @@ from unlearn.methods.registry import chunks  # noqa: E402
 from unlearn.methods.retain_stats import load_retain_stats  # noqa: E402
 from unlearn.methods.slug import apply_edit, find_edit, slug_config  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
-from unlearn.models.train import forget_pairs  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 
 MODEL, STATS, RETAIN, SHARDS, EVAL = "models/base", "models/retain", "data/retain", "data/laion", "data/eval"

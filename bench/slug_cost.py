@@ -38,6 +38,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
 
+from unlearn.data.concept_pairs import forget_pairs  # noqa: E402
 from unlearn.data.curate import table_concepts  # noqa: E402
 from unlearn.eval.suite import Evaluator, SharedBase, concept_tasks  # noqa: E402
 from unlearn.methods.kept import compute_table_moments  # noqa: E402
@@ -45,7 +46,7 @@ from unlearn.methods.registry import chunks, run_method  # noqa: E402
 from unlearn.methods.retain_stats import compute_retain_stats  # noqa: E402
 from unlearn.methods.slug import find_edit, forget_gradient, slug_config  # noqa: E402
 from unlearn.models.adapter import load  # noqa: E402
-from unlearn.models.train import forget_pairs, load_pairs  # noqa: E402
+from unlearn.models.train import load_pairs  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 
 

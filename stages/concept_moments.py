@@ -10,12 +10,12 @@ import logging
 import time
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
+from unlearn.data.concept_pairs import forget_pairs
 from unlearn.data.curate import table_concepts
 from unlearn.io import atomic_outputs
 from unlearn.methods.kept import compute_table_moments, save_table_moments
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.models.adapter import load
-from unlearn.models.train import forget_pairs
 from unlearn.params import stage_params
 from unlearn.runs import write_metrics
 

@@ -159,8 +159,9 @@ def test_one_scan_selects_every_concepts_set_as_curate_does(tiny_world, tiny_cli
     """`select_forget` (one scan for several concepts) gives each concept the manifest that
     `curate_forget` writes for it alone, and `forget_pairs` the tensors `load_pairs` reads from
     that set (what stage concept_moments relies on: the search matches them by hash)."""
+    from unlearn.data.concept_pairs import forget_pairs
     from unlearn.data.curate import select_forget
-    from unlearn.models.train import forget_pairs, load_pairs
+    from unlearn.models.train import load_pairs
 
     table = yaml.safe_load((ROOT / "params.yaml").read_text())["concepts"]
     rivals = table_concepts(table) if solo else ()

@@ -25,8 +25,8 @@ def test_repro_writes_every_output(repo):
     record = json.loads((repo / "data" / "download.json").read_text())
     assert record["samples"] == 300 and record["source"] == "synthetic"
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "retain_set", "retain_stats", "gradients", "rank_layers", "search",
-                                   "evaluate", "export", "forget_many", "compare_data", "compare", "report",
+    assert set(lock["stages"]) == {"check", "download", "base_model", "curate", "retain_set", "retain_stats", "concept_moments", "gradients", "rank_layers",
+                                   "search", "evaluate", "export", "forget_many", "compare_data", "compare", "report",
                                    "vlm_retain_stats", "vlm_base", "vlm_unlearn", "sd_judges", "sd_base", "sd_base_small",
                                    "sd_unlearn", "sd_unlearn_small", "report_diffusion", "report_diffusion_small",
                                    *(f"compare_run@{m}" for m in ("slug", "ft", "ga", "ga_ft", "salun", "ssd")),
@@ -121,9 +121,16 @@ def test_slug_stages_write_their_outputs(repo):
     once = json.loads((repo / "metrics" / "retain_stats.json").read_text())
     assert once["n_retain"] == stats["n_retain"] and once["processes"] == 1 and _record(repo, "retain_stats")["time_s"] > 0
     compare = json.loads((repo / "metrics" / "compare.json").read_text())
-    assert compare["slug_retain_stats"] == {"n_retain": once["n_retain"]} and "computed once for every concept" in (repo / "plots" / "compare.md").read_text()
+    table = json.loads((repo / "metrics" / "concept_moments.json").read_text())  # SLUG's kept moments: every concept's pairs, once
+    side = json.loads((repo / "models" / "concept_moments" / "sidecar.json").read_text())
+    assert table["concepts"] == len(side["concepts"]) == 46 and table["pairs"] == side["n_every"] == sum(c["pairs"] for c in side["concepts"].values())
+    assert side["concepts"]["Elon Musk"]["pairs"] == forget["count"]
+    assert compare["slug_retain_stats"] == {"n_retain": once["n_retain"], "concept_moments": {"concepts": 46, "pairs": table["pairs"]}}
+    assert "computed once for every concept" in (repo / "plots" / "compare.md").read_text()
     assert _record(repo, "compare")["slug_retain_stats"]["time_s"] == _record(repo, "retain_stats")["time_s"]
-    assert "computed once for every concept: " in (repo / "plots" / "runs" / "compare.md").read_text()  # with its time
+    assert _record(repo, "compare")["slug_retain_stats"]["concept_moments"]["time_s"] == _record(repo, "concept_moments")["time_s"] > 0
+    runs_table = (repo / "plots" / "runs" / "compare.md").read_text()
+    assert "computed once for every concept: " in runs_table and "stage `concept_moments`" in runs_table  # with their times
     slug_rows = json.loads((repo / "metrics" / "compare" / "slug.json").read_text())["rows"]
     assert all(r["shared_retain_stats"] and r["evals_forget"] > 0 and "time_s" not in r for r in slug_rows)
     assert all("retain_stats" not in r["time_s"] and r["time_s"]["unlearn"] > 0 for r in _record(repo, "compare_run@slug")["rows"])

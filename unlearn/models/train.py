@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from unlearn.data.pairs import pair_batches, sample_batches
+from unlearn.data.pairs import pair_batches
 from unlearn.errors import UnlearnError
 from unlearn.models.adapter import Adapter
 
@@ -33,20 +33,6 @@ def load_pairs(adapter: Adapter, shard_dir: str, batch_size: int = 512) -> tuple
     if not batches:
         raise UnlearnError(f"no samples in {shard_dir}")
     return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-
-
-def forget_pairs(adapter: Adapter, shard_dir: str, concepts, forget_max: int, seed: int, solo_among=(), joined: bool = False,
-                 batch_size: int = 512) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every concept's forget pairs, as curate selects and `load_pairs` reads each forget set (the
-    same tensors), from one scan of the shards (`select_forget`) and without writing them."""
-    from unlearn.data.curate import select_forget
-
-    selected, samples = select_forget(shard_dir, concepts, forget_max, seed, solo_among, joined)
-    out = {}
-    for c in concepts:
-        batches = list(sample_batches((samples[r["key"]] for r in selected[c.name].rows), shard_dir, adapter.preprocess, adapter.tokenize, batch_size))
-        out[c.name] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
-    return out
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
