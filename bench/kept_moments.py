@@ -72,7 +72,7 @@ def main() -> None:
         forget = pairs[c.name]
         # the search stage's kept moments: every concept's pairs but the target's, read for the planned layers inside the search
         # (the pass over the target's own pairs is in SLUG's time, in its directions)
-        kept = table_moments.kept_source(adapter, stats.moments, stats.n_retain, c.name, forget, grad_batch)
+        kept = table_moments.kept_source(adapter, stats, c.name, forget, grad_batch)
         variants = {"shared": (dataclasses.replace(cfg.search, moments="shared"), None), "kept": (dataclasses.replace(cfg.search, moments="kept"), kept)}
         test = Evaluator(adapter, concept_tasks(EVAL, c, "test", *split), batch, shared=shared_test)
         base = test.evaluate(reference=True)

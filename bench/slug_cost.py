@@ -89,7 +89,7 @@ def main() -> None:
         """The concept's moments source for find_edit (None: the retain statistics' own)."""
         if table_moments is None:
             return None
-        return table_moments.kept_source(adapter, stats.moments, stats.n_retain, c.name, forget_sets[c.name], grad_batch)
+        return table_moments.kept_source(adapter, stats, c.name, forget_sets[c.name], grad_batch)
     forget_gradient(adapter, chunks(forget_sets[table[0].name], grad_batch))  # warm-up: the first backward pass pays for allocation
     # the unedited model's reference pass over the validation images, shared by every concept's search (the first one reads it)
     base_pass = SharedBase()

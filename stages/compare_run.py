@@ -51,10 +51,8 @@ def run_concept(method: str, concept, p, device: str, retain_stats, shared: Shar
         return test.evaluate() | {"mia": attack(adapter)["mean"]}
 
     base = report()
-    kept = None
-    if method == "slug" and table is not None:  # slug.search.moments: kept
-        def kept(stats, forget=forget, where=where):
-            return table.kept_source(adapter, stats.moments, stats.n_retain, concept.name, forget, grad_batch, f"{where}/forget")
+    # slug.search.moments: kept: the concept's kept moments (the retain statistics pooled with the table's, less its own pairs)
+    kept = table.kept_source(adapter, retain_stats, concept.name, forget, grad_batch, f"{where}/forget") if table is not None else None
     outcome = run_method(method, adapter, forget, retain, Evaluator(adapter, val_tasks, batch_size, shared=shared), concept.kind, p(method), grad_batch,
                          retain_stats, kept)
     row = {"concept": concept.name, "method": method, "status": outcome.status, "epoch": outcome.epoch, "time_s": outcome.time_s,

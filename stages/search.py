@@ -41,8 +41,7 @@ def main() -> None:
         moments = stats.moments
         if cfg.moments == "kept":  # the retain moments pooled with every other concept's, read for the searched layers only
             own = load_pairs(adapter, FORGET)
-            moments = load_table_moments(TABLE, MODEL).kept_source(adapter, stats.moments, stats.n_retain, concept.name, own,
-                                                                   int(p("gradients.batch_size")), FORGET)
+            moments = load_table_moments(TABLE, MODEL).kept_source(adapter, stats, concept.name, own, int(p("gradients.batch_size")), FORGET)
     ranking = read_json(LAYERS)
     tasks = concept_tasks(EVAL, concept, "val", float(p("eval.split.val_fraction")), int(p("eval.split.seed")))
     evaluator = Evaluator(adapter, tasks, int(p("eval.batch_size")))

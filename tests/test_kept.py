@@ -13,6 +13,7 @@ import torch
 from unlearn.errors import UnlearnError
 from unlearn.methods import kept as kept_files
 from unlearn.methods.kept import KeptMoments, compute_table_moments, load_table_moments, moments_without, pool_moments, save_table_moments
+from unlearn.methods.retain_stats import RetainStats
 from unlearn.methods.slug import SearchConfig, find_edit, step_directions
 from unlearn.models.inputs import input_moments
 
@@ -71,6 +72,7 @@ def test_table_moments_round_trip_and_give_each_concept_its_kept_moments(tiny_cl
     per = {"a": (images[:2], tokens[:2]), "b": (images[2:4], tokens[2:4]), "c": (images[4:], tokens[4:])}
     retain_pairs = (images.flip(0)[:3] * 0.5, tokens.flip(0)[:3])
     retain, n_r = input_moments(tiny_clip, layers, [retain_pairs])
+    stats = RetainStats({}, retain, n_r, 0.0)  # the moments half of the retain statistics
     table = compute_table_moments(tiny_clip, layers, per, 3)
     assert table.n_every == 7 and {n: c["pairs"] for n, c in table.concepts.items()} == {"a": 2, "b": 2, "c": 3}
     tiny_clip.save(tmp_path / "model")
@@ -81,7 +83,7 @@ def test_table_moments_round_trip_and_give_each_concept_its_kept_moments(tiny_cl
     assert back.n_every == 7 and back.concepts == table.concepts and all(torch.equal(back.every[n], table.every[n]) for n in layers)
 
     asked = [layers[0], layers[-1]]
-    source = back.kept_source(tiny_clip, retain, n_r, "b", per["b"], 3)
+    source = back.kept_source(tiny_clip, stats, "b", per["b"], 3)
     kept = source(asked)
     others, n_o = input_moments(tiny_clip, asked, [(torch.cat([images[:2], images[4:]]), torch.cat([tokens[:2], tokens[4:]]))])
     assert set(kept) == set(asked)
@@ -96,9 +98,9 @@ def test_table_moments_round_trip_and_give_each_concept_its_kept_moments(tiny_cl
     assert all(torch.equal(lazy[n], eager[n]) for n in asked)
 
     with pytest.raises(UnlearnError, match="the forget set of b is not the pair set the concept moments hold for it.*concept_moments"):
-        back.kept_source(tiny_clip, retain, n_r, "b", per["a"], 3)
+        back.kept_source(tiny_clip, stats, "b", per["a"], 3)
     with pytest.raises(UnlearnError, match="hold no pairs of 'd'.*concept_moments"):
-        back.kept_source(tiny_clip, retain, n_r, "d", per["a"], 3)
+        back.kept_source(tiny_clip, stats, "d", per["a"], 3)
     side = json.loads((out / kept_files.SIDECAR).read_text())
     (out / kept_files.SIDECAR).write_text(json.dumps(side | {"model_sha256": "0" * 64}))
     with pytest.raises(UnlearnError, match="another model.*concept_moments"):

@@ -149,7 +149,6 @@ class ForgetSelection:
     """One concept's forget set as the scan selected it: its rows (a seeded subset), how many
     captions matched, how many were left out for naming another concept too, and the counts of
     the manifest's `match`."""
-    concept: Concept
     rows: list[dict]
     matched: int
     shared: int
@@ -200,7 +199,7 @@ def select_forget(shard_dir: str | Path, concepts: Sequence[Concept], forget_max
             raise UnlearnError(f"no caption in {shard_dir} mentions concept {c.name!r}{' alone' if state['shared'] else ''} "
                                f"(phrases: {', '.join(c.phrases)}); add aliases or pick another concept{hint}")
         rows = _seeded_subset(state["rows"], forget_max, np.random.default_rng(seed))
-        out[c.name] = ForgetSelection(c, rows, len(state["rows"]), state["shared"], stats | {"joined": joined}, bool(state["rivals"]))
+        out[c.name] = ForgetSelection(rows, len(state["rows"]), state["shared"], stats | {"joined": joined}, bool(state["rivals"]))
     keep = {r["key"] for sel in out.values() for r in sel.rows}
     return out, {k: v for k, v in samples.items() if k in keep}
 

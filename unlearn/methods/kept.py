@@ -28,6 +28,7 @@ import torch
 
 from unlearn.errors import UnlearnError
 from unlearn.io import sha256_file
+from unlearn.methods.retain_stats import RetainStats
 from unlearn.models.adapter import Adapter, check_made_for, fingerprint
 
 MOMENTS, SIDECAR = "moments.safetensors", "sidecar.json"
@@ -97,8 +98,8 @@ class TableMoments:
     n_every: int
     concepts: dict[str, dict]
 
-    def kept_source(self, adapter: Adapter, retain_moments: dict[str, torch.Tensor], n_retain: int, concept: str, own: Pairs,
-                    batch_size: int, where: str = "the forget set") -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
+    def kept_source(self, adapter: Adapter, retain: RetainStats, concept: str, own: Pairs, batch_size: int,
+                    where: str = "the forget set") -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
         """The kept moments of `concept` (the retain moments pooled with every other concept's),
         for the layers the search asks for: `own` are the concept's forget pairs, checked against
         the pairs the table holds for it, and read once per call for the asked layers only."""
@@ -112,12 +113,12 @@ class TableMoments:
             from unlearn.models.inputs import input_moments
 
             layers = list(layers)
-            lacking = [n for n in layers if n not in self.every or n not in retain_moments]
+            lacking = [n for n in layers if n not in self.every or n not in retain.moments]
             if lacking:
                 raise UnlearnError(f"the retain or concept moments hold no input moments of {lacking[:3]}; re-run `dvc repro retain_stats concept_moments`")
             part, n_part = input_moments(adapter, layers, chunks(own, batch_size))
             kept = moments_without({n: self.every[n] for n in layers}, self.n_every, part, n_part)
-            return pool_moments({n: retain_moments[n] for n in layers}, n_retain, kept, self.n_every - n_part)
+            return pool_moments({n: retain.moments[n] for n in layers}, retain.n_retain, kept, self.n_every - n_part)
 
         return source
 

@@ -63,7 +63,7 @@ class Context:
     kind: str
     grad_batch: int = 128
     retain_stats: object = None   # SLUG's shared retain statistics (unlearn.methods.retain_stats), None: computed from `retain`
-    retain_moments: object = None  # SLUG's kept moments: RetainStats -> the concept's moments source (`TableMoments.kept_source`), None: none given
+    retain_moments: object = None  # SLUG's kept moments of this concept, over `retain_stats` (`TableMoments.kept_source`), None: none given
 
 
 @dataclass(frozen=True)

@@ -458,18 +458,17 @@ def _fmt(v: float | None) -> str:
 class _Directions(dict):
     """The planned layers' directions; the widened layers' computed on first use, all at once (a
     search that converges on its planned layers never reads their input moments), their time added
-    to `times["directions_s"]` once set."""
+    to `times["directions_s"]`."""
 
-    def __init__(self, planned: dict[str, torch.Tensor], widened: Callable[[], dict[str, torch.Tensor]]):
+    def __init__(self, planned: dict[str, torch.Tensor], widened: Callable[[], dict[str, torch.Tensor]], times: dict[str, float]):
         super().__init__(planned)
-        self._widened, self.times = widened, None
+        self._widened, self.times = widened, times
 
     def __missing__(self, layer: str) -> torch.Tensor:
         t = time.perf_counter()
-        more, self._widened = self._widened(), lambda: {}
+        more, self._widened = self._widened(), dict
         self.update(more)
-        if self.times is not None:
-            self.times["directions_s"] += time.perf_counter() - t
+        self.times["directions_s"] += time.perf_counter() - t
         if layer not in more:
             raise KeyError(layer)
         return more[layer]
@@ -751,9 +750,9 @@ def search(adapter: Adapter, evaluator, forget: dict[str, torch.Tensor], front: 
     base = evaluator.evaluate(reference=True)
     log.info("base model on validation: %s", base)
     t1 = time.perf_counter()
-    directions = _Directions(step_directions(adapter, forget, layers, cfg, moments), lambda: step_directions(adapter, forget, widen, cfg, moments))
-    times = {"base_eval_s": t1 - t0, "directions_s": time.perf_counter() - t1}
-    directions.times = times
+    times = {"base_eval_s": t1 - t0, "directions_s": 0.0}
+    directions = _Directions(step_directions(adapter, forget, layers, cfg, moments), lambda: step_directions(adapter, forget, widen, cfg, moments), times)
+    times["directions_s"] += time.perf_counter() - t1
     rows, choice = search_layers(adapter, evaluator, directions, layers, cfg, base, kind, times, widen)
     param = dict(adapter.model.named_parameters())[choice["layer"]]
     delta = edit_delta(param.detach(), directions[choice["layer"]], choice["rho"])
@@ -834,12 +833,10 @@ def run(ctx: Context, cfg: SlugConfig) -> Outcome:
     if stats is None:
         stats = compute_retain_stats(ctx.adapter, lambda: chunks(ctx.retain, ctx.grad_batch), with_moments=cfg.search.direction != "gradient")
     once = time.perf_counter() - t0
-    moments = None
-    if cfg.search.moments == "kept":
-        if ctx.retain_moments is None:
-            raise UnlearnError("slug.search.moments is kept but the run was given no concept moments (stage concept_moments); "
-                               "set slug.search.moments=shared")
-        moments = ctx.retain_moments(stats)
+    if cfg.search.moments == "kept" and (ctx.retain_moments is None or ctx.retain_stats is None):
+        raise UnlearnError("slug.search.moments is kept but the run was given no concept moments over shared retain statistics "
+                           "(stages retain_stats, concept_moments); set slug.search.moments=shared")
+    moments = ctx.retain_moments if cfg.search.moments == "kept" else None
     edit, times = unlearn(ctx.adapter, lambda: chunks(ctx.forget, ctx.grad_batch), stats, ctx.evaluator, ctx.kind, cfg.rank, cfg.search, moments)
     if ctx.retain_stats is None:
         times["retain_stats"] = once
