@@ -66,19 +66,19 @@ def table(summary: list[dict], base: dict, concepts: list[str], kinds: tuple[str
                      f"| {pct(s['mia'])} |{t} {'–' if stored is None else f'{stored:,.0f}'} | {s['forgotten']}/{s['concepts']}{failed} |")
     lines += ["", "passed (val): concepts whose run met its goal on the validation images: for SLUG a converged search "
               "(FA@1 = 0, FA@5 <= 5 % and the utility guard), for a baseline FA@1 = 0 at some epoch."]
+
+    def cost(record: dict) -> str:
+        """A one-time cost and its share per concept (the timed table only)."""
+        once = record.get("time_s")
+        return (f": {seconds(once)} s, {seconds(once / len(concepts))} s per concept over these {len(concepts)} (not in the time column)"
+                if times and once is not None else "")
     if retain_once:
-        once = retain_once.get("time_s")
-        cost = (f": {seconds(once)} s, {seconds(once / len(concepts))} s per concept over these {len(concepts)} (not in the time column)"
-                if times and once is not None else "")
         lines += ["", f"SLUG's retain statistics (g_r and the retain input moments over {retain_once['n_retain']:,} pairs, stage `retain_stats`) "
-                  f"are computed once for every concept{cost}."]
+                  f"are computed once for every concept{cost(retain_once)}."]
     if table_once:
-        once = table_once.get("time_s")
-        cost = (f": {seconds(once)} s, {seconds(once / len(concepts))} s per concept over these {len(concepts)} (not in the time column)"
-                if times and once is not None else "")
         lines += ["", f"So are the moments of every concept's pairs of the table ({table_once['pairs']:,} pairs of {table_once['concepts']} concepts, "
                   f"stage `concept_moments`), which SLUG's kept moments pool with the retain moments, less the target's own pairs "
-                  f"(read in each concept's time){cost}."]
+                  f"(read in each concept's time){cost(table_once)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -102,14 +102,16 @@ def aggregate(results: dict[str, list[dict]], concepts: list[str], kinds: tuple[
     flat = [{"method": s["method"], "forget_top1": s["forget_top1"], "forget_top5": s["forget_top5"], "retain_top1": s["retain_top1"],
              "utility_top1": s["utility_top1"], "mia": s["mia"], "time_unlearn_s": s["time_s"]["unlearn"], "stored_bytes": s["stored_bytes"]}
             for s in summary]
+
+    def shared(record: dict) -> dict:
+        """A one-time cost and its share per concept."""
+        t = record.get("time_s")
+        return {"time_s": t, "per_concept_s": None if t is None else round(t / len(concepts), 3)}
     once = None
     if retain_once:
-        t = retain_once.get("time_s")
-        once = {"time_s": t, "per_concept_s": None if t is None else round(t / len(concepts), 3), "n_retain": retain_once["n_retain"]}
+        once = shared(retain_once) | {"n_retain": retain_once["n_retain"]}
     if table_once:
-        t = table_once.get("time_s")
-        once = (once or {}) | {"concept_moments": {"time_s": t, "per_concept_s": None if t is None else round(t / len(concepts), 3),
-                                                   "pairs": table_once["pairs"], "concepts": table_once["concepts"]}}
+        once = (once or {}) | {"concept_moments": shared(table_once) | {"pairs": table_once["pairs"], "concepts": table_once["concepts"]}}
     metrics = {"concepts": concepts, "base": base, "methods": by_method, "time_ratio_to_slug": ratio, "slug_retain_stats": once,
                "rows": [{k: v for k, v in r.items() if k != "epochs"} for rows in results.values() for r in rows]}
     return {"metrics": metrics, "flat": flat, "table": table(summary, base, concepts, kinds, retain_once, table_once=table_once),
