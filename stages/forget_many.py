@@ -16,15 +16,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
-from unlearn.data.curate import Concept, curate_forget, resolve_concepts, table_concepts
+from unlearn.data.concept_pairs import forget_pairs
+from unlearn.data.curate import Concept, resolve_concepts, table_concepts
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import Evaluator, ManyEvaluator, concept_tasks
 from unlearn.io import atomic_outputs
@@ -34,7 +33,6 @@ from unlearn.methods.registry import chunks
 from unlearn.methods.retain_stats import load_retain_stats
 from unlearn.methods.slug import apply_edit, find_edit, save_patch, slug_config
 from unlearn.models.adapter import fingerprint, load
-from unlearn.models.train import load_pairs
 from unlearn.params import stage_params
 from unlearn.plots import forget_many_plot
 from unlearn.runs import write_metrics
@@ -63,16 +61,11 @@ def main() -> None:
     adapter = load(MODEL, device=torch_device(p("model.device")))
     stats, _ = load_retain_stats(STATS, adapter, MODEL, f"{RETAIN}/manifest.json")
 
-    def pairs_of(c: Concept) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concept `c`'s pairs as curate selects its forget set."""
-        with tempfile.TemporaryDirectory() as tmp:
-            curate_forget(SHARDS, c, int(p("curate.forget_max")), int(p("curate.seed")), Path(tmp), solo, joined=bool(p("curate.joined")))
-            return load_pairs(adapter, tmp)
-
-    forget_sets, evaluators = {}, {}
-    for c in concepts:
-        forget_sets[c.name] = pairs_of(c)
-        evaluators[c.name] = Evaluator(adapter, concept_tasks(EVAL, c, "val", *split), batch)
+    # every concept's pairs as curate selects its forget set, in one scan of the shards: the
+    # concepts removed, and with the kept mode every concept of the table
+    forget_sets = forget_pairs(adapter, SHARDS, table if "kept" in modes else concepts, int(p("curate.forget_max")), int(p("curate.seed")), solo,
+                               bool(p("curate.joined")))
+    evaluators = {c.name: Evaluator(adapter, concept_tasks(EVAL, c, "val", *split), batch) for c in concepts}
     val = ManyEvaluator(adapter, EVAL, concepts, "val", *split, batch)
     test = ManyEvaluator(adapter, EVAL, concepts, "test", *split, batch)
     params = dict(adapter.model.named_parameters())
@@ -157,7 +150,7 @@ def main() -> None:
         # kept: as sum, each of the first k edits found with the retain moments pooled with those of the table's concepts not removed
         kept = []
         if "kept" in modes:
-            table_moments = KeptMoments(adapter, list(stats.moments), {c.name: forget_sets[c.name] if c.name in forget_sets else pairs_of(c) for c in table}, grad_batch)
+            table_moments = KeptMoments(adapter, list(stats.moments), {c.name: forget_sets[c.name] for c in table}, grad_batch)
             for k in counts:
                 moments, n_kept = table_moments.without(names_of[k])
                 pooled = dataclasses.replace(stats, moments=pool_moments(stats.moments, stats.n_retain, moments, n_kept))

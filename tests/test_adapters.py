@@ -7,6 +7,7 @@ open_clip itself, hf_clip its transformers export (the same weights)."""
 
 import copy
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -285,6 +286,38 @@ def test_input_moments_of_linear_and_layernorm_candidates(model, batch):
         else:
             expected = y.T @ y / y.shape[0]  # float32 moments: rounding relative to the matrix's scale, not each entry's
             torch.testing.assert_close(w @ moments[n] @ w.T, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_input_moments_stop_each_tower_after_its_deepest_asked_tensor(model, batch):
+    """A tower's forward stops once every asked tensor has reported its input: the moments of the
+    first block's tensors are bit for bit those read in a forward that runs to the projection, and
+    the later blocks never run."""
+    images, tokens = batch
+    batches = [(images[:4], tokens[:4]), (images[4:], tokens[4:])]
+    cands = model.candidate_layers()
+    for tower in ("image", "text"):
+        mine = [n for n in cands if model.tower(n) == tower]
+        first = [n for n in mine if re.search(r"\.0\.", n)]
+        last = mine[-1]  # the projection, read where the tower's forward ends
+        assert first and not re.search(r"\.0\.", last), (tower, mine)
+        shallow, n_shallow = input_moments(model, first, batches)
+        whole, n_whole = input_moments(model, [*first, last], batches)
+        assert n_shallow == n_whole == len(CAPTIONS)
+        for n in first:
+            assert torch.equal(shallow[n], whole[n]), n
+        later = [m for name, m in model.model.named_modules() if name and re.search(r"\.1$", name) and isinstance(m, nn.Module)
+                 and any(p.startswith(name + ".") for p in mine)]
+        assert later, tower
+        ran: list[int] = []
+        handles = [m.register_forward_pre_hook(lambda *_, ran=ran: ran.append(1)) for m in later]
+        try:
+            input_moments(model, first, batches)
+            assert not ran, f"{model.family} {tower}: blocks after the asked ones ran"
+            input_moments(model, [*first, last], batches)
+            assert ran, f"{model.family} {tower}: the whole forward never reached block 1"
+        finally:
+            for h in handles:
+                h.remove()
 
 
 def test_save_load_round_trip(model, batch, tmp_path):

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from unlearn.io import atomic_outputs
+from unlearn.errors import UnlearnError
+from unlearn.io import atomic_outputs, read_hashed_tensors, save_safetensors, sha256_file
 
 
 def test_atomic_outputs_replace_all_or_nothing(tmp_path):
@@ -23,6 +24,38 @@ def test_atomic_outputs_replace_all_or_nothing(tmp_path):
         with atomic_outputs(d, f) as (td, tf):
             (td / "c").write_text("3")
     assert [p.name for p in d.iterdir()] == ["a"] and sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "out"]
+
+
+def test_hashed_tensors_read_back_or_refused_in_one_line(tmp_path):
+    """The one reader of tensors saved beside a record of their hashes (retain statistics, concept
+    moments, gradients, patches): each way a copy can be wrong is one line naming the file and the fix."""
+    d = tmp_path / "t"
+    d.mkdir()
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+
+    def write(t=tensors, record=None):
+        save_safetensors(t, d / "w.safetensors")
+        (d / "rec.json").write_text(json.dumps({"files": {"w.safetensors": sha256_file(d / "w.safetensors")}} if record is None else record))
+
+    def read():
+        return read_hashed_tensors(d, "rec.json", ("w.safetensors",), lambda r: r["files"], "test tensors", "run `make t`")
+
+    write()
+    meta, read_back = read()
+    assert torch.equal(read_back["w.safetensors"]["w"], tensors["w"]) and set(meta) == {"files"}
+    cases = [
+        (lambda: (d / "rec.json").unlink(), r"^test tensors missing: .*rec\.json; run `make t`$"),
+        (lambda: write(record=[1, 2]), r"rec\.json is not a test tensors record \(TypeError"),
+        (lambda: write(record={"other": 1}), r"rec\.json is not a test tensors record \(KeyError"),
+        (lambda: (d / "rec.json").write_text("{"), r"rec\.json is not a test tensors record \(JSONDecodeError"),
+        (lambda: (d / "w.safetensors").write_bytes((d / "w.safetensors").read_bytes()[:-1]), r"w\.safetensors does not match the hash in its rec\.json"),
+        (lambda: write(t={"w": torch.tensor([1.0, float("nan")])}), r"^test tensors in .*w\.safetensors: w holds NaN or inf; run `make t`$"),
+    ]
+    for spoil, message in cases:
+        write()
+        spoil()
+        with pytest.raises(UnlearnError, match=message):
+            read()
 
 
 def test_a_stage_metrics_split_into_results_and_the_run_cost_and_back(tmp_path, monkeypatch):

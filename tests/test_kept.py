@@ -106,7 +106,7 @@ def test_table_moments_round_trip_and_give_each_concept_its_kept_moments(tiny_cl
     with pytest.raises(UnlearnError, match="another model.*concept_moments"):
         load_table_moments(out, tmp_path / "model")
     (out / kept_files.SIDECAR).write_text("{}")
-    with pytest.raises(UnlearnError, match="not a concept-moments sidecar"):
+    with pytest.raises(UnlearnError, match="not a concept moments record"):
         load_table_moments(out, tmp_path / "model")
     (out / kept_files.SIDECAR).write_text(json.dumps(side))
     data = bytearray((out / kept_files.MOMENTS).read_bytes())

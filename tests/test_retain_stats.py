@@ -59,7 +59,7 @@ def test_round_trip_and_refusals(tiny_clip, workspace, tmp_path):
     data = bytearray((out / MOMENTS).read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit
     (out / MOMENTS).write_bytes(bytes(data))
-    with pytest.raises(UnlearnError, match=r"moments.safetensors does not match the hash in its sidecar .*retain_stats"):
+    with pytest.raises(UnlearnError, match=r"moments.safetensors does not match the hash in its sidecar.json .*retain_stats"):
         load_retain_stats(out, tiny_clip, workspace / "model")
     (out / MOMENTS).unlink()
     with pytest.raises(UnlearnError, match="retain statistics missing"):

@@ -156,7 +156,7 @@ def test_only_the_layers_llava_reads_are_candidates_and_patchable(clip, tmp_path
     with pytest.raises(UnlearnError, match="which this LLaVA never reads .*vision_feature_layer -2"):
         M.apply_vlm_patch(vlm, tmp_path)
     (tmp_path / PATCH_META).unlink()
-    with pytest.raises(UnlearnError, match="is not a SLUG patch"):
+    with pytest.raises(UnlearnError, match="SLUG patch missing"):
         M.apply_vlm_patch(vlm, tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Atomic outputs and small JSON helpers.
+"""Atomic outputs, small JSON helpers and checked reads of hashed tensor files.
 
 A stage writes every output to a temporary sibling path and renames all of them into place only
 after all were written, so a failure leaves earlier outputs untouched and no partial files.  A
@@ -15,9 +15,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from unlearn.errors import UnlearnError
 
 # what `_tmp_sibling` names: `.NAME.tmp-PID` (an output being written) or `.NAME.old-PID` (the
 # previous output moved aside), NAME's suffix kept last
@@ -160,3 +162,34 @@ def sha256_tree(path: str | Path) -> str:
         h.update(str(f.relative_to(root)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
+
+
+def read_hashed_tensors(directory: str | Path, record: str, files: Sequence[str], hashes: Callable[[dict], Mapping[str, Any]], what: str, fix: str,
+                        nan_fix: str | None = None) -> tuple[dict, dict[str, dict]]:
+    """Safetensors files saved beside a JSON `record` of their sha256 (`hashes(record)`: file ->
+    hash), read checked: every file present, the record a JSON object, each file hashing as
+    recorded (a flipped byte, a truncated copy, a file from another run), every tensor finite.
+    Any failure is one line naming the file, `what` it is and the `fix` (`nan_fix` for NaN or
+    inf).  Returns the record and each file's tensors; what the record says about the model or
+    the data is the caller's to check (retain statistics, concept moments, gradients, patches)."""
+    import safetensors.torch
+    import torch
+
+    directory = Path(directory)
+    missing = [str(directory / f) for f in (*files, record) if not (directory / f).is_file()]
+    if missing:
+        raise UnlearnError(f"{what} missing: {', '.join(missing)}; {fix}")
+    try:
+        meta = json.loads((directory / record).read_text())
+        expected = dict(hashes(meta))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UnlearnError(f"{directory / record} is not a {what} record ({type(e).__name__}: {e}); {fix}") from None
+    for f in files:
+        if sha256_file(directory / f) != expected.get(f):
+            raise UnlearnError(f"{directory / f} does not match the hash in its {record} (corrupted or replaced); {fix}")
+    tensors = {f: safetensors.torch.load_file(directory / f) for f in files}
+    for f, named in tensors.items():
+        for name, t in named.items():
+            if not torch.isfinite(t).all():
+                raise UnlearnError(f"{what} in {directory / f}: {name} holds NaN or inf; {nan_fix or fix}")
+    return meta, tensors

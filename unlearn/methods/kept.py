@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.io import sha256_file
+from unlearn.io import read_hashed_tensors, sha256_file
 from unlearn.methods.retain_stats import RetainStats
 from unlearn.models.adapter import Adapter, check_made_for, fingerprint
 
@@ -142,19 +142,10 @@ def load_table_moments(directory: str | Path, model_dir: str | Path) -> TableMom
     """The moments in `directory`, checked: present, unchanged (their hash), made for the model in
     `model_dir`, finite.  Any mismatch is a one-line error."""
     directory = Path(directory)
-    missing = [str(directory / f) for f in (MOMENTS, SIDECAR) if not (directory / f).is_file()]
-    if missing:
-        raise UnlearnError(f"concept moments missing: {', '.join(missing)}; {FIX}")
+    sidecar, tensors = read_hashed_tensors(directory, SIDECAR, (MOMENTS,), lambda s: s["files"], "concept moments", FIX)
     try:
-        sidecar = json.loads((directory / SIDECAR).read_text())
-        digest, n_every, concepts = sidecar["files"][MOMENTS], int(sidecar["n_every"]), dict(sidecar["concepts"])
+        n_every, concepts = int(sidecar["n_every"]), dict(sidecar["concepts"])
     except (ValueError, KeyError, TypeError) as e:
-        raise UnlearnError(f"{directory / SIDECAR} is not a concept-moments sidecar ({e}); {FIX}") from None
-    if sha256_file(directory / MOMENTS) != digest:
-        raise UnlearnError(f"{directory / MOMENTS} does not match the hash in its sidecar (corrupted or replaced); {FIX}")
+        raise UnlearnError(f"{directory / SIDECAR} is not a concept moments record ({type(e).__name__}: {e}); {FIX}") from None
     check_made_for(f"concept moments in {directory}", sidecar, model_dir, FIX)
-    every = safetensors.torch.load_file(directory / MOMENTS)
-    bad = [n for n, t in every.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise UnlearnError(f"concept moments in {directory}: {bad[0]} holds NaN or inf; {FIX}")
-    return TableMoments(every, n_every, concepts)
+    return TableMoments(tensors[MOMENTS], n_every, concepts)

@@ -21,7 +21,7 @@ import safetensors.torch
 import torch
 
 from unlearn.errors import UnlearnError
-from unlearn.io import sha256_file
+from unlearn.io import read_hashed_tensors, sha256_file
 from unlearn.models.adapter import Adapter, check_made_for, fingerprint
 from unlearn.models.gradients import mean_gradient
 from unlearn.models.inputs import input_moments
@@ -70,29 +70,16 @@ def load_retain_stats(directory: str | Path, adapter: Adapter, model_dir: str | 
     for the model in `model_dir` and (given) the retain set whose manifest is `retain_manifest`,
     tensors matching the model's and finite.  Any mismatch is a one-line error."""
     directory = Path(directory)
-    missing = [str(directory / f) for f in (GRADIENT, MOMENTS, SIDECAR) if not (directory / f).is_file()]
-    if missing:
-        raise UnlearnError(f"retain statistics missing: {', '.join(missing)}; {FIX}")
-    try:
-        sidecar = json.loads((directory / SIDECAR).read_text())
-        files = dict(sidecar["files"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UnlearnError(f"{directory / SIDECAR} is not a retain-statistics sidecar ({e}); {FIX}") from None
-    for f in (GRADIENT, MOMENTS):
-        if sha256_file(directory / f) != files.get(f):
-            raise UnlearnError(f"{directory / f} does not match the hash in its sidecar (corrupted or replaced); {FIX}")
+    sidecar, tensors = read_hashed_tensors(directory, SIDECAR, (GRADIENT, MOMENTS), lambda s: s["files"], "retain statistics", FIX,
+                                           f"{FIX} (check the retain set for corrupt images)")
     check_made_for(f"retain statistics in {directory}", sidecar, model_dir, FIX)
     if retain_manifest is not None and sha256_file(retain_manifest) != sidecar.get("retain_manifest_sha256"):
         raise UnlearnError(f"retain statistics in {directory} were computed from another retain set than {retain_manifest}; {FIX}")
     params = {n: tuple(p.shape) for n, p in adapter.model.named_parameters()}
-    gradient = safetensors.torch.load_file(directory / GRADIENT)
+    gradient, moments = tensors[GRADIENT], tensors[MOMENTS]
     if set(gradient) != set(params) or any(tuple(g.shape) != params[n] for n, g in gradient.items()):
         raise UnlearnError(f"{directory / GRADIENT} does not match the model's tensors; {FIX}")
-    moments = safetensors.torch.load_file(directory / MOMENTS)
     unknown = sorted(set(moments) - set(params))
     if unknown:
         raise UnlearnError(f"{directory / MOMENTS} holds moments of tensors the model does not have ({unknown[:3]}); {FIX}")
-    for name, t in [*gradient.items(), *moments.items()]:
-        if not torch.isfinite(t).all():
-            raise UnlearnError(f"retain statistics in {directory}: {name} holds NaN or inf; {FIX} (check the retain set for corrupt images)")
     return RetainStats(gradient, moments, int(sidecar["n_retain"]), float(sidecar["retain_loss"])), sidecar

@@ -26,7 +26,6 @@ through the adapter protocol (`unlearn.models.adapter`), so it runs on every mod
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -35,13 +34,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import safetensors.torch
 import torch
 
 from unlearn.data.curate import KINDS
 from unlearn.errors import UnlearnError
 from unlearn.eval.suite import ACCURACY_KEYS, OTHER_KIND
-from unlearn.io import save_safetensors, sha256_file, write_json
+from unlearn.io import read_hashed_tensors, save_safetensors, sha256_file, write_json
 from unlearn.methods import check_direction, check_fallback
 from unlearn.methods.registry import Context, Outcome, chunks, register, utility_score
 from unlearn.methods.retain_stats import RetainStats, compute_retain_stats
@@ -82,29 +80,20 @@ def load_gradients(directory: str | Path, adapter: Adapter, model_dir: str | Pat
     """The forget gradient checked against the model: the file's hash, the sidecar's model hash,
     the tensor names and shapes, and finiteness.  Any mismatch is a one-line error."""
     directory = Path(directory)
-    sidecar_path, path = directory / "sidecar.json", directory / "forget.safetensors"
-    missing = [str(f) for f in (path, sidecar_path) if not f.is_file()]
-    if missing:
-        raise UnlearnError(f"gradient files missing: {', '.join(missing)}; run the gradients stage")
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except ValueError as e:
-        raise UnlearnError(f"{sidecar_path} is not JSON ({e.__class__.__name__}); re-run the gradients stage") from None
+    path, fix = directory / "forget.safetensors", "re-run the gradients stage"
+    sidecar, tensors = read_hashed_tensors(directory, "sidecar.json", (path.name,), lambda s: {path.name: s.get("forget_sha256")}, "gradients", fix,
+                                           f"{fix} (check the data for corrupt images)")
     if sidecar.get("sign_convention") != SIGN_CONVENTION:
-        raise UnlearnError(f"{sidecar_path} has sign convention {sidecar.get('sign_convention')!r}, expected +grad L_f; recompute the gradients")
-    if sha256_file(path) != sidecar.get("forget_sha256"):
-        raise UnlearnError(f"{path} does not match the hash in {sidecar_path} (corrupted or replaced); re-run the gradients stage")
-    check_made_for(f"gradients in {directory}", sidecar, model_dir, "re-run the gradients stage")
+        raise UnlearnError(f"{directory / 'sidecar.json'} has sign convention {sidecar.get('sign_convention')!r}, expected +grad L_f; recompute the gradients")
+    check_made_for(f"gradients in {directory}", sidecar, model_dir, fix)
     shapes = {n: tuple(p.shape) for n, p in adapter.model.named_parameters()}
-    grads = safetensors.torch.load_file(path)
+    grads = tensors[path.name]
     if set(grads) != set(shapes):
         extra, lacking = sorted(set(grads) - set(shapes)), sorted(set(shapes) - set(grads))
         raise UnlearnError(f"{path} does not match the model's tensors (unknown {extra[:3]}, missing {lacking[:3]}); re-run the gradients stage")
     for n, g in grads.items():
         if tuple(g.shape) != shapes[n]:
             raise UnlearnError(f"{path}: {n} has shape {tuple(g.shape)}, the model's is {shapes[n]}; re-run the gradients stage")
-        if not torch.isfinite(g).all():
-            raise UnlearnError(f"{path}: {n} holds NaN or inf; re-run the gradients stage (check the data for corrupt images)")
     return grads, sidecar
 
 
@@ -327,20 +316,8 @@ def read_patch(directory: str | Path, rerun: str) -> tuple[dict, dict[str, torch
     """A saved patch's metadata and tensors, refused with one line (naming `rerun`, the stage that
     makes it) when a file is missing, its weights do not hash as recorded (a flipped byte, a
     truncated copy) or they hold NaN or inf."""
-    directory = Path(directory)
-    if not (directory / PATCH_WEIGHTS).is_file() or not (directory / PATCH_META).is_file():
-        raise UnlearnError(f"{directory} is not a SLUG patch ({PATCH_WEIGHTS} + {PATCH_META} expected): {rerun}")
-    try:
-        meta = json.loads((directory / PATCH_META).read_text())
-    except ValueError as e:
-        raise UnlearnError(f"{directory / PATCH_META} is not JSON ({e}); {rerun}") from None
-    if sha256_file(directory / PATCH_WEIGHTS) != meta.get("weights_sha256"):
-        raise UnlearnError(f"{directory / PATCH_WEIGHTS} does not match the hash in its {PATCH_META} (changed or corrupted); {rerun}")
-    tensors = safetensors.torch.load_file(directory / PATCH_WEIGHTS)
-    for name, delta in tensors.items():
-        if not torch.isfinite(delta).all():
-            raise UnlearnError(f"patch {directory} holds NaN or inf in {name}; {rerun}")
-    return meta, tensors
+    meta, tensors = read_hashed_tensors(directory, PATCH_META, (PATCH_WEIGHTS,), lambda m: {PATCH_WEIGHTS: m.get("weights_sha256")}, "SLUG patch", rerun)
+    return meta, tensors[PATCH_WEIGHTS]
 
 
 def apply_patch(adapter: Adapter, directory: str | Path, model_dir: str | Path | None = None) -> dict:

@@ -50,6 +50,10 @@ LAYOUTS = ("linear", "matmul", "scale")
 Record = Callable[[str, torch.Tensor], None]
 
 
+class _TowerDone(Exception):
+    """Raised inside a forward once every asked tensor of the tower has reported its input."""
+
+
 def check_family(name: str) -> str:
     if name not in FAMILIES:
         raise UnlearnError(f"unknown model family {name!r}; known families: {', '.join(FAMILIES)} (params.yaml model.family)")
@@ -332,14 +336,30 @@ class Adapter(abc.ABC):
     @torch.no_grad()
     def feed_inputs(self, layers: Sequence[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]], record: Record) -> int:
         """Run the towers that `layers` belong to over `batches` ((images, tokens)), reporting
-        the inputs of each tensor through `record`; returns the number of pairs."""
-        towers = {self.tower(n) for n in layers}
+        the inputs of each tensor through `record`; returns the number of pairs.  A tower's
+        forward stops once every asked tensor of it has reported its input for the batch (each
+        tensor is applied once per forward), so the blocks after the deepest one never run: the
+        same inputs, bit for bit, as the whole forward (tested for every family)."""
+        wanted = {t: {n for n in layers if self.tower(n) == t} for t in ("image", "text")}
+        seen: set[str] = set()
+        tower = [""]
+
+        def report(name: str, x: torch.Tensor) -> None:
+            record(name, x)
+            seen.add(name)
+            if seen >= wanted[tower[0]]:
+                raise _TowerDone
+
+        encode = {"image": "encode_images", "text": "encode_tokens"}  # looked up in the capture: a family may wrap them there
         count = 0
-        with self._capture(list(layers), record):
+        with self._capture(list(layers), report):
             for images, tokens in batches:
-                if "image" in towers:
-                    self.encode_images(images.to(self.device), normalize=False)
-                if "text" in towers:
-                    self.encode_tokens(tokens.to(self.device), normalize=False)
+                for tower[0], inputs in (("image", images), ("text", tokens)):
+                    if wanted[tower[0]]:
+                        seen.clear()
+                        try:
+                            getattr(self, encode[tower[0]])(inputs.to(self.device), normalize=False)
+                        except _TowerDone:
+                            pass
                 count += images.shape[0]
         return count
