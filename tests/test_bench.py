@@ -68,3 +68,27 @@ def test_the_interactions_bench_refuses_a_k_outside_the_concept_list_before_any_
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: -k must be between 2 and ")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gpu_bench_recounts_its_stored_costs_into_the_same_regime_and_adds_the_own_moments_when_kept(tmp_path):
+    """`bench/slug_gpu.py --recount` rebuilds the paper's-regime table from a stored measurement:
+    with the counts that measurement used it gives back its table; with the kept moments SLUG's
+    rows add the target's own moments, bounded by one more forget gradient."""
+    from bench.slug_gpu import counts_of, recount, regime_of
+
+    measured = json.loads((ROOT / "bench/results/slug_gpu.json").read_text())
+    res, used = measured["results"], measured["counts"]
+    counts = tmp_path / "slug_cost.json"
+    for moments in ("shared", "kept"):
+        counts.write_text(json.dumps({"summary": {"moments": moments},
+                                      "concepts": [{"evals_forget": used["evals_forget"], "evals_guard": used["evals_guard"]}]}))
+        copy = tmp_path / "slug_gpu.json"
+        copy.write_text(json.dumps(measured))
+        recount(copy, counts, 10)
+        again = json.loads((tmp_path / "slug_gpu_recounted.json").read_text())["regime"]
+        assert again == regime_of(dict(res), counts_of(counts), 10)
+        own = res["forget_gradient_s"] if moments == "kept" else 0.0
+        for new, old in zip(again, measured["regime"]):
+            extra = own if new["method"].startswith("SLUG") else 0.0
+            assert new["seconds"] == pytest.approx(old["seconds"] + extra, rel=1e-12), new["method"]
+        assert "Recounted without a GPU" in (tmp_path / "slug_gpu_recounted.md").read_text()
