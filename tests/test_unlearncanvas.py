@@ -168,6 +168,21 @@ def test_saved_tensors_turn_the_base_pipeline_into_the_unlearned_one(pipeline, r
     safetensors.torch.save_file({"unet.no.such.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(UnlearnError, match=r"sets unet.no.such.weight \[2\], which this pipeline lacks"):
         apply_changed(fresh, tmp_path / "other.safetensors")
+    # a truncated copy, a missing file, a NaN: one line each, and the pipeline untouched (even by the tensors before the bad one)
+    before = {k: v.clone() for k, v in fresh.unet.state_dict().items()}
+    data = (tmp_path / "apple.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnlearnError, match=r"cut.safetensors does not read as safetensors .*; re-run the unlearncanvas stage"):
+        apply_changed(fresh, tmp_path / "cut.safetensors")
+    with pytest.raises(UnlearnError, match=r"gone.safetensors does not read as safetensors"):
+        apply_changed(fresh, tmp_path / "gone.safetensors")
+    name = sorted(result.changed)[-1]
+    spoiled = {k: v.contiguous() + 1 for k, v in result.changed.items()}
+    spoiled[name] = torch.full_like(spoiled[name], float("nan"))
+    safetensors.torch.save_file(spoiled, tmp_path / "nan.safetensors")
+    with pytest.raises(UnlearnError, match=rf"nan.safetensors: {name} holds NaN or inf"):
+        apply_changed(fresh, tmp_path / "nan.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.unet.state_dict().items())
 
 
 def test_a_real_canvas_splits_into_training_images_and_the_fid_real_set(tmp_path):

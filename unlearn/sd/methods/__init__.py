@@ -106,18 +106,30 @@ def run_method(name: str, ctx: Context, params: dict, key: str) -> Result:
 
 def apply_changed(pipe, path) -> list[str]:
     """Load a method's saved tensors (models/unlearncanvas/<method>/<target>.safetensors) into a
-    base pipeline in place: the one call that makes it that unlearned pipeline.  A tensor the
-    pipeline lacks, or of another shape, is a one-line error (a file for another pipeline)."""
+    base pipeline in place: the one call that makes it that unlearned pipeline.  A file that does
+    not read as safetensors (missing, truncated), a tensor holding NaN or inf, or one the pipeline
+    lacks or of another shape (a file for another pipeline) is a one-line error, before any
+    weight of the pipeline changes."""
+    import safetensors
     import safetensors.torch
 
-    tensors = safetensors.torch.load_file(str(path))
+    fix = "re-run the unlearncanvas stage of that method (`dvc repro unlearncanvas`)"
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except (OSError, safetensors.SafetensorError) as e:
+        raise UnlearnError(f"{path} does not read as safetensors ({type(e).__name__}: {e}); {fix}") from None
+    targets = {}
     for name, value in tensors.items():
         part, _, rest = name.partition(".")
         params = dict(getattr(pipe, part).named_parameters()) if getattr(pipe, part, None) is not None else {}
         if rest not in params or params[rest].shape != value.shape:
             raise UnlearnError(f"{path} sets {name} {list(value.shape)}, which this pipeline lacks; apply it to the pipeline it was made from")
-        with torch.no_grad():
-            params[rest].copy_(value.to(params[rest]))
+        if not torch.isfinite(value).all():
+            raise UnlearnError(f"{path}: {name} holds NaN or inf; {fix}")
+        targets[name] = (params[rest], value)
+    with torch.no_grad():
+        for param, value in targets.values():
+            param.copy_(value.to(param))
     return sorted(tensors)
 
 
