@@ -170,8 +170,8 @@ def main() -> None:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     per = [r["unlearn_s"] for r in rows]
     growth = []
+    once = retain_s + table_s + reference_s
     for n in sorted({1, min(5, len(rows)), len(rows)}):
-        once = retain_s + table_s + reference_s
         growth.append({"concepts": n, "shared_s": once + sum(per[:n]), "per_concept_stats_s": sum(per[:n]) + n * once, "amortised_per_concept_s": (once + sum(per[:n])) / n})
     summary = {
         "retain_stats_s": retain_s, "n_retain": stats.n_retain, "moments": cfg.search.moments, "concept_moments_s": table_s, "reference_pass_s": reference_s,
