@@ -96,3 +96,24 @@ def test_the_gpu_bench_recounts_its_stored_costs_into_the_same_regime_and_adds_t
             extra = own if new["method"].startswith("SLUG") else 0.0
             assert new["seconds"] == pytest.approx(old["seconds"] + extra, rel=1e-12), new["method"]
         assert "Recounted without a GPU" in (tmp_path / "slug_gpu_recounted.md").read_text()
+
+
+def test_the_storage_bench_counts_each_methods_own_selection_on_stable_diffusion_shapes():
+    """`bench/sd_storage_scale.py` builds SD v1.5 from its config on the meta device: the UNet has
+    the published parameter count, ESD-x ships every cross-attention tensor of its 16 transformer
+    blocks, UCE and CA their keys and values, SalUn the whole UNet, and SLUG one text-encoder
+    tensor that the pipeline reads (none past the layers it reads)."""
+    from bench.sd_storage_scale import SD, sd_pipeline, stored
+
+    spec = SD["Stable Diffusion v1.5"]
+    unet, clip = sd_pipeline(spec)
+    assert sum(p.numel() for p in unet.parameters()) == spec["published_unet"]
+    ships = stored(unet, clip, spec["layers_read"])
+    esd, kv = ships["esd (ESD-x: every attn2 tensor)"], ships["uce, ca (attn2 to_k, to_v)"]
+    assert all(".attn2." in n and n.startswith("unet.") for n in esd) and len(esd) == 16 * 5   # to_q, to_k, to_v, to_out weight and bias
+    assert set(kv) < set(esd) and len(kv) == 16 * 2 and all(n.endswith(("to_k.weight", "to_v.weight")) for n in kv)
+    assert len(ships["salun (the whole UNet)"]) == len(list(unet.parameters()))
+    slugs = [m for m in ships if m.startswith("slug")]
+    assert len(slugs) == 3 and all(len(ships[m]) == 1 and next(iter(ships[m])).startswith("text_encoder.encoder.layers.") for m in slugs)
+    first_only = stored(unet, clip, 1)  # a pipeline that reads only the first layer's output
+    assert all(".layers.0." in next(iter(first_only[m])) for m in slugs)
