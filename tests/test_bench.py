@@ -117,3 +117,18 @@ def test_the_storage_bench_counts_each_methods_own_selection_on_stable_diffusion
     assert len(slugs) == 3 and all(len(ships[m]) == 1 and next(iter(ships[m])).startswith("text_encoder.encoder.layers.") for m in slugs)
     first_only = stored(unet, clip, 1)  # a pipeline that reads only the first layer's output
     assert all(".layers.0." in next(iter(first_only[m])) for m in slugs)
+
+
+def test_the_cpu_fingerprint_repeats_and_tells_a_thread_count_apart():
+    """`bench/cpu_bits.py`'s fingerprint is the same from call to call on one machine, and changes
+    with what changes the pipeline's bits (here the thread count); the caller's threads are kept."""
+    import torch
+
+    from bench.cpu_bits import committed_base, fingerprint
+
+    threads = torch.get_num_threads()
+    two = fingerprint("unlearn-tiny-vit", False, 0, 2)
+    assert fingerprint("unlearn-tiny-vit", False, 0, 2) == two
+    assert fingerprint("unlearn-tiny-vit", False, 0, 1) != two
+    assert torch.get_num_threads() == threads
+    assert len(committed_base()) == 8  # dvc.lock's models/base hash, as the README names base models
