@@ -5,7 +5,7 @@ The pipeline is deterministic on one CPU type, but its float bits depend on the 
 gave the base model `f9c8f168`, the AMD EPYCs `b4eaf17b`, and CI fails on a machine whose bits
 are not the committed ones.  Finding that out by `dvc repro` takes 15-25 minutes; this takes a
 few seconds: it trains the default tiny CLIP (`model.arch`, the base model's own code and seed)
-for a few steps on fixed random pairs and hashes its weights, the same kernels the base model's
+for a few steps on fixed random pairs, on the thread count a stage would use here, and hashes its weights, the same kernels the base model's
 training runs (matrix products, the patch convolution, the attention, AdamW).
 
 Known fingerprints are in bench/results/cpu_bits.json, each with the base model (`dvc.lock`'s
@@ -80,7 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_yaml(ROOT / "params.yaml")
     m = params["model"]
-    threads = 2  # the stages' thread count (README "Determinism"): the bits depend on it too
+    threads = torch.get_num_threads()  # what a stage on this machine runs with (torch's default, OMP_NUM_THREADS): the bits depend on it
     fp = fingerprint(str(m["arch"]), bool(m["quick_gelu"]), int(m["train"]["seed"]), threads)
     known = json.loads(KNOWN.read_text()) if KNOWN.is_file() else {}
     committed = committed_base()
@@ -95,7 +95,7 @@ def main() -> None:
         status = Repo(str(ROOT)).status(targets=["base_model"])
         if status:
             raise SystemExit(f"error: models/base does not match dvc.lock ({status}); run `dvc repro base_model` here first, then --record")
-        known[fp] = {"base_model": committed, "cpu": args.record, "kernels": torch_kernels(), "torch": torch.__version__, "date": date.today().isoformat()}
+        known[fp] = {"base_model": committed, "cpu": args.record, "kernels": torch_kernels(), "date": date.today().isoformat()}
         KNOWN.parent.mkdir(parents=True, exist_ok=True)
         KNOWN.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
         print(f"recorded: {fp} -> base model {committed} ({args.record}) in {KNOWN.relative_to(ROOT)}")

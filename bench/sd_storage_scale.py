@@ -90,7 +90,7 @@ def stored(unet, clip, layers_read: int) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def nbytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> int:
-    return sum(t.numel() for t in tensors.values()) * torch.tensor([], dtype=dtype).element_size()
+    return sum(t.numel() for t in tensors.values()) * dtype.itemsize
 
 
 def default_pipeline() -> tuple[object, object, int]:
