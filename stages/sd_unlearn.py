@@ -62,12 +62,14 @@ def main() -> None:
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     ss = dict(p("sd.search"))
-    known = {"forget_rate", "max_drop", "images_per_prompt", "forget_images_per_prompt", "max_layers", "evals_per_layer", "damping", "prompt_moments"}
+    known = {"forget_rate", "max_drop", "images_per_prompt", "forget_images_per_prompt", "max_layers", "evals_per_layer", "damping", "prompt_moments",
+             "steps", "rho_tolerance"}
     if set(ss) != known:
         raise UnlearnError(f"sd.search has keys {sorted(ss)}; it needs exactly {sorted(known)} (copy them from the committed params.yaml)")
     cfg = as_config(SearchConfig, {**p("slug.search"), "forget_top1": ss["forget_rate"], "forget_top5": ss["forget_rate"],
                                    "max_identity_drop": ss["max_drop"], "max_object_drop": ss["max_drop"], "max_style_drop": ss["max_drop"],
                                    "max_layers": ss["max_layers"], "evals_per_layer": ss["evals_per_layer"], "damping": ss["damping"],
+                                   "rho_tolerance": ss["rho_tolerance"],
                                    "widen_to": 0,  # no widening: each further layer costs minutes of drawing (sd.search.max_layers is the plan)
                                    "moments": "shared"},  # the retain moments mixed with the pipeline's prompts' (sd.search.prompt_moments), not the CLIP table's
                     "slug.search + sd.search")
@@ -83,7 +85,8 @@ def main() -> None:
     retain, _ = load_retain_stats(STATS, clip, CLIP, f"{RETAIN}/manifest.json")
     protected = retain_prompts(target, templates)
     retain = dataclasses.replace(retain, moments=mix_prompt_moments(clip, retain.moments, protected, float(ss["prompt_moments"])))
-    val = SdEvaluator(pipe, judges, target, templates, sample, int(ss["images_per_prompt"]), sample.seed + VALIDATION, size,
+    val_sample = dataclasses.replace(sample, steps=int(ss["steps"]))  # the search's drawings may take fewer steps than the test's
+    val = SdEvaluator(pipe, judges, target, templates, val_sample, int(ss["images_per_prompt"]), sample.seed + VALIDATION, size,
                       forget_per_prompt=int(ss["forget_images_per_prompt"]))
     test = SdEvaluator(pipe, judges, target, templates, sample, sample.images_per_prompt, sample.seed, size)
     aliases = {n: SdEvaluator(pipe, judges, target, templates, sample, sample.images_per_prompt, sample.seed, size, name_as=n) for n in other_names}
@@ -141,12 +144,13 @@ def main() -> None:
         "test_sizes": test.sizes, "validation_sizes": val.sizes,
         "validation": figures(edit.choice), "base_validation": figures(edit.base),
         "forget_pairs": forget["count"], "searched_layers": edit.layers, "evaluations": len(edit.rows),
+        "validation_drawings": val.drawn,
         "frechet_judges": fid | {"note": "Frechet distance in the judges' feature space, drawings without the target against real held-out images; "
                                           "not comparable with published FIDs"},
         "neighbours": {n: {"base": recognised(pred_base, n), "after": recognised(pred_after, n)} for n in neighbours},
         "unet_vae_unchanged": not moved, "prompt_moments": float(ss["prompt_moments"]), "retain_prompts": len(protected), "unlearn_s": round(unlearn_s, 2), "phases_s": {k: round(v, 2) for k, v in times.items()},
         "base_scoring_s": round(base_eval_s, 2), "time_s": round(time.perf_counter() - start, 2), "peak_memory_mb": peak_memory_mb(),
-        "sampler": {"scheduler": "DDIM", **sample.__dict__}, "threads": torch.get_num_threads(),
+        "sampler": {"scheduler": "DDIM", **sample.__dict__}, "validation_steps": val_sample.steps, "threads": torch.get_num_threads(),
     }
     meta = {"concept": concept.name, "kind": concept.kind, "rho": edit.rho, "converged": edit.converged, "family": clip.family,
             "direction": cfg.direction, "damping": cfg.damping, "base_model_sha256": fingerprint(CLIP), "pipeline": base_dir,

@@ -79,7 +79,7 @@ def build_tiny_repo(tmp_path_factory) -> Path:
             "vlm.train.vocab_size": 400,
             "sd.judges.images_per_cell": 1, "sd.judges.steps": 20, "sd.judges.channels": [8, 16],
             "sd.sample.steps": 2, "sd.sample.images_per_prompt": 1, "sd.search.images_per_prompt": 1, "sd.search.forget_images_per_prompt": 1, "sd.search.max_layers": 1,
-            "sd.search.evals_per_layer": 2,
+            "sd.search.evals_per_layer": 2, "sd.search.steps": 1,
             **{f"sd.{b}": {"images_per_cell": 1, "vae": {"channels": [8, 16], "steps": 3, "batch_size": 16},
                            "unet": {"channels": [16, 32], "attention_head_dim": 4, "steps": 4, "batch_size": 8, "checkpoints": 2}}
                for b in ("base", "base_small")},

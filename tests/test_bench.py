@@ -51,6 +51,17 @@ def test_the_tuning_rule_picks_the_least_collateral_among_lrs_that_forget():
     assert pick([_row(1e-4, None, None, None, failed=8)], 85.0) is None
 
 
+def test_the_slug_search_bench_takes_configs_over_unlearncanvas_slug_keys_only():
+    from bench.slug_canvas_search import parse_config
+
+    slug = {"steps": 20, "rho_tolerance": 0.05, "stop": "first"}
+    assert parse_config("committed:", slug) == ("committed", {})
+    assert parse_config("fast:steps=10,rho_tolerance=0.25", slug) == ("fast", {"steps": 10, "rho_tolerance": 0.25})
+    for bad in ("fast", ":steps=10", "fast:step=10", "fast:steps"):
+        with pytest.raises(SystemExit, match="--config"):
+            parse_config(bad, slug)
+
+
 def test_the_salun_mask_bench_times_both_thresholds_and_finds_them_equal(tmp_path):
     proc = subprocess.run([sys.executable, "bench/salun_mask.py", "--sizes", "1000", "20001", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True)

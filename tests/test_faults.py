@@ -274,7 +274,7 @@ def _declared_bounds():
                 yield registry, name, field, bound
 
 
-OUT_OF = {"> 0": [0, -1], ">= 0": [-1], "(0, 1]": [0, 1.5], "[0, 1]": [-0.1, 1.5]}
+OUT_OF = {"> 0": [0, -1], ">= 0": [-1], "(0, 1]": [0, 1.5], "[0, 1]": [-0.1, 1.5], "[0, 1)": [-0.1, 1]}
 
 
 @pytest.mark.parametrize("registry, method, field, bound", list(_declared_bounds()))

@@ -471,6 +471,7 @@ def test_sd_unlearn_writes_a_patch_that_turns_the_base_pipeline_into_the_unlearn
         for side in ("test", "base_test"):
             assert set(m[side]) == {"UA", "IRA", "CRA"} and all(0 <= v <= 1 for v in m[side].values())
         assert set(m["other_names"]) == {"Mickey Mouse", "Micky"} and m["test_sizes"]["forget"] == 9
+        assert m["validation_steps"] == 1 and m["sampler"]["steps"] == 2  # the search draws with sd.search.steps, the test with sd.sample.steps
         assert (repo / "plots" / f"{stage}.png").stat().st_size > 1000 and (repo / "plots" / f"{stage}_search.csv").exists()
         pipe = StableDiffusionPipeline.from_pretrained(repo / "models" / base, local_files_only=True)
         unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

@@ -224,8 +224,10 @@ def test_the_search_evaluator_gives_a_set_up_part_way_and_scores_a_whole_set_the
     calls.clear()
     assert ev.evaluate(sets=("forget",), at_most={"forget": 1.0}) == whole and calls == [14, 14, 14]  # never above: drawn whole
     calls.clear()
+    drawn = ev.drawn
     given_up = ev.evaluate(sets=("forget",), at_most={"forget": 0.05})
     assert given_up == {"forget_top1": None, "forget_top5": None, "forget_at_least": 14 / n_forget} and calls == [14]
+    assert drawn == 2 * n_forget and ev.drawn == drawn + 14  # the count of drawings made: a search's cost
     # the retain set (the style judge's accuracy on other styles): 0, so a floor above 0 is out of reach once
     # more than (1 - floor) of the set has been seen wrong
     calls.clear()
@@ -241,6 +243,7 @@ def test_the_search_evaluator_gives_a_set_up_part_way_and_scores_a_whole_set_the
     assert full["retain_top1"] == 0.0 and len(calls) == parts and sum(calls) == n_rest
     calls.clear()
     assert ev.evaluate(sets=("retain", "utility")) == full and calls == []  # the same text encoder: not drawn again
+    assert ev.drawn == 2 * n_forget + 14 + sum(cuts[k] - cuts[k - 1] for k in range(1, needed + 1)) + n_rest
     fresh = U.SdEvaluator(copy.deepcopy(pipeline), judges, target, D.Templates(), SampleConfig(steps=1, batch_size=64), 1, 3, 16,
                           forget_per_prompt=3, chunk=20)
     assert fresh.evaluate(sets=("retain", "utility")) == full and torch.equal(fresh.images["rest"], ev.images["rest"])

@@ -38,6 +38,10 @@ def test_every_diffusion_method_is_registered_with_its_config():
         config_of("salun", {"mask_fraction": 1.5}, "unlearncanvas")
     with pytest.raises(UnlearnError, match=r"^params.yaml unlearncanvas.esd.iterations is 0; it must be a number > 0$"):
         config_of("esd", {"iterations": 0}, "unlearncanvas")
+    with pytest.raises(UnlearnError, match=r"^params.yaml unlearncanvas.slug.rho_tolerance is 1; it must be a number in \[0, 1\)$"):
+        config_of("slug", {"rho_tolerance": 1}, "unlearncanvas")
+    with pytest.raises(UnlearnError, match=r"^params.yaml unlearncanvas.slug.steps is 0; it must be a number > 0$"):
+        config_of("slug", {"steps": 0}, "unlearncanvas")
     with pytest.raises(UnlearnError, match=r"^unlearncanvas.methods names an unknown method 'fmn'; known: ca, esd, salun, slug, uce$"):
         check_methods(["esd", "fmn"], "unlearncanvas.methods")
 

@@ -85,6 +85,8 @@ RANGES: tuple[Range, ...] = (
     _share("sd.search.prompt_moments", "the weight of the pipeline's prompts in the retain moments"),
     _count("sd.search.images_per_prompt", "validation drawings per guard prompt"),
     _count("sd.search.forget_images_per_prompt", "validation drawings per prompt naming the target"),
+    _count("sd.search.steps", "DDIM steps of the validation drawings"),
+    Range("sd.search.rho_tolerance", 0, 1, high_open=True, what="the diffusion search's bisection tolerance"),
     _count("sd.sample.steps", "DDIM steps"),
     _count("sd.sample.images_per_prompt", "test drawings per prompt"),
 )
@@ -95,7 +97,7 @@ KEYS = tuple(r.key for r in RANGES)
 # `RANGES: ClassVar[dict[str, str]] = {"lr": "> 0", "mask_fraction": "(0, 1]"}`; `as_config`
 # checks them (a number out of its bound, NaN or inf is a one-line error naming the params key)
 BOUNDS = {"> 0": {"low": 0, "low_open": True}, ">= 0": {"low": 0}, "(0, 1]": {"low": 0, "high": 1, "low_open": True},
-          "[0, 1]": {"low": 0, "high": 1}}
+          "[0, 1]": {"low": 0, "high": 1}, "[0, 1)": {"low": 0, "high": 1, "high_open": True}}
 
 
 def check_fields(cfg: object, key: str) -> None:

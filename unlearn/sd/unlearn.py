@@ -164,6 +164,7 @@ class SdEvaluator:
         self.images: dict[str, torch.Tensor] = {}
         self._rest_state: bytes | None = None
         self._rest_pred: dict[str, torch.Tensor] = {}
+        self.drawn = 0  # drawings made so far (a search's cost: each is `sample.steps` UNet calls, both guidance branches in one)
 
     def cuts(self, which: str) -> list[int]:
         """Where the set `which` (forget | rest) is cut into pipeline calls: the forget set one
@@ -207,6 +208,7 @@ class SdEvaluator:
         cuts = self.cuts(which)
         images, preds, right, seen = [], {a: [] for a in axes}, 0, 0
         for x in draw(self.pipe, prompts, self.sample, seed, self.size, cuts):
+            self.drawn += len(x)
             images.append(x)
             for a in axes:
                 preds[a].append(self.judges[a].predict(x))

@@ -63,10 +63,13 @@ class SlugConfig:
     evals_per_layer: int = 10
     damping: float = 0.1
     prompt_moments: float = 0.5
+    steps: int = 20              # DDIM steps of the search's validation drawings (the answer set's: sd.sample.steps)
+    rho_tolerance: float = 0.05  # the bisection stops once the bracket is within this fraction of the passing rho
     stop: str = "first"   # first: stop at the first layer (by Pareto rank) that passes, as the reference edits one front layer | all
 
     RANGES: ClassVar[dict[str, str]] = {"forget_rate": "[0, 1]", "max_drop": "[0, 1]", "images_per_prompt": "> 0", "forget_images_per_prompt": "> 0",
-                                        "max_layers": "> 0", "evals_per_layer": "> 0", "damping": "> 0", "prompt_moments": "[0, 1]"}
+                                        "max_layers": "> 0", "evals_per_layer": "> 0", "damping": "> 0", "prompt_moments": "[0, 1]",
+                                        "steps": "> 0", "rho_tolerance": "[0, 1)"}
 
     def __post_init__(self) -> None:
         if self.stop not in ("all", "first"):
@@ -88,12 +91,12 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
                                                                             cfg.prompt_moments))
     search = as_config(SearchConfig, {**inputs.search, "forget_top1": cfg.forget_rate, "forget_top5": cfg.forget_rate,
                                       "max_identity_drop": cfg.max_drop, "max_object_drop": cfg.max_drop, "max_style_drop": cfg.max_drop,
-                                      "max_layers": cfg.max_layers, "evals_per_layer": cfg.evals_per_layer, "damping": cfg.damping,
+                                      "max_layers": cfg.max_layers, "evals_per_layer": cfg.evals_per_layer, "damping": cfg.damping, "rho_tolerance": cfg.rho_tolerance,
                                       "stop": cfg.stop, "widen_to": 0,  # no widening: each further layer costs minutes of drawing
                                       "moments": "shared"},  # the retain moments mixed with the pipeline's prompts' (prompt_moments)
                        "slug.search + unlearncanvas.slug")
     rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
-    val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, ctx.sample, cfg.images_per_prompt, ctx.validation_seed, ctx.size,
+    val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, dataclasses.replace(ctx.sample, steps=cfg.steps), cfg.images_per_prompt, ctx.validation_seed, ctx.size,
                       forget_per_prompt=cfg.forget_images_per_prompt)
     n_used = used_layers(ctx.pipe)
     with tempfile.TemporaryDirectory(prefix="canvas_forget_") as tmp:
@@ -103,5 +106,6 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     apply_edit(clip, edit.layer, edit.delta)  # the pipeline's text encoder is the CLIP's text tower
     name = pipeline_name(edit.layer)
     return Result({f"text_encoder.{name}": dict(ctx.pipe.text_encoder.named_parameters())[name].detach().cpu().clone()},
-                  {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows), "forget_pairs": forget["count"],
+                  {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows), "validation_drawings": val.drawn,
+                   "forget_pairs": forget["count"],
                    "phases_s": {k: round(v, 2) for k, v in times.items() if not k.startswith("evals_")}})
