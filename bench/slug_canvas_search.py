@@ -83,8 +83,9 @@ def main() -> None:
                 phases = g.get("phases_s", {})
                 t |= {"time_s": g.get("time_s"), "rho": g.get("rho"), "converged": g.get("converged"), "evaluations": g.get("evaluations"),
                       "drawings": g.get("validation_drawings"), "forget_s": phases.get("eval_forget"), "guard_s": phases.get("eval_guard")}
+            counted = [t["drawings"] for t in row["targets"] if t["drawings"] is not None]  # a failed target has none
+            row["drawings"] = round(sum(counted) / len(counted), 1) if counted else None
             rows.append(row)
-            row["drawings"] = round(sum(t["drawings"] for t in row["targets"]) / len(row["targets"]), 1)
             print(f"{name}: UA {fmt(row['UA'])}, IRA {fmt(row['IRA'])}, CRA {fmt(row['CRA'])}, unlearning {fmt(row['time_s'])} s per target, "
                   f"stage {row['stage_s']:.0f} s", flush=True)
     out = Path(args.out)
@@ -97,10 +98,6 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def seconds(x) -> str:
-    return "-" if x is None else f"{x:.1f}"
-
-
 def render(data: dict) -> list[str]:
     """The markdown table of a run's JSON."""
     lines = [f"SLUG search configs on the UnlearnCanvas stage, answer set seed {data['seed']} (one drawing per prompt; never the reported "
@@ -111,7 +108,7 @@ def render(data: dict) -> list[str]:
     for r in data["rows"]:
         per = "; ".join(f"{t['target']} {t['UA']:.0f} / {t['IRA']:.0f} / {t['CRA']:.0f}"
                         + (f", rho {t['rho']:.3g}{'' if t['converged'] else ' (not converged)'}, {t['evaluations']} steps, {t['drawings']} drawings, "
-                           f"{seconds(t['time_s'])} s" + (f" ({seconds(t['forget_s'])} + {seconds(t['guard_s'])})" if t["forget_s"] is not None else "")
+                           f"{fmt(t['time_s'])} s" + (f" ({fmt(t['forget_s'])} + {fmt(t['guard_s'])})" if t["forget_s"] is not None else "")
                            if t.get("rho") is not None else "")
                         for t in r["targets"] if t["UA"] is not None)
         lines.append(f"| {r['config']} | {', '.join(f'{k}={v}' for k, v in r['changes'].items()) or '-'} | {fmt(r['UA'])} | {fmt(r['IRA'])} | "

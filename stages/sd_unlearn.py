@@ -28,7 +28,7 @@ from unlearn.data.pairs import pair_batches
 from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs
 from unlearn.methods.retain_stats import load_retain_stats
-from unlearn.methods.slug import SIGN_CONVENTION, RankConfig, SearchConfig, apply_edit, find_edit, save_patch
+from unlearn.methods.slug import SIGN_CONVENTION, RankConfig, apply_edit, find_edit, save_patch
 from unlearn.models.adapter import fingerprint, load
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
@@ -38,7 +38,16 @@ from unlearn.sd.evaluate import SampleConfig
 from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
 from unlearn.sd.model import load_pipeline
-from unlearn.sd.unlearn import SdEvaluator, mix_prompt_moments, reads, retain_prompts, target_of, tie_text_encoder, used_layers
+from unlearn.sd.unlearn import (
+    SdEvaluator,
+    mix_prompt_moments,
+    reads,
+    retain_prompts,
+    search_config,
+    target_of,
+    tie_text_encoder,
+    used_layers,
+)
 from unlearn.search_log import GIVE_UP_COLUMNS, write_search_log
 
 CLIP, JUDGES, SHARDS, STATS, RETAIN, CANVAS = "models/hf/base", "models/sd_judges", "data/laion", "models/vlm_retain", "data/retain", "data/eval/canvas"
@@ -66,13 +75,7 @@ def main() -> None:
              "steps", "rho_tolerance"}
     if set(ss) != known:
         raise UnlearnError(f"sd.search has keys {sorted(ss)}; it needs exactly {sorted(known)} (copy them from the committed params.yaml)")
-    cfg = as_config(SearchConfig, {**p("slug.search"), "forget_top1": ss["forget_rate"], "forget_top5": ss["forget_rate"],
-                                   "max_identity_drop": ss["max_drop"], "max_object_drop": ss["max_drop"], "max_style_drop": ss["max_drop"],
-                                   "max_layers": ss["max_layers"], "evals_per_layer": ss["evals_per_layer"], "damping": ss["damping"],
-                                   "rho_tolerance": ss["rho_tolerance"],
-                                   "widen_to": 0,  # no widening: each further layer costs minutes of drawing (sd.search.max_layers is the plan)
-                                   "moments": "shared"},  # the retain moments mixed with the pipeline's prompts' (sd.search.prompt_moments), not the CLIP table's
-                    "slug.search + sd.search")
+    cfg = search_config(dict(p("slug.search")), ss, "slug.search + sd.search")
     other_names = [str(n) for n in (p("sd.other_names") or {}).get(concept.name, [])]
     device = torch_device(p("model.device"))
     clip = load(CLIP, device=device)

@@ -570,3 +570,21 @@ def test_a_diffusers_folder_is_adopted_as_the_base_pipeline_and_a_foreign_text_e
                                            r"encoder.layers.0.mlp.fc1.weight\); give the CLIPModel the pipeline was trained with"):
         sd_base.adopt(tmp_path / "finetuned", params.get, *outs, "sd_base", time.perf_counter())
     assert {p: (tmp_path / p).stat().st_mtime_ns for p in outs[1:]} == before
+
+
+def test_the_diffusion_search_config_is_the_clip_one_with_the_sd_keys_over_it():
+    from tests.conftest import ROOT
+    from unlearn.methods.slug import SearchConfig
+    from unlearn.params import as_config, load_yaml
+    from unlearn.sd.unlearn import search_config
+
+    params = load_yaml(ROOT / "params.yaml")
+    sd = dict(params["sd"]["search"]) | {"forget_rate": 0.1, "max_drop": 0.07, "rho_tolerance": 0.25, "max_layers": 3}
+    cfg = search_config(dict(params["slug"]["search"]), sd, "slug.search + sd.search")
+    assert cfg.forget_top1 == cfg.forget_top5 == 0.1 and cfg.max_identity_drop == cfg.max_object_drop == cfg.max_style_drop == 0.07
+    assert (cfg.rho_tolerance, cfg.max_layers, cfg.widen_to, cfg.moments) == (0.25, 3, 0, "shared")
+    clip = as_config(SearchConfig, dict(params["slug"]["search"]), "slug.search")
+    assert (cfg.stop, cfg.rho_start, cfg.rho_max, cfg.direction) == (clip.stop, clip.rho_start, clip.rho_max, clip.direction)  # what sd does not name
+    assert search_config(dict(params["slug"]["search"]), sd, "k", stop="first").stop == "first"
+    with pytest.raises(UnlearnError, match=r"slug.search.stop is 'last'"):
+        search_config(dict(params["slug"]["search"]), sd, "k", stop="last")

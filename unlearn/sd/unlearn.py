@@ -145,6 +145,22 @@ def mix_prompt_moments(clip, moments: dict[str, torch.Tensor], prompts: list[str
     return {**moments, **{n: (1 - weight) * moments[n] + weight * ours[n].to(moments[n]) for n in text}}
 
 
+def search_config(slug_search: dict, sd: dict, key: str, stop: str | None = None):
+    """The step search's config for a search judged on drawings: the CLIP track's `slug.search`
+    with the diffusion search's keys over it (`sd.search`, or `unlearncanvas.slug` as a dict): one
+    forget rate for FA@1 and FA@5, one bound for every guard drop, its layers, evaluations, damping
+    and bisection tolerance; `stop` if given (else slug.search's); no widening (each further layer
+    costs minutes of drawing) and the shared moments (the caller mixes the pipeline's prompts into
+    them: `mix_prompt_moments`).  `key` names the params in a one-line error."""
+    from unlearn.methods.slug import SearchConfig
+    from unlearn.params import as_config
+
+    return as_config(SearchConfig, {**slug_search, "forget_top1": sd["forget_rate"], "forget_top5": sd["forget_rate"],
+                                    "max_identity_drop": sd["max_drop"], "max_object_drop": sd["max_drop"], "max_style_drop": sd["max_drop"],
+                                    **{k: sd[k] for k in ("max_layers", "evals_per_layer", "damping", "rho_tolerance")},
+                                    **({"stop": stop} if stop is not None else {}), "widen_to": 0, "moments": "shared"}, key)
+
+
 CHUNK_CPU = 32  # drawings per pipeline call in the search's parts on a CPU (drawings/s is flat from 8 to 224 there)
 
 

@@ -80,8 +80,17 @@ class SlugConfig:
 @register("slug", SlugConfig, "SLUG: one text-encoder tensor edited along its (retain-preconditioned) forget gradient, step searched")
 def run(ctx: Context, cfg: SlugConfig) -> Result:
     from unlearn.data.pairs import pair_batches
-    from unlearn.methods.slug import RankConfig, SearchConfig, apply_edit, find_edit
-    from unlearn.sd.unlearn import SdEvaluator, mix_prompt_moments, pipeline_name, reads, retain_prompts, tie_text_encoder, used_layers
+    from unlearn.methods.slug import RankConfig, apply_edit, find_edit
+    from unlearn.sd.unlearn import (
+        SdEvaluator,
+        mix_prompt_moments,
+        pipeline_name,
+        reads,
+        retain_prompts,
+        search_config,
+        tie_text_encoder,
+        used_layers,
+    )
 
     inputs: SlugInputs = ctx.slug
     clip = inputs.load_clip()
@@ -89,12 +98,7 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     concept = inputs.concept_of(ctx.target.name)
     retain = dataclasses.replace(inputs.retain, moments=mix_prompt_moments(clip, inputs.retain.moments, retain_prompts(ctx.target, ctx.templates),
                                                                             cfg.prompt_moments))
-    search = as_config(SearchConfig, {**inputs.search, "forget_top1": cfg.forget_rate, "forget_top5": cfg.forget_rate,
-                                      "max_identity_drop": cfg.max_drop, "max_object_drop": cfg.max_drop, "max_style_drop": cfg.max_drop,
-                                      "max_layers": cfg.max_layers, "evals_per_layer": cfg.evals_per_layer, "damping": cfg.damping, "rho_tolerance": cfg.rho_tolerance,
-                                      "stop": cfg.stop, "widen_to": 0,  # no widening: each further layer costs minutes of drawing
-                                      "moments": "shared"},  # the retain moments mixed with the pipeline's prompts' (prompt_moments)
-                       "slug.search + unlearncanvas.slug")
+    search = search_config(inputs.search, dataclasses.asdict(cfg), "slug.search + unlearncanvas.slug", stop=cfg.stop)
     rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
     val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, dataclasses.replace(ctx.sample, steps=cfg.steps), cfg.images_per_prompt, ctx.validation_seed, ctx.size,
                       forget_per_prompt=cfg.forget_images_per_prompt)
