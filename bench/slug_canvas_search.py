@@ -12,7 +12,7 @@ models/sd_judges, models/hf/base, models/vlm_retain, data/).  Writes
 bench/results/slug_canvas_search[_<tag>].{json,md}.
 
     python bench/slug_canvas_search.py --targets Sepia Sketch Mickey house \\
-        --config committed: --config steps10:steps=10 --config steps10_tol0.25:steps=10,rho_tolerance=0.25
+        --config committed: --config steps20:steps=20 --config tol0.25:rho_tolerance=0.25
 """
 
 from __future__ import annotations
