@@ -37,6 +37,7 @@ from unlearn.sd.data import Templates, canvas_images, to_pil
 from unlearn.sd.evaluate import SampleConfig
 from unlearn.sd.fid import frechet_distance
 from unlearn.sd.judges import load_judges
+from unlearn.sd.methods.slug import SlugConfig
 from unlearn.sd.model import load_pipeline
 from unlearn.sd.unlearn import (
     SdEvaluator,
@@ -71,8 +72,7 @@ def main() -> None:
     templates = as_config(Templates, dict(p("sd.templates")), "sd.templates")
     sample = as_config(SampleConfig, dict(p("sd.sample")), "sd.sample")
     ss = dict(p("sd.search"))
-    known = {"forget_rate", "max_drop", "images_per_prompt", "forget_images_per_prompt", "max_layers", "evals_per_layer", "damping", "prompt_moments",
-             "steps", "rho_tolerance"}
+    known = {f.name for f in dataclasses.fields(SlugConfig)} - {"stop"}  # the UnlearnCanvas SLUG's keys: sd_unlearn searches every planned layer
     if set(ss) != known:
         raise UnlearnError(f"sd.search has keys {sorted(ss)}; it needs exactly {sorted(known)} (copy them from the committed params.yaml)")
     cfg = search_config(dict(p("slug.search")), ss, "slug.search + sd.search")
