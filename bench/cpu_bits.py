@@ -1,7 +1,7 @@
 """Will this machine reproduce the committed bytes?  A fingerprint of the CPU's float kernels, in seconds.
 
 The pipeline is deterministic on one CPU type, but its float bits depend on the CPU's kernels
-(README "A note on the figures"): the Intel Xeons behind the committed outputs until 2026-12-05
+(docs/gate.md "A note on the figures"): the Intel Xeons behind the committed outputs until 2026-12-05
 gave the base model `f9c8f168`, the AMD EPYCs `b4eaf17b`, and CI fails on a machine whose bits
 are not the committed ones.  Finding that out by `dvc repro` takes 15-25 minutes; this takes a
 few seconds: it trains the default tiny CLIP (`model.arch`, the base model's own code and seed)

@@ -1,6 +1,6 @@
 """One concept at a time, SLUG with the shared retain moments against the kept moments.
 
-The kept moments (`slug.search.moments: kept`, the default since 2026-12-05; README "The kept
+The kept moments (`slug.search.moments: kept`, the default since 2026-12-05; docs/clip.md "The kept
 moments") pool the retain input moments with those of the pairs of every other concept of the
 table.  Per identity, the search stage's SLUG (`find_edit`, validation images) once with
 `moments: shared` (the retain statistics alone) and once with `moments: kept`, C = (n_r C_r +

@@ -12,7 +12,7 @@ to <stage>_<concept>_search.csv beside them.
     python bench/sd_unlearn.py                              # Mickey, rocket, Sepia (about 4 min each on 2 CPU cores)
     python bench/sd_unlearn.py --concepts apple Neon        # other targets
     python bench/sd_unlearn.py --stage sd_unlearn_small     # on the small pipeline CI reproduces
-    python bench/sd_unlearn.py --concepts Mickey -S sd.search.damping=0.01 --tag damping0.01   # a param changed (README "Stable Diffusion")
+    python bench/sd_unlearn.py --concepts Mickey -S sd.search.damping=0.01 --tag damping0.01   # a param changed (docs/sd.md "Stable Diffusion")
 """
 
 from __future__ import annotations

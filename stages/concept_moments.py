@@ -1,7 +1,7 @@
 """Stage `concept_moments`: the input moments of every concept's pairs of the table (each
 concept's pairs as curate selects its forget set), once per (model, table, curation), in
 models/concept_moments (checked by hash when read).  SLUG's search pools them, less the
-target's own pairs, with the retain moments when `slug.search.moments` is kept (README "The kept
+target's own pairs, with the retain moments when `slug.search.moments` is kept (docs/clip.md "The kept
 moments"; unlearn.methods.kept).  Its time and memory go to metrics/concept_moments.json."""
 
 from __future__ import annotations

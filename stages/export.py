@@ -49,7 +49,7 @@ def main() -> None:
             worst = max(figures["image_embedding_max_abs_diff"], figures["text_embedding_max_abs_diff"])
             if worst > TOLERANCE:
                 raise UnlearnError(f"the exported {name} model's embeddings differ from the {source.family} model's by {worst:.2e} (> {TOLERANCE}); "
-                                   "this config does not export faithfully (README 'Model families')")
+                                   "this config does not export faithfully (docs/families.md)")
             log.info("%s: %s -> hf_clip, max |diff| image %.2e, text %.2e over %d images and %d texts (%d token mismatches)", name,
                      source.family, figures["image_embedding_max_abs_diff"], figures["text_embedding_max_abs_diff"], len(paths), len(texts),
                      figures["token_mismatches"])

@@ -1,5 +1,5 @@
-"""Stages `sd_base` and `sd_base_small`: the Stable Diffusion pipeline SLUG edits (README "Stable
-Diffusion").  On the default world, a tiny `StableDiffusionPipeline` trained here: an
+"""Stages `sd_base` and `sd_base_small`: the Stable Diffusion pipeline SLUG edits (docs/sd.md
+"Stable Diffusion").  On the default world, a tiny `StableDiffusionPipeline` trained here: an
 `AutoencoderKL` on the world's objects in its styles, then a `UNet2DConditionModel` on their
 latents with the text states of the CLIP base model's text tower (models/hf/base, frozen), caption
 dropout and an EMA; DDIM sampling.  Saved with `save_pretrained` (safetensors) in

@@ -1,4 +1,4 @@
-"""Stage `sd_judges`: the classifiers that say what a pipeline drew (README "Stable Diffusion"),
+"""Stage `sd_judges`: the classifiers that say what a pipeline drew (docs/sd.md "Stable Diffusion"),
 one per axis: object and style ("photo" first), over the axes of the held-out canvas.  Trained
 on real world images rendered on their own seed stream, never on generated ones; their accuracy
 on the held-out canvas (data/eval/canvas) goes to metrics/sd_judges.json.  Saved as safetensors

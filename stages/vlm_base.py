@@ -1,5 +1,5 @@
 """Stage `vlm_base`: the vision-language model SLUG edits.  On the default world, a tiny
-`transformers.LlavaForConditionalGeneration` trained here (README "Vision-language model"): the
+`transformers.LlavaForConditionalGeneration` trained here (docs/vlm.md "Vision-language model"): the
 CLIP base model's vision tower (models/hf/base), frozen; LLaVA's projector; a small Llama; a
 byte-level BPE tokenizer trained on the world's text; question/answer pairs rendered from the
 world.  Saved with `save_pretrained` (safetensors) in models/vlm_base, loadable offline with

@@ -57,7 +57,7 @@ def test_exp_run_with_an_unknown_name_stops_before_any_other_stage(repo, overrid
 
 
 def test_queued_sweep_over_concepts_and_methods(repo):
-    """The README's sweep: concepts x methods queued with -S sweeps, run by `dvc queue start`, read with `dvc exp show`."""
+    """The sweep of docs/experiments.md: concepts x methods queued with -S sweeps, run by `dvc queue start`, read with `dvc exp show`."""
     _commit(repo, "before the sweep")
     dvc = [sys.executable, "-m", "dvc"]
     queued = _run([*dvc, "exp", "run", "--queue", "-S", "compare.concepts=[Taylor Swift],[Mickey]", "-S", "compare.methods=[slug],[ga_ft]"], repo)

@@ -153,7 +153,7 @@ def test_slug_stages_write_their_outputs(repo):
     search = yaml.safe_load((repo / "params.yaml").read_text())["slug"]["search"]
     assert search["direction"] == "retain_preconditioned"  # the default the README describes
     assert patch["direction"] == m["direction"] == search["direction"] and patch["damping"] == search["damping"]
-    assert search["moments"] == "kept" and patch["moments"] == m["moments"] == "kept"  # the retain moments pooled with the table's (README "The kept moments")
+    assert search["moments"] == "kept" and patch["moments"] == m["moments"] == "kept"  # the retain moments pooled with the table's (docs/clip.md "The kept moments")
 
 
 def test_unknown_concept_fails_cleanly(repo):

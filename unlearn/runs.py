@@ -48,7 +48,7 @@ def cpu_model() -> str:
 
 def torch_kernels() -> str:
     """torch's version, the CPU kernels it picked and its thread count: with the CPU, what decides
-    the float bits of a run (README "Determinism")."""
+    the float bits of a run (docs/gate.md "Determinism")."""
     import torch
 
     return f"{torch.__version__} {torch.backends.cpu.get_cpu_capability()} {torch.get_num_threads()} threads"

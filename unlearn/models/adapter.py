@@ -7,7 +7,7 @@ Every saved model records its family beside its weights (`unlearn_model.json`), 
 `load(directory)`, gives the right adapter back.  Callers never import a family's module: they
 hold an `Adapter` and use only the methods below.
 
-What the protocol covers (README "Model families"):
+What the protocol covers (docs/families.md "Model families"):
 - files: `save`, `load`, the weights' fingerprint (`fingerprint(directory)`);
 - inputs: `preprocess` (a PIL image to a tensor), `tokenize` (strings to a [B, L] LongTensor on
   the CPU);

@@ -5,7 +5,7 @@ This is how one base model serves every track: the exported text tower is what a
 Diffusion pipeline takes as its text encoder, the exported vision tower what a LLaVA model takes
 as its vision tower.  The one module that knows two families, since it converts between them.
 
-What exports (README "Model families"): an `open_clip.CLIP` with a ViT vision tower pooled on its
+What exports (docs/families.md "Model families"): an `open_clip.CLIP` with a ViT vision tower pooled on its
 class token (no attentional pooler, no layer scale), a causal text tower pooled at the end-of-text
 token, projections without bias, GELU or QuickGELU, the OpenAI BPE tokenizer, and preprocessing by
 resize of the shortest side and a centre crop.  Anything else is a one-line error; and every
@@ -40,7 +40,7 @@ def to_hf_clip(adapter: Adapter) -> HFClipAdapter:
 
 def _unsupported(what: str) -> UnlearnError:
     return UnlearnError(f"this open_clip model does not export to a transformers CLIPModel: {what}; "
-                        "use model.family: open_clip for it (README 'Model families' lists the configs that export)")
+                        "use model.family: open_clip for it (docs/families.md lists the configs that export)")
 
 
 def _act(mlp: nn.Module) -> str:

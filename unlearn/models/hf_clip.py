@@ -6,7 +6,7 @@ A saved model is a folder that `transformers.CLIPModel.from_pretrained(folder)` 
 `preprocessor_config.json` (a `CLIPImageProcessor`), plus the family record.
 
 Unlike open_clip's fused `in_proj_weight`, the attention's q, k and v projections are separate
-`nn.Linear`s here, so each is a SLUG candidate of its own (README "Model families").  Every
+`nn.Linear`s here, so each is a SLUG candidate of its own (docs/families.md "Model families").  Every
 candidate is an `nn.Linear` or `nn.LayerNorm` weight, so the shared input hooks read them all.
 """
 

@@ -47,7 +47,7 @@ class UnetConfig:
 
 def _groups(channels: list[int], prefer: int) -> int:
     """GroupNorm groups: `prefer` (8 for the autoencoder, 16 for the UNet: the configurations
-    measured in README "Stable Diffusion") when every width allows it, else the largest common
+    measured in docs/sd.md "Stable Diffusion") when every width allows it, else the largest common
     divisor of the widths below it."""
     g = min(prefer, *channels)
     while any(c % g for c in channels):

@@ -132,7 +132,7 @@ def mix_prompt_moments(clip, moments: dict[str, torch.Tensor], prompts: list[str
     """The retain input moments of the text-tower tensors in `moments`, mixed with those of
     `prompts`: (1 - weight) C_captions + weight C_prompts (every token position, padding included,
     as the pipeline reads them).  The captions' moments alone protect what the CLIP reads; a
-    pipeline reads its own prompts, which the captions may not cover (README "Stable Diffusion")."""
+    pipeline reads its own prompts, which the captions may not cover (docs/sd.md "Stable Diffusion")."""
     if not 0 <= weight <= 1:
         raise UnlearnError(f"sd.search.prompt_moments is {weight}; give a weight in [0, 1] (0: the retain captions alone)")
     if weight == 0:

@@ -6,7 +6,7 @@ params)` unlearns `ctx.pipe` in place for `ctx.target` and returns a `Result`.
 A method is one file here that decorates its `run(ctx, cfg) -> Result` with
 `@register(name, ConfigDataclass, summary)`; its config is its own section of params.yaml
 (`unlearncanvas.<name>`), unknown or missing keys being one-line errors.  Shared rules
-(README "UnlearnCanvas"):
+(docs/unlearncanvas.md "UnlearnCanvas"):
 - a method edits the pipeline in place and returns the tensors it changed (`Result.changed`,
   what it would have to ship: their safetensors size is its storage);
 - the time the stage reports is the wall time of `run` (SalUn's mask included), nothing else;
