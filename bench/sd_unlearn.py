@@ -13,6 +13,7 @@ to <stage>_<concept>_search.csv beside them.
     python bench/sd_unlearn.py --concepts apple Neon        # other targets
     python bench/sd_unlearn.py --stage sd_unlearn_small     # on the small pipeline CI reproduces
     python bench/sd_unlearn.py --concepts Mickey -S sd.search.damping=0.01 --tag damping0.01   # a param changed (docs/sd.md "Stable Diffusion")
+    python bench/sd_unlearn.py --pipeline /tmp/sd_base_4500 --tag base4500   # on another pipeline (`bench/sd.py --keep`)
 """
 
 from __future__ import annotations
@@ -41,20 +42,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the stage (default: torch's choice)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a param of params.yaml by its dotted key, the value read as YAML (as `dvc exp run -S`); repeatable")
+    ap.add_argument("--pipeline", default=None, metavar="DIR", help="the pipeline to edit instead of the workspace's models/sd_base (or _small)")
     ap.add_argument("--tag", default="", help="suffix of the output files (<stage>_<tag>.{json,md}), for runs with -S")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     pipeline = "models/" + args.stage.replace("unlearn", "base")
     params = load_yaml(ROOT / "params.yaml")
     overrides = dict(override(params, s) for s in args.set)
-    missing = [p for p in (*INPUTS, pipeline) if not (ROOT / p).exists()]
+    missing = [p for p in (*INPUTS, *([] if args.pipeline else [pipeline])) if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
+    if args.pipeline and not (Path(args.pipeline) / "model_index.json").is_file():
+        sys.exit(f"--pipeline {args.pipeline} is not a saved diffusers pipeline (no model_index.json); give a folder `bench/sd.py --keep` wrote")
     results = []
     stem = args.stage + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with linked_workspace("bench_sd_unlearn_", (*INPUTS, pipeline)) as work:
+    with linked_workspace("bench_sd_unlearn_", INPUTS if args.pipeline else (*INPUTS, pipeline)) as work:
+        if args.pipeline:
+            (work / pipeline).symlink_to(Path(args.pipeline).resolve())
         for concept in args.concepts:
             params["sd"]["concept"] = concept
             (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -75,7 +81,7 @@ def main() -> None:
         return f"{100 * x:.1f}"
 
     changed = "; " + ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""
-    lines = [f"{args.stage} on {pipeline}, test seeds; UA / IRA / CRA in %, base pipeline -> after SLUG{changed}", "",
+    lines = [f"{args.stage} on {args.pipeline or pipeline}, test seeds; UA / IRA / CRA in %, base pipeline -> after SLUG{changed}", "",
              "| target | kind | layer, rho | converged | UA | UA by other names | IRA | CRA | stage | unlearning | peak memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -588,3 +588,43 @@ def test_the_diffusion_search_config_is_the_clip_one_with_the_sd_keys_over_it():
     assert search_config(dict(params["slug"]["search"]), sd, "k", stop="first").stop == "first"
     with pytest.raises(UnlearnError, match=r"slug.search.stop is 'last'"):
         search_config(dict(params["slug"]["search"]), sd, "k", stop="last")
+
+
+def _unet_steps(**kw):
+    """The EMA weights after each of 3 UNet steps on random latents (ema 0: the EMA is the weights),
+    the losses, and the freshly built UNet the seed gives."""
+    from unlearn.sd.model import UnetConfig, build_unet
+    from unlearn.sd.train import train_unet
+
+    gen = torch.Generator().manual_seed(1)
+    lat, pi, st = torch.randn(16, 4, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen), torch.randn(4, 5, 16, generator=gen)
+    cfg = UnetConfig(channels=[16, 32], attention_head_dim=4, steps=3, batch_size=8, ema=0.0, checkpoints=3, **kw)
+    seen = []
+    _, losses = train_unet(lat, pi, st, 3, cfg, seed=0, checkpoint=lambda ema, step, s: seen.append(copy.deepcopy(ema.state_dict())))
+    torch.manual_seed(0)
+    return seen, losses, build_unet(cfg, 8, 4, 16).state_dict()
+
+
+def test_the_unet_schedule_options_change_what_training_does():
+    plain, plain_losses, init = _unet_steps()
+    assert not all(torch.equal(v, init[k]) for k, v in plain[0].items())  # a constant rate moves the weights at the first step
+    warm, _, _ = _unet_steps(lr_schedule="cosine", warmup_steps=1)
+    assert all(torch.equal(v, init[k]) for k, v in warm[0].items())  # the warm-up starts at rate 0: the first step leaves them
+    assert not all(torch.equal(v, init[k]) for k, v in warm[1].items())
+    _, snr_losses, _ = _unet_steps(snr_gamma=5.0)
+    # the same weights, batch and noise at step 1; Min-SNR weights are <= 1 and < 1 at the low-noise steps drawn
+    assert snr_losses[0] < plain_losses[0]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lr_schedule": "linear"}, r"lr_schedule .* is 'linear'; use constant or cosine"),
+    ({"steps": 10, "warmup_steps": 10}, r"warmup_steps .* is 10, not below its steps \(10\)"),
+    ({"snr_gamma": -1.0}, r"^params.yaml sd.base.unet.snr_gamma is -1.0; it must be a number >= 0"),
+    ({"ema": 1.0}, r"^params.yaml sd.base.unet.ema is 1.0; it must be"),
+])
+def test_a_unet_config_out_of_range_is_one_line(values, message):
+    from unlearn.params import as_config
+    from unlearn.sd.model import UnetConfig
+
+    with pytest.raises(UnlearnError, match=message):
+        as_config(UnetConfig, values, "sd.base.unet")

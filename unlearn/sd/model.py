@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -43,6 +44,18 @@ class UnetConfig:
     ema: float = 0.995
     caption_dropout: float = 0.1    # share of captions replaced by "" (classifier-free guidance)
     checkpoints: int = 8            # evaluations of the EMA weights during training (the accuracy-against-minutes curve)
+    lr_schedule: str = "constant"   # constant | cosine: diffusers' cosine decay to 0 over the steps, after warmup_steps of linear warm-up
+    warmup_steps: int = 0
+    snr_gamma: float = 0.0          # Min-SNR-gamma loss weight min(SNR(t), gamma) / SNR(t) (Hang et al., 2023); 0: the plain noise MSE
+    RANGES: ClassVar[dict[str, str]] = {"steps": "> 0", "batch_size": "> 0", "lr": "> 0", "ema": "[0, 1)", "caption_dropout": "[0, 1)",
+                                        "checkpoints": ">= 0", "warmup_steps": ">= 0", "snr_gamma": ">= 0"}
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UnlearnError(f"the UNet's lr_schedule (params.yaml sd.base.unet) is {self.lr_schedule!r}; use constant or cosine")
+        if self.warmup_steps >= self.steps:
+            raise UnlearnError(f"the UNet's warmup_steps (params.yaml sd.base.unet) is {self.warmup_steps}, not below its steps ({self.steps}); "
+                               "give fewer warm-up steps")
 
 
 def _groups(channels: list[int], prefer: int) -> int:

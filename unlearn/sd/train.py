@@ -45,8 +45,9 @@ def encode_latents(vae, x: torch.Tensor, batch_size: int = 512) -> tuple[torch.T
 
 def train_unet(latents: torch.Tensor, prompt_index: torch.Tensor, states: torch.Tensor, empty: int, cfg: UnetConfig, seed: int,
                checkpoint: Callable[[object, int, float], None] | None = None, progress: str | None = None) -> tuple[object, list[float]]:
-    """epsilon-prediction MSE at uniform timesteps; each image's caption is `states[prompt_index]`,
-    replaced by the empty prompt's (`empty`) with probability caption_dropout.  `checkpoint(ema,
+    """epsilon-prediction MSE at uniform timesteps (weighted by Min-SNR-gamma if `cfg.snr_gamma`;
+    the learning rate constant or cosine-decayed, `cfg.lr_schedule`); each image's caption is
+    `states[prompt_index]`, replaced by the empty prompt's (`empty`) with probability caption_dropout.  `checkpoint(ema,
     step, train_seconds)` is called `cfg.checkpoints` times, evenly spaced (its time not counted)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -55,6 +56,12 @@ def train_unet(latents: torch.Tensor, prompt_index: torch.Tensor, states: torch.
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     sched = train_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
+    lr_sched = None
+    if cfg.lr_schedule == "cosine":
+        from diffusers.optimization import get_cosine_schedule_with_warmup
+
+        lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)  # SNR(t) of the training schedule
     params, ema_params = list(unet.parameters()), list(ema.parameters())
     marks = {round(cfg.steps * (k + 1) / cfg.checkpoints) for k in range(cfg.checkpoints)} if cfg.checkpoints > 0 else set()
     losses, trained = [], 0.0
@@ -65,10 +72,17 @@ def train_unet(latents: torch.Tensor, prompt_index: torch.Tensor, states: torch.
         p[torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout] = empty
         noise = torch.randn(z0.shape, generator=gen).to(dev)
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(dev)
-        loss = F.mse_loss(unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=states[p.to(states.device)]).sample, noise)
+        pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=states[p.to(states.device)]).sample
+        if cfg.snr_gamma > 0:  # Min-SNR-gamma: the easy low-noise steps weigh less (epsilon prediction: min(SNR, gamma) / SNR)
+            s = snr.to(dev)[t]
+            loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * (s.clamp(max=cfg.snr_gamma) / s)).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if lr_sched is not None:
+            lr_sched.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1.0 - cfg.ema)
         losses.append(float(loss.detach()))
