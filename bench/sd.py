@@ -48,11 +48,11 @@ def main() -> None:
     params = load_yaml(ROOT / "params.yaml")
     overrides = dict(override(params, s) for s in args.set)
     inputs = (*INPUTS, "models/sd_judges") if args.reuse_judges else INPUTS
+    if args.keep and Path(args.keep).exists():
+        sys.exit(f"--keep {args.keep} exists; name a new folder")
     missing = [p for p in inputs if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {'sd_judges' if args.reuse_judges else 'export'}` first")
-    if args.keep and Path(args.keep).exists():
-        sys.exit(f"--keep {args.keep} exists; name a new folder")
     with linked_workspace("bench_sd_", inputs) as work:
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         if args.reuse_judges:

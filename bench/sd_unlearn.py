@@ -49,11 +49,11 @@ def main() -> None:
     pipeline = "models/" + args.stage.replace("unlearn", "base")
     params = load_yaml(ROOT / "params.yaml")
     overrides = dict(override(params, s) for s in args.set)
+    if args.pipeline and not (Path(args.pipeline) / "model_index.json").is_file():
+        sys.exit(f"--pipeline {args.pipeline} is not a saved diffusers pipeline (no model_index.json); give a folder `bench/sd.py --keep` wrote")
     missing = [p for p in (*INPUTS, *([] if args.pipeline else [pipeline])) if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
-    if args.pipeline and not (Path(args.pipeline) / "model_index.json").is_file():
-        sys.exit(f"--pipeline {args.pipeline} is not a saved diffusers pipeline (no model_index.json); give a folder `bench/sd.py --keep` wrote")
     results = []
     stem = args.stage + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)

@@ -143,3 +143,15 @@ def test_the_cpu_fingerprint_repeats_and_tells_a_thread_count_apart():
     assert fingerprint("unlearn-tiny-vit", False, 0, 1) != two
     assert torch.get_num_threads() == threads
     assert len(committed_base()) == 8  # dvc.lock's models/base hash, as the README names base models
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench/sd.py", "-S", "sd.base.unet.snr_gama=5"], "-S 'sd.base.unet.snr_gama=5': params.yaml has no key sd.base.unet.snr_gama"),
+    (["bench/sd.py", "--keep", "{tmp}"], "--keep {tmp} exists; name a new folder"),
+    (["bench/sd_unlearn.py", "--pipeline", "{tmp}"], "--pipeline {tmp} is not a saved diffusers pipeline (no model_index.json)"),
+])
+def test_the_diffusion_benches_refuse_bad_arguments_before_any_work(tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, *(a.format(tmp=tmp_path) for a in args), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(message.format(tmp=tmp_path))
+    assert not out.exists()
