@@ -618,7 +618,8 @@ def test_the_unet_schedule_options_change_what_training_does():
 
 @pytest.mark.parametrize("values, message", [
     ({"lr_schedule": "linear"}, r"lr_schedule .* is 'linear'; use constant or cosine"),
-    ({"steps": 10, "warmup_steps": 10}, r"warmup_steps .* is 10, not below its steps \(10\)"),
+    ({"steps": 10, "lr_schedule": "cosine", "warmup_steps": 10}, r"warmup_steps .* is 10, not below its steps \(10\)"),
+    ({"warmup_steps": 5}, r"warmup_steps .* is 5 but its lr_schedule is constant, which has no warm-up"),
     ({"snr_gamma": -1.0}, r"^params.yaml sd.base.unet.snr_gamma is -1.0; it must be a number >= 0"),
     ({"ema": 1.0}, r"^params.yaml sd.base.unet.ema is 1.0; it must be"),
 ])

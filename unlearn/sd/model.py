@@ -53,6 +53,9 @@ class UnetConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("constant", "cosine"):
             raise UnlearnError(f"the UNet's lr_schedule (params.yaml sd.base.unet) is {self.lr_schedule!r}; use constant or cosine")
+        if self.warmup_steps and self.lr_schedule != "cosine":
+            raise UnlearnError(f"the UNet's warmup_steps (params.yaml sd.base.unet) is {self.warmup_steps} but its lr_schedule is constant, "
+                               "which has no warm-up; set lr_schedule: cosine or warmup_steps: 0")
         if self.warmup_steps >= self.steps:
             raise UnlearnError(f"the UNet's warmup_steps (params.yaml sd.base.unet) is {self.warmup_steps}, not below its steps ({self.steps}); "
                                "give fewer warm-up steps")

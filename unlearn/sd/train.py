@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from tqdm import tqdm
 
 from unlearn.sd.model import UnetConfig, VaeConfig, build_unet, build_vae, train_scheduler
@@ -61,7 +62,6 @@ def train_unet(latents: torch.Tensor, prompt_index: torch.Tensor, states: torch.
         from diffusers.optimization import get_cosine_schedule_with_warmup
 
         lr_sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)  # SNR(t) of the training schedule
     params, ema_params = list(unet.parameters()), list(ema.parameters())
     marks = {round(cfg.steps * (k + 1) / cfg.checkpoints) for k in range(cfg.checkpoints)} if cfg.checkpoints > 0 else set()
     losses, trained = [], 0.0
@@ -74,7 +74,7 @@ def train_unet(latents: torch.Tensor, prompt_index: torch.Tensor, states: torch.
         t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(dev)
         pred = unet(sched.add_noise(z0, noise, t), t, encoder_hidden_states=states[p.to(states.device)]).sample
         if cfg.snr_gamma > 0:  # Min-SNR-gamma: the easy low-noise steps weigh less (epsilon prediction: min(SNR, gamma) / SNR)
-            s = snr.to(dev)[t]
+            s = compute_snr(sched, t)
             loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * (s.clamp(max=cfg.snr_gamma) / s)).mean()
         else:
             loss = F.mse_loss(pred, noise)
