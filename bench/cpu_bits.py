@@ -29,6 +29,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.workspace import locked_out  # noqa: E402
 from unlearn.models import openclip as oc  # noqa: E402
 from unlearn.models.train import TrainConfig, train_contrastive  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
@@ -67,11 +68,7 @@ def _trained_hash(arch: str, quick_gelu: bool, seed: int) -> str:
 
 def committed_base() -> str | None:
     """dvc.lock's hash of models/base (the base_model stage's output)."""
-    lock = load_yaml(ROOT / "dvc.lock")
-    for out in lock.get("stages", {}).get("base_model", {}).get("outs", []):
-        if out.get("path") == "models/base":
-            return str(out.get("md5", "")).removesuffix(".dir")[:8]
-    return None
+    return locked_out("base_model", "models/base")
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.workspace import linked_workspace, override, run_stage  # noqa: E402
+from bench.workspace import linked_workspace, locked_out, override, run_stage  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
@@ -54,6 +54,8 @@ def main() -> None:
     missing = [p for p in (*INPUTS, *([] if args.pipeline else [pipeline])) if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
+    # which pipeline the figures are from: a folder given, or dvc.lock's hash of the committed one (`dvc status` says whether the workspace holds it)
+    source = args.pipeline or f"{pipeline} (dvc.lock {locked_out(pipeline.removeprefix('models/'), pipeline)})"
     results = []
     stem = args.stage + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)
@@ -71,7 +73,7 @@ def main() -> None:
                             "test": m["test"], "base_test": m["base_test"], "other_names": m["other_names"], "validation": m["validation"],
                             "evaluations": m["evaluations"], "stage_s": round(wall, 1), "unlearn_s": m["unlearn_s"], "peak_memory_mb": m["peak_memory_mb"],
                             "stored_bytes": m["stored_bytes"], "unet_vae_unchanged": m["unet_vae_unchanged"], "threads": m["threads"],
-                            "searched_layers": m["searched_layers"], "overrides": overrides})
+                            "searched_layers": m["searched_layers"], "overrides": overrides, "pipeline": source})
             r = results[-1]
             print(f"{concept}: {r['layer']} rho {r['rho']:.3g} (converged {r['converged']}); UA {r['base_test']['UA']:.3f} -> {r['test']['UA']:.3f}, "
                   f"IRA {r['base_test']['IRA']:.3f} -> {r['test']['IRA']:.3f}, CRA {r['base_test']['CRA']:.3f} -> {r['test']['CRA']:.3f}; "
@@ -81,7 +83,7 @@ def main() -> None:
         return f"{100 * x:.1f}"
 
     changed = "; " + ", ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""
-    lines = [f"{args.stage} on {args.pipeline or pipeline}, test seeds; UA / IRA / CRA in %, base pipeline -> after SLUG{changed}", "",
+    lines = [f"{args.stage} on {source}, test seeds; UA / IRA / CRA in %, base pipeline -> after SLUG{changed}", "",
              "| target | kind | layer, rho | converged | UA | UA by other names | IRA | CRA | stage | unlearning | peak memory |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:

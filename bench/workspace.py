@@ -16,7 +16,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from unlearn.params import lookup, parse_yaml  # noqa: E402
+from unlearn.params import load_yaml, lookup, parse_yaml  # noqa: E402
+
+
+def locked_out(stage: str, path: str) -> str | None:
+    """dvc.lock's hash of a stage's output (its first 8 hex digits), which names the committed run a
+    bench reads (for instance models/base, or the models/sd_base pipeline an sd_unlearn bench edits);
+    None if dvc.lock records no such output."""
+    for out in load_yaml(ROOT / "dvc.lock").get("stages", {}).get(stage, {}).get("outs", []):
+        if out.get("path") == path:
+            return str(out.get("md5", "")).removesuffix(".dir")[:8]
+    return None
 
 
 @contextmanager

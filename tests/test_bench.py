@@ -2,13 +2,14 @@
 hour and print figures; what they decide must not drift unnoticed)."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from bench.tune_unlearncanvas import pick
-from bench.workspace import assign, override
+from bench.workspace import assign, locked_out, override
 from tests.conftest import ROOT
 
 
@@ -155,3 +156,9 @@ def test_the_diffusion_benches_refuse_bad_arguments_before_any_work(tmp_path, ar
     proc = subprocess.run([sys.executable, *(a.format(tmp=tmp_path) for a in args), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(message.format(tmp=tmp_path))
     assert not out.exists()
+
+
+def test_a_bench_names_the_committed_output_it_read_by_its_dvc_lock_hash():
+    pipeline, small = locked_out("sd_base", "models/sd_base"), locked_out("sd_base_small", "models/sd_base_small")
+    assert re.fullmatch(r"[0-9a-f]{8}", pipeline) and re.fullmatch(r"[0-9a-f]{8}", small) and pipeline != small
+    assert locked_out("sd_base", "models/sd_base_small") is None and locked_out("no_such_stage", "models/sd_base") is None
