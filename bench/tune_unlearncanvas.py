@@ -9,11 +9,14 @@ Needs the stage's inputs (`dvc repro unlearncanvas_base`: models/sd_base, models
 data/eval/canvas).  Prints per (method, lr) UA / IRA / CRA on the tuning targets beside the base
 pipeline's, and the unlearning time; writes bench/results/tune_unlearncanvas[_<tag>].{json,md}.  The rule
 that picks a method's lr: among the lrs whose mean UA reaches --min-ua, the highest mean of IRA
-and CRA; if none does, the highest UA.
+and CRA; if none does, the highest UA.  --merge re-reads earlier sweeps of the same pipeline, seeds
+and targets (their base rows must agree) and applies the rule over every lr they measured, without
+running anything.
 
     python bench/tune_unlearncanvas.py --methods esd --lrs 5e-5 7e-5 1e-4 --tag all8_esd   # 3 lrs x the 8 default targets (~50 min, 1 thread)
     python bench/tune_unlearncanvas.py --methods ca --lrs 1e-4 2e-4 3e-4 --tag all8_ca
     python bench/tune_unlearncanvas.py --methods salun --targets Sepia Mickey          # a quicker look on two targets
+    python bench/tune_unlearncanvas.py --merge bench/results/tune_unlearncanvas_esd_4500*.json --tag esd_4500_all   # one grid from several runs
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.workspace import linked_workspace, override, run_stage  # noqa: E402
+from bench.workspace import linked_workspace, locked_out, override, run_stage  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
@@ -44,7 +47,15 @@ def main() -> None:
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="another param by its dotted key (as `dvc exp run -S`); repeatable")
     ap.add_argument("--tag", default="", help="suffix of the output files (tune_unlearncanvas_<tag>.{json,md}), e.g. for a finer grid")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="earlier results of this bench to combine into one grid (nothing is run)")
     args = ap.parse_args()
+    out = Path(args.out)
+    stem = "tune_unlearncanvas" + (f"_{args.tag}" if args.tag else "")
+    if args.merge:
+        result = merge(args.merge, args.min_ua)
+        out.mkdir(parents=True, exist_ok=True)
+        write(out, stem, result)
+        return
     params = load_yaml(ROOT / "params.yaml")
     for m in args.methods:
         if m not in params["unlearncanvas"] or "lr" not in params["unlearncanvas"][m]:
@@ -56,8 +67,9 @@ def main() -> None:
     missing = [p for p in INPUTS if not (ROOT / p).exists()]
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro unlearncanvas_base` first (its inputs are what this bench reuses)")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = locked_out("sd_base", "models/sd_base")
+    pipeline = f"models/sd_base (dvc.lock {lock})" if lock else "models/sd_base"
     rows = []
     with linked_workspace("bench_tune_uc_", INPUTS) as work:
 
@@ -80,9 +92,56 @@ def main() -> None:
                 print(line(rows[-1]), flush=True)
             params["unlearncanvas"][method]["lr"] = default
     chosen = {m: pick([r for r in rows if r["method"] == m], args.min_ua) for m in args.methods}
-    lines = [f"UnlearnCanvas baselines on validation seeds (answer set seed {seed}, one drawing per prompt), targets {', '.join(args.targets)}; "
-             f"means over the targets in %; rule: the highest (IRA + CRA) / 2 among lrs with UA >= {args.min_ua:g}, else the highest UA"
-             + (f"; {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""), "",
+    write(out, stem, {"pipeline": pipeline, "targets": args.targets, "seed": seed, "min_ua": args.min_ua, "overrides": overrides,
+                      "rows": rows, "chosen": chosen})
+
+
+def merge(paths: list[str], min_ua: float) -> dict:
+    """One grid from several runs of this bench: the same targets, seeds and overrides and equal base
+    rows (the same pipeline and judges drew them), every (method, lr) once; the rule applied over all."""
+    runs = []
+    for p in paths:
+        try:
+            runs.append((p, json.loads(Path(p).read_text())))
+        except (OSError, ValueError) as e:
+            sys.exit(f"--merge {p}: not a result of this bench ({e}); give bench/results/tune_unlearncanvas_*.json files")
+    first_path, first = runs[0]
+    base = next((r for r in first.get("rows", []) if r.get("method") == "base"), None)
+    if base is None:
+        sys.exit(f"--merge {first_path}: no base row; give bench/results/tune_unlearncanvas_*.json files")
+    rows, seen = [base], set()
+    for p, run in runs:
+        for key in ("targets", "seed", "overrides"):
+            if run.get(key) != first.get(key):
+                sys.exit(f"--merge {p}: its {key} ({run.get(key)}) differ from {first_path}'s ({first.get(key)}); merge runs of one config only")
+        other = next((r for r in run.get("rows", []) if r.get("method") == "base"), None)
+        if other is None or other["targets"] != base["targets"]:
+            sys.exit(f"--merge {p}: its base rows differ from {first_path}'s, so another pipeline or judges drew them; merge runs of one pipeline only")
+        for r in run["rows"]:
+            if r["method"] == "base":
+                continue
+            if (r["method"], r["lr"]) in seen:
+                sys.exit(f"--merge {p}: {r['method']} at lr {lr_text(r['lr'])} is in two of the files; give each lr once")
+            seen.add((r["method"], r["lr"]))
+            rows.append(r)
+    rows = [base, *sorted(rows[1:], key=lambda r: (r["method"], r["lr"]))]
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    recorded = sorted({run["pipeline"] for _, run in runs if run.get("pipeline")})
+    pipeline = "; ".join(recorded) or "not recorded"
+    if len(recorded) == 1 and any(not run.get("pipeline") for _, run in runs):
+        pipeline += f" (recorded by {sum(bool(run.get('pipeline')) for _, run in runs)} of the {len(runs)} runs; every run's base rows agree)"
+    return {"pipeline": pipeline, "targets": first["targets"], "seed": first["seed"], "min_ua": min_ua,
+            "overrides": first.get("overrides", {}), "rows": rows,
+            "chosen": {m: pick([r for r in rows if r["method"] == m], min_ua) for m in methods}, "merged": [str(p) for p in paths]}
+
+
+def write(out: Path, stem: str, result: dict) -> None:
+    rows, chosen, overrides = result["rows"], result["chosen"], result["overrides"]
+    lines = [f"UnlearnCanvas baselines on validation seeds (answer set seed {result['seed']}, one drawing per prompt), pipeline "
+             f"{result['pipeline']}, targets {', '.join(result['targets'])}; means over the targets in %; rule: the highest "
+             f"(IRA + CRA) / 2 among lrs with UA >= {result['min_ua']:g}, else the highest UA"
+             + (f"; {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "")
+             + (f"; merged from {', '.join(Path(p).name for p in result['merged'])}" if result.get("merged") else ""), "",
              "| method | lr | UA | IRA | CRA | per target UA / IRA / CRA | unlearning s / target | chosen |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         per = "; ".join(f"{t['target']} {t['UA']:.0f} / {t['IRA']:.0f} / {t['CRA']:.0f}" if t["UA"] is not None else f"{t['target']} failed"
@@ -90,9 +149,7 @@ def main() -> None:
         mark = "**yes**" if r["method"] in chosen and chosen[r["method"]] == r["lr"] else ""
         lines.append(f"| {r['method']} | {lr_text(r['lr'])} | {fmt(r['UA'])} | {fmt(r['IRA'])} | {fmt(r['CRA'])} | "
                      f"{per} | {fmt(r['time_s'])} | {mark} |")
-    stem = "tune_unlearncanvas" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps({"targets": args.targets, "seed": seed, "min_ua": args.min_ua, "overrides": overrides,
-                                                             "rows": rows, "chosen": chosen}, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -120,7 +177,8 @@ def pick(rows: list[dict], min_ua: float) -> float | None:
 
 
 def lr_text(lr: float | None) -> str:
-    return "-" if lr is None else f"{lr:.0e}"
+    """1e-04, 8.5e-05: the digits the grid was given, never rounded to one."""
+    return "-" if lr is None else f"{lr:.1e}".replace(".0e", "e")
 
 
 def fmt(x) -> str:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.tune_unlearncanvas import pick
+from bench.tune_unlearncanvas import lr_text, merge, pick
 from bench.workspace import assign, locked_out, override
 from tests.conftest import ROOT
 
@@ -50,6 +50,35 @@ def test_the_tuning_rule_picks_the_least_collateral_among_lrs_that_forget():
     assert pick(rows, 99.0) == 1e-4                         # none reaches: the highest UA
     assert pick([*rows, _row(2e-4, 100.0, 90.0, 90.0, failed=1)], 85.0) == 7e-5   # a failed target is never picked
     assert pick([_row(1e-4, None, None, None, failed=8)], 85.0) is None
+
+
+def _sweep(path, base_ira, *rows, seed=3002000):
+    base = {"method": "base", "lr": None, "UA": 0.0, "IRA": base_ira, "CRA": 90.0, "failed": 0,
+            "targets": [{"target": "Sepia", "UA": 0.0, "IRA": base_ira, "CRA": 90.0}]}
+    path.write_text(json.dumps({"targets": ["Sepia"], "seed": seed, "min_ua": 85.0, "overrides": {},
+                                "rows": [base, *({"method": "esd", **r} for r in rows)]}))
+    return str(path)
+
+
+def test_merged_sweeps_are_one_grid_and_refuse_another_pipeline(tmp_path):
+    a = _sweep(tmp_path / "a.json", 89.9, _row(1e-4, 93.5, 85.0, 83.6), _row(2e-4, 100.0, 77.2, 59.1))
+    b = _sweep(tmp_path / "b.json", 89.9, _row(8.5e-5, 86.2, 89.3, 86.7))
+    got = merge([a, b], 85.0)
+    assert [r["lr"] for r in got["rows"]] == [None, 8.5e-5, 1e-4, 2e-4]    # the base once, then the lrs in order
+    assert got["chosen"] == {"esd": 8.5e-5}                                 # the rule over both files' lrs
+    assert merge([a, b], 90.0)["chosen"] == {"esd": 1e-4}
+    assert got["pipeline"] == "not recorded"                               # neither run named its pipeline
+    recorded = json.loads(open(b).read()) | {"pipeline": "models/sd_base (dvc.lock 40ef7eaf)"}
+    open(b, "w").write(json.dumps(recorded))
+    assert merge([a, b], 85.0)["pipeline"] == ("models/sd_base (dvc.lock 40ef7eaf) (recorded by 1 of the 2 runs; "
+                                               "every run's base rows agree)")
+    with pytest.raises(SystemExit, match="base rows differ"):               # another pipeline drew c's base row
+        merge([a, _sweep(tmp_path / "c.json", 94.0, _row(7e-5, 60.0, 90.0, 90.0))], 85.0)
+    with pytest.raises(SystemExit, match="seed"):
+        merge([a, _sweep(tmp_path / "d.json", 89.9, _row(7e-5, 60.0, 90.0, 90.0), seed=1)], 85.0)
+    with pytest.raises(SystemExit, match="in two of the files"):
+        merge([a, _sweep(tmp_path / "e.json", 89.9, _row(1e-4, 93.5, 85.0, 83.6))], 85.0)
+    assert (lr_text(8.5e-5), lr_text(1e-4), lr_text(None)) == ("8.5e-05", "1e-04", "-")   # never rounded to one digit
 
 
 def test_the_slug_search_bench_takes_configs_over_unlearncanvas_slug_keys_only():
