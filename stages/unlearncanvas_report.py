@@ -63,7 +63,17 @@ def main() -> None:
     timed = Path(f"plots/runs/{args.stage}.md")
     timed.parent.mkdir(parents=True, exist_ok=True)
     timed.write_text(f"# UnlearnCanvas, this run's times (s per target, unlearning only) and memory (the stage's peak)\n\n"
-                     f"Time over SLUG's: {ratios}\n\n" + leaderboard(summary, timed=True))
+                     f"Time over SLUG's: {ratio_text(ratios, slug_t is not None, args.stage)}\n\n" + leaderboard(summary, timed=True))
+
+
+def ratio_text(ratios: dict, slug_timed: bool, stage: str) -> str:
+    """Each method's unlearning time over SLUG's, or why there is none: the times come from the run
+    records of this workspace (runs/, not in git), which hold only the stages run here."""
+    if ratios:
+        return ", ".join(f"{m} {r}×" for m, r in ratios.items())
+    if not slug_timed:
+        return f"none (no run record runs/{stage}@slug.json here: `dvc repro -f --single-item {stage}@slug` gives one)"
+    return "none (no other method's run record here)"
 
 
 if __name__ == "__main__":

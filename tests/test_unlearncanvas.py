@@ -205,3 +205,11 @@ def test_a_real_canvas_splits_into_training_images_and_the_fid_real_set(tmp_path
     assert not any(torch.equal(a, b) for a in rest.pixels[:5] for b in train.pixels)
     with pytest.raises(UnlearnError, match=r"a cell of the canvas at .* holds 3 image\(s\), not more than unlearncanvas.train_images_per_cell \(3\)"):
         split_cells(images, 3, tmp_path / "canvas", D.WORLD)
+
+
+def test_the_time_ratios_line_says_why_it_is_empty():
+    from stages.unlearncanvas_report import ratio_text
+
+    assert ratio_text({"esd": 1.1, "salun": 0.7}, True, "unlearncanvas") == "esd 1.1×, salun 0.7×"
+    assert "runs/unlearncanvas@slug.json" in ratio_text({}, False, "unlearncanvas")    # SLUG not run in this workspace
+    assert ratio_text({}, True, "unlearncanvas_small") == "none (no other method's run record here)"
