@@ -28,7 +28,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.workspace import linked_workspace, locked_out, override, run_stage  # noqa: E402
+from bench.workspace import linked_workspace, locked_label, override, run_stage  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
@@ -55,7 +55,7 @@ def main() -> None:
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro {args.stage}` first (its inputs are what this bench reuses)")
     # which pipeline the figures are from: a folder given, or dvc.lock's hash of the committed one (`dvc status` says whether the workspace holds it)
-    source = args.pipeline or f"{pipeline} (dvc.lock {locked_out(pipeline.removeprefix('models/'), pipeline)})"
+    source = args.pipeline or locked_label(pipeline.removeprefix("models/"), pipeline)
     results = []
     stem = args.stage + (f"_{args.tag}" if args.tag else "")
     out = Path(args.out)

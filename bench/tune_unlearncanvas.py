@@ -30,7 +30,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.workspace import linked_workspace, locked_out, override, run_stage  # noqa: E402
+from bench.workspace import linked_workspace, locked_label, override, run_stage  # noqa: E402
 from unlearn.params import load_yaml  # noqa: E402
 from unlearn.runs import read_metrics  # noqa: E402
 
@@ -40,8 +40,8 @@ TUNING = 3_000_000   # the validation answer set's seed offset
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["esd", "salun", "ca"])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-5, 1e-4, 3e-4])
+    ap.add_argument("--methods", nargs="+", help="default: esd salun ca")
+    ap.add_argument("--lrs", nargs="+", type=float, help="default: 3e-5 1e-4 3e-4")
     ap.add_argument("--targets", nargs="+", help="styles and objects of the canvas (default: unlearncanvas.targets, the benchmark's own)")
     ap.add_argument("--min-ua", type=float, default=85.0, help="the UA (%%) a chosen lr must reach on the mean, if any does")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="another param by its dotted key (as `dvc exp run -S`); repeatable")
@@ -52,10 +52,15 @@ def main() -> None:
     out = Path(args.out)
     stem = "tune_unlearncanvas" + (f"_{args.tag}" if args.tag else "")
     if args.merge:
+        given = [name for name, v in (("--methods", args.methods), ("--lrs", args.lrs), ("--targets", args.targets), ("-S", args.set)) if v]
+        if given:
+            sys.exit(f"--merge re-reads finished sweeps: {', '.join(given)} would be ignored; drop them, or run a sweep without --merge")
         result = merge(args.merge, args.min_ua)
         out.mkdir(parents=True, exist_ok=True)
         write(out, stem, result)
         return
+    args.methods = args.methods or ["esd", "salun", "ca"]
+    args.lrs = args.lrs or [3e-5, 1e-4, 3e-4]
     params = load_yaml(ROOT / "params.yaml")
     for m in args.methods:
         if m not in params["unlearncanvas"] or "lr" not in params["unlearncanvas"][m]:
@@ -68,8 +73,7 @@ def main() -> None:
     if missing:
         sys.exit(f"missing {', '.join(missing)}: run `dvc repro unlearncanvas_base` first (its inputs are what this bench reuses)")
     out.mkdir(parents=True, exist_ok=True)
-    lock = locked_out("sd_base", "models/sd_base")
-    pipeline = f"models/sd_base (dvc.lock {lock})" if lock else "models/sd_base"
+    pipeline = locked_label("sd_base", "models/sd_base")
     rows = []
     with linked_workspace("bench_tune_uc_", INPUTS) as work:
 
@@ -126,9 +130,11 @@ def merge(paths: list[str], min_ua: float) -> dict:
             rows.append(r)
     rows = [base, *sorted(rows[1:], key=lambda r: (r["method"], r["lr"]))]
     methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
-    recorded = sorted({run["pipeline"] for _, run in runs if run.get("pipeline")})
-    pipeline = "; ".join(recorded) or "not recorded"
-    if len(recorded) == 1 and any(not run.get("pipeline") for _, run in runs):
+    recorded = {run["pipeline"] for _, run in runs if run.get("pipeline")}
+    if len(recorded) > 1:
+        sys.exit(f"--merge: the files name {len(recorded)} pipelines ({'; '.join(sorted(recorded))}); merge runs of one pipeline only")
+    pipeline = next(iter(recorded), "not recorded")
+    if recorded and any(not run.get("pipeline") for _, run in runs):
         pipeline += f" (recorded by {sum(bool(run.get('pipeline')) for _, run in runs)} of the {len(runs)} runs; every run's base rows agree)"
     return {"pipeline": pipeline, "targets": first["targets"], "seed": first["seed"], "min_ua": min_ua,
             "overrides": first.get("overrides", {}), "rows": rows,
@@ -177,8 +183,11 @@ def pick(rows: list[dict], min_ua: float) -> float | None:
 
 
 def lr_text(lr: float | None) -> str:
-    """1e-04, 8.5e-05: the digits the grid was given, never rounded to one."""
-    return "-" if lr is None else f"{lr:.1e}".replace(".0e", "e")
+    """1e-04, 8.5e-05, 1.25e-04: the digits the grid was given, never rounded."""
+    if lr is None:
+        return "-"
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
 
 
 def fmt(x) -> str:

@@ -29,6 +29,13 @@ def locked_out(stage: str, path: str) -> str | None:
     return None
 
 
+def locked_label(stage: str, path: str) -> str:
+    """How a bench names the committed output it read: 'models/sd_base (dvc.lock 40ef7eaf)', or the
+    bare path where dvc.lock records no such output."""
+    lock = locked_out(stage, path)
+    return f"{path} (dvc.lock {lock})" if lock else path
+
+
 @contextmanager
 def linked_workspace(prefix: str, inputs: Sequence[str]) -> Iterator[Path]:
     """A temporary folder holding links to stages/, unlearn/, dvc.yaml and each of `inputs`

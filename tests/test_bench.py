@@ -79,6 +79,11 @@ def test_merged_sweeps_are_one_grid_and_refuse_another_pipeline(tmp_path):
     with pytest.raises(SystemExit, match="in two of the files"):
         merge([a, _sweep(tmp_path / "e.json", 89.9, _row(1e-4, 93.5, 85.0, 83.6))], 85.0)
     assert (lr_text(8.5e-5), lr_text(1e-4), lr_text(None)) == ("8.5e-05", "1e-04", "-")   # never rounded to one digit
+    assert lr_text(1.25e-4) == "1.25e-04"
+    other = json.loads(open(a).read()) | {"pipeline": "models/sd_base (dvc.lock 0badf00d)"}
+    open(a, "w").write(json.dumps(other))
+    with pytest.raises(SystemExit, match="name 2 pipelines"):                # two recorded pipelines never merge
+        merge([a, b], 85.0)
 
 
 def test_the_slug_search_bench_takes_configs_over_unlearncanvas_slug_keys_only():
@@ -179,6 +184,8 @@ def test_the_cpu_fingerprint_repeats_and_tells_a_thread_count_apart():
     (["bench/sd.py", "-S", "sd.base.unet.snr_gama=5"], "-S 'sd.base.unet.snr_gama=5': params.yaml has no key sd.base.unet.snr_gama"),
     (["bench/sd.py", "--keep", "{tmp}"], "--keep {tmp} exists; name a new folder"),
     (["bench/sd_unlearn.py", "--pipeline", "{tmp}"], "--pipeline {tmp} is not a saved diffusers pipeline (no model_index.json)"),
+    (["bench/tune_unlearncanvas.py", "--merge", "bench/results/tune_unlearncanvas_4500.json", "-S", "unlearncanvas.esd.iterations=50"],
+     "--merge re-reads finished sweeps: -S would be ignored"),
 ])
 def test_the_diffusion_benches_refuse_bad_arguments_before_any_work(tmp_path, args, message):
     out = tmp_path / "out"
