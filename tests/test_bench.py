@@ -186,6 +186,9 @@ def test_the_cpu_fingerprint_repeats_and_tells_a_thread_count_apart():
     (["bench/sd_unlearn.py", "--pipeline", "{tmp}"], "--pipeline {tmp} is not a saved diffusers pipeline (no model_index.json)"),
     (["bench/tune_unlearncanvas.py", "--merge", "bench/results/tune_unlearncanvas_4500.json", "-S", "unlearncanvas.esd.iterations=50"],
      "--merge re-reads finished sweeps: -S would be ignored"),
+    (["bench/sd_autoencoder.py", "--variant", "steps=3000", "--variant", "step=3000"], "--variant 'step=3000': 'step=3000' is not KEY=VALUE over sd.base.vae's keys"),
+    (["bench/sd_autoencoder.py", "--variant", "latent_channels"], "--variant 'latent_channels': 'latent_channels' is not KEY=VALUE"),
+    (["bench/sd_autoencoder.py", "--variant", "steps=many"], "--variant 'steps=many': params.yaml sd.base.vae.steps"),
 ])
 def test_the_diffusion_benches_refuse_bad_arguments_before_any_work(tmp_path, args, message):
     out = tmp_path / "out"
