@@ -23,6 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.workspace import assign  # noqa: E402
 from unlearn.errors import UnlearnError  # noqa: E402
 from unlearn.params import as_config, load_yaml, parse_yaml  # noqa: E402
 from unlearn.sd.data import HELD_STREAM, TRAIN_STREAM, WORLD, canvas_images, render_images  # noqa: E402
@@ -37,9 +38,12 @@ def variant(base: dict, text: str) -> tuple[str, dict]:
     cfg = dict(base)
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, sep, value = item.partition("=")
-        if not sep or key not in cfg:
+        try:
+            if not sep:
+                raise KeyError(key)
+            assign(cfg, key, parse_yaml(value))  # the benches' -S mechanism: only a key the config has
+        except KeyError:
             sys.exit(f"--variant {text!r}: {item!r} is not KEY=VALUE over sd.base.vae's keys ({', '.join(cfg)})")
-        cfg[key] = parse_yaml(value)
     try:
         as_config(VaeConfig, cfg, "sd.base.vae")
     except UnlearnError as e:  # a value of the wrong type or out of bounds: refused before any work, as a bad key is
