@@ -115,8 +115,9 @@ def main() -> None:
     if moved:
         raise UnlearnError(f"the edit moved {len(moved)} UNet/autoencoder tensors (first: {moved[0]}); only the text encoder may change")
     if not edit.converged:
-        log.warning("no step up to rho %g on the %d searched layers passes the forget criterion and the guard; keeping the best step seen "
-                    "(%s, rho %.4g) and reporting converged: false", cfg.rho_max, len(edit.layers), edit.layer, edit.rho)
+        log.warning("no step up to rho %g on the %d searched layers passes the forget criterion and the guard; keeping the step that forgets most%s "
+                    "(%s, rho %.4g) and reporting converged: false", cfg.rho_max, len(edit.layers),
+                    " within the guard" if edit.choice["fallback"] == "guard" else "", edit.layer, edit.rho)
 
     held = canvas_images(CANVAS, size, target.axes)
     axis_of = {"object": held.objects, "style": held.styles}
@@ -142,6 +143,7 @@ def main() -> None:
 
     metrics = {
         "concept": concept.name, "kind": concept.kind, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
+        **({} if edit.converged else {"fallback": edit.choice["fallback"]}),  # which rule kept the unconverged step (sd.search.fallback)
         "test": figures(after), "base_test": figures(base_test),
         "other_names": {n: {"UA": round(1 - after_alias[n], 4), "base_UA": round(1 - base_alias[n], 4)} for n in other_names},
         "test_sizes": test.sizes, "validation_sizes": val.sizes,

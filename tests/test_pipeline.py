@@ -468,6 +468,7 @@ def test_sd_unlearn_writes_a_patch_that_turns_the_base_pipeline_into_the_unlearn
     for stage, base, patch in (("sd_unlearn", "sd_base", "sd_unlearned"), ("sd_unlearn_small", "sd_base_small", "sd_unlearned_small")):
         m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
         assert m["concept"] == "Mickey" and m["unet_vae_unchanged"] and m["layer"].startswith("text_model.")
+        assert ("fallback" in m) == (not m["converged"]) and m.get("fallback", "guard") in ("guard", "forget")  # which rule kept an unconverged step
         for side in ("test", "base_test"):
             assert set(m[side]) == {"UA", "IRA", "CRA"} and all(0 <= v <= 1 for v in m[side].values())
         assert set(m["other_names"]) == {"Mickey Mouse", "Micky"} and m["test_sizes"]["forget"] == 9
@@ -496,6 +497,7 @@ def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
             assert "time_s" not in s and all("time_s" not in r for r in s["rows"])  # the cost is in the run records
         assert all(s["stored_bytes"] > 0 for k, s in m["methods"].items() if k != "base")
         assert all(r["changed_tensors"] == 1 and r["layer"].startswith("text_model.") for r in m["methods"]["slug"]["rows"])
+        assert all(("fallback" in r) == (not r["converged"]) for r in m["methods"]["slug"]["rows"])
         record = json.loads((repo / "runs" / f"{stage}@esd.json").read_text())
         assert all(r["time_s"] > 0 for r in record["rows"])
         table = (repo / "plots" / f"{stage}.md").read_text()
@@ -544,6 +546,7 @@ SD_BAD = [
     ({"sd.concept": "Elon Musk"}, r"error: sd.concept 'Elon Musk' \(identity\) is not drawn by the pipeline; use an object"),
     ({"sd.concept": "Mickie"}, r"error: concept 'Mickie' is not in the concept table; closest known: 'Mickey'"),
     ({"sd.search.prompt_moments": 2}, r"error: sd.search.prompt_moments is 2.0; give a weight in \[0, 1\]"),
+    ({"sd.search.fallback": "none"}, r"error: sd.search.fallback is 'none'; use guard \(when no layer passes, keep the step that forgets most"),
     ("text_encoder", r"error: the pipeline at models/sd_base_small has no text_encoder/ folder; SLUG edits the text encoder"),
 ]
 

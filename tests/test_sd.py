@@ -586,6 +586,10 @@ def test_the_diffusion_search_config_is_the_clip_one_with_the_sd_keys_over_it():
     clip = as_config(SearchConfig, dict(params["slug"]["search"]), "slug.search")
     assert (cfg.stop, cfg.rho_start, cfg.rho_max, cfg.direction) == (clip.stop, clip.rho_start, clip.rho_max, clip.direction)  # what sd does not name
     assert search_config(dict(params["slug"]["search"]), sd, "k", stop="first").stop == "first"
+    for fallback in ("guard", "forget"):  # the diffusion track's own fallback, not the CLIP track's
+        assert search_config(dict(params["slug"]["search"]) | {"fallback": "forget"}, sd | {"fallback": fallback}, "k").fallback == fallback
+    with pytest.raises(UnlearnError, match=r"^sd.search.fallback is 'none'; use guard \(when no layer passes"):
+        search_config(dict(params["slug"]["search"]), sd | {"fallback": "none"}, "slug.search + sd.search")
     with pytest.raises(UnlearnError, match=r"slug.search.stop is 'last'"):
         search_config(dict(params["slug"]["search"]), sd, "k", stop="last")
 

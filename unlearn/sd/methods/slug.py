@@ -66,6 +66,7 @@ class SlugConfig:
     steps: int = 10              # DDIM steps of the search's validation drawings (the answer set's: sd.sample.steps); 10 halves the search's time at the same figures
     rho_tolerance: float = 0.05  # the bisection stops once the bracket is within this fraction of the passing rho
     stop: str = "first"   # first: stop at the first layer (by Pareto rank) that passes, as the reference edits one front layer | all
+    fallback: str = "guard"  # when no layer passes: guard: the step that forgets most within the guard | forget: the one that forgets most
 
     RANGES: ClassVar[dict[str, str]] = {"forget_rate": "[0, 1]", "max_drop": "[0, 1]", "images_per_prompt": "> 0", "forget_images_per_prompt": "> 0",
                                         "max_layers": "> 0", "evals_per_layer": "> 0", "damping": "> 0", "prompt_moments": "[0, 1]",
@@ -75,6 +76,9 @@ class SlugConfig:
         if self.stop not in ("all", "first"):
             raise UnlearnError(f"unlearncanvas.slug.stop is {self.stop!r}; use first (stop at the first layer that passes) or all "
                                "(search max_layers layers and keep the best)")
+        from unlearn.sd.unlearn import check_fallback
+
+        check_fallback(self.fallback, "unlearncanvas.slug")
 
 
 @register("slug", SlugConfig, "SLUG: one text-encoder tensor edited along its (retain-preconditioned) forget gradient, step searched")
@@ -110,6 +114,7 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     apply_edit(clip, edit.layer, edit.delta)  # the pipeline's text encoder is the CLIP's text tower
     name = pipeline_name(edit.layer)
     return Result({f"text_encoder.{name}": dict(ctx.pipe.text_encoder.named_parameters())[name].detach().cpu().clone()},
-                  {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, "evaluations": len(edit.rows), "validation_drawings": val.drawn,
+                  {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
+                   **({} if edit.converged else {"fallback": edit.choice["fallback"]}), "evaluations": len(edit.rows), "validation_drawings": val.drawn,
                    "forget_pairs": forget["count"],
                    "phases_s": {k: round(v, 2) for k, v in times.items() if not k.startswith("evals_")}})
