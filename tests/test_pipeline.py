@@ -551,7 +551,7 @@ SD_BAD = [
 ]
 
 
-@pytest.mark.parametrize("bad,message", SD_BAD, ids=["template", "identity", "unknown", "moments", "no-text-encoder"])
+@pytest.mark.parametrize("bad,message", SD_BAD, ids=["template", "identity", "unknown", "moments", "fallback", "no-text-encoder"])
 def test_sd_unlearn_bad_input_is_one_line_and_keeps_outputs(repo, bad, message):
     outputs = [repo / "metrics" / "sd_unlearn_small.json", *sorted((repo / "models" / "sd_unlearned_small").iterdir()),
                repo / "plots" / "sd_unlearn_small.png", repo / "plots" / "sd_unlearn_small_search.csv"]
