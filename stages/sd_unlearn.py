@@ -75,7 +75,7 @@ def main() -> None:
     known = {f.name for f in dataclasses.fields(SlugConfig)} - {"stop"}  # the UnlearnCanvas SLUG's keys: sd_unlearn searches every planned layer
     if set(ss) != known:
         raise UnlearnError(f"sd.search has keys {sorted(ss)}; it needs exactly {sorted(known)} (copy them from the committed params.yaml)")
-    cfg = search_config(dict(p("slug.search")), ss, "slug.search + sd.search")
+    cfg = search_config(dict(p("slug.search")), ss, "sd.search")
     other_names = [str(n) for n in (p("sd.other_names") or {}).get(concept.name, [])]
     device = torch_device(p("model.device"))
     clip = load(CLIP, device=device)

@@ -546,7 +546,7 @@ SD_BAD = [
     ({"sd.concept": "Elon Musk"}, r"error: sd.concept 'Elon Musk' \(identity\) is not drawn by the pipeline; use an object"),
     ({"sd.concept": "Mickie"}, r"error: concept 'Mickie' is not in the concept table; closest known: 'Mickey'"),
     ({"sd.search.prompt_moments": 2}, r"error: sd.search.prompt_moments is 2.0; give a weight in \[0, 1\]"),
-    ({"sd.search.fallback": "none"}, r"error: sd.search.fallback is 'none'; use guard \(when no layer passes, keep the step that forgets most"),
+    ({"sd.search.fallback": "none"}, r"error: sd.search.fallback is 'none'; use forget \(when no layer passes, keep the step that forgets most\) or guard"),
     ("text_encoder", r"error: the pipeline at models/sd_base_small has no text_encoder/ folder; SLUG edits the text encoder"),
 ]
 

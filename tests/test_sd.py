@@ -580,18 +580,18 @@ def test_the_diffusion_search_config_is_the_clip_one_with_the_sd_keys_over_it():
 
     params = load_yaml(ROOT / "params.yaml")
     sd = dict(params["sd"]["search"]) | {"forget_rate": 0.1, "max_drop": 0.07, "rho_tolerance": 0.25, "max_layers": 3}
-    cfg = search_config(dict(params["slug"]["search"]), sd, "slug.search + sd.search")
+    cfg = search_config(dict(params["slug"]["search"]), sd, "sd.search")
     assert cfg.forget_top1 == cfg.forget_top5 == 0.1 and cfg.max_identity_drop == cfg.max_object_drop == cfg.max_style_drop == 0.07
     assert (cfg.rho_tolerance, cfg.max_layers, cfg.widen_to, cfg.moments) == (0.25, 3, 0, "shared")
     clip = as_config(SearchConfig, dict(params["slug"]["search"]), "slug.search")
     assert (cfg.stop, cfg.rho_start, cfg.rho_max, cfg.direction) == (clip.stop, clip.rho_start, clip.rho_max, clip.direction)  # what sd does not name
-    assert search_config(dict(params["slug"]["search"]), sd, "k", stop="first").stop == "first"
+    assert search_config(dict(params["slug"]["search"]), sd, "sd.search", stop="first").stop == "first"
     for fallback in ("guard", "forget"):  # the diffusion track's own fallback, not the CLIP track's
-        assert search_config(dict(params["slug"]["search"]) | {"fallback": "forget"}, sd | {"fallback": fallback}, "k").fallback == fallback
-    with pytest.raises(UnlearnError, match=r"^sd.search.fallback is 'none'; use guard \(when no layer passes"):
-        search_config(dict(params["slug"]["search"]), sd | {"fallback": "none"}, "slug.search + sd.search")
+        assert search_config(dict(params["slug"]["search"]) | {"fallback": "forget"}, sd | {"fallback": fallback}, "sd.search").fallback == fallback
+    with pytest.raises(UnlearnError, match=r"^sd.search.fallback is 'none'; use forget \(when no layer passes.* or guard"):
+        search_config(dict(params["slug"]["search"]), sd | {"fallback": "none"}, "sd.search")
     with pytest.raises(UnlearnError, match=r"slug.search.stop is 'last'"):
-        search_config(dict(params["slug"]["search"]), sd, "k", stop="last")
+        search_config(dict(params["slug"]["search"]), sd, "sd.search", stop="last")
 
 
 def _unet_steps(**kw):

@@ -42,7 +42,7 @@ def test_every_diffusion_method_is_registered_with_its_config():
         config_of("slug", {"rho_tolerance": 1}, "unlearncanvas")
     with pytest.raises(UnlearnError, match=r"^params.yaml unlearncanvas.slug.steps is 0; it must be a number > 0$"):
         config_of("slug", {"steps": 0}, "unlearncanvas")
-    with pytest.raises(UnlearnError, match=r"unlearncanvas.slug.fallback is 'none'; use guard \(when no layer passes"):
+    with pytest.raises(UnlearnError, match=r"unlearncanvas.slug.fallback is 'none'; use forget \(when no layer passes.* or guard"):
         config_of("slug", {"fallback": "none"}, "unlearncanvas")
     with pytest.raises(UnlearnError, match=r"^unlearncanvas.methods names an unknown method 'fmn'; known: ca, esd, salun, slug, uce$"):
         check_methods(["esd", "fmn"], "unlearncanvas.methods")

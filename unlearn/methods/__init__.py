@@ -21,7 +21,9 @@ def check_direction(direction: str, damping: float) -> None:
         raise UnlearnError(f"slug.search.damping must be a number > 0 (got {damping!r}); 0.1 is the default")
 
 
-def check_fallback(fallback: str) -> None:
+def check_fallback(fallback: str, key: str = "slug.search.fallback") -> None:
+    """What an unconverged search keeps, `key` naming the param in the error (the CLIP track's
+    `slug.search.fallback`, the diffusion track's `sd.search.fallback`, `unlearncanvas.slug.fallback`)."""
     if fallback not in FALLBACKS:
-        raise UnlearnError(f"slug.search.fallback is {fallback!r}; use forget (when no layer passes, keep the step that forgets most) "
+        raise UnlearnError(f"{key} is {fallback!r}; use forget (when no layer passes, keep the step that forgets most) "
                            "or guard (keep the step that forgets most among those within the guard)")

@@ -491,8 +491,9 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
     the forget set (`SdEvaluator`, which draws it round by round) is asked to give up a forget set
     as soon as it shows the target more often than the criterion allows: such a row's `scored` is
     `forget_above`, its forget figures None and `forget_at_least` the share seen; when no layer
-    passes, the fallback scores whole every such row that could tie the best forget figures (every
-    one, with the guard fallback), so the choice stays that of full scoring.  A row's `scored`
+    passes, the fallback scores whole every such row that could tie the best forget figures (with
+    the guard fallback, every one that could tie the group being examined, that group's FA@1 at
+    or above the row's share seen), so the choice stays that of full scoring.  A row's `scored`
     says which it got; unscored figures are None.  `times` (if given) accumulates the seconds
     spent scoring the forget set and the guard sets, and their counts."""
     params = dict(adapter.model.named_parameters())
@@ -635,16 +636,31 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
         return rows, {**choice, "converged": True}
     if not rows:
         raise UnlearnError("no layer to search: the Pareto fronts are empty")
-    # rows that gave their forget set up: scored whole where they could tie the best forget figures (all of them for the guard rule)
-    least_known = min((r["forget_top1"] for r in rows if r["forget_top1"] is not None), default=None)
-    for r in rows:
-        if r["scored"] == "forget_above" and (cfg.fallback == "guard" or least_known is None or r["forget_at_least"] <= least_known + 1e-9):
-            refills[r["layer"]](r)
-    rows_known = [r for r in rows if r["forget_top1"] is not None]
+
+    def refill_up_to(ceiling: float | None) -> None:
+        """Score whole the forget set of every row that gave it up and could forget as much as
+        `ceiling` FA@1 or more (its share seen part way, `forget_at_least`, is a floor of its FA@1);
+        every such row if `ceiling` is None."""
+        for r in rows:
+            if r["scored"] == "forget_above" and (ceiling is None or r["forget_at_least"] <= ceiling + 1e-9):
+                refills[r["layer"]](r)
+
     if cfg.fallback == "guard":
-        # no layer passes: the step that forgets most among those within the guard (utility, then the smaller rho, breaking ties)
-        for figures in sorted({(r["forget_top1"], r["forget_top5"]) for r in rows_known}):
-            tied = [scorers[r["layer"]](r) for r in rows_known if (r["forget_top1"], r["forget_top5"]) == figures]
+        # no layer passes: the step that forgets most among those within the guard (utility, then the smaller rho, breaking ties),
+        # group by group of equal forget figures from the best; a row that gave its forget set up is scored whole only once the
+        # group examined could hold it (its floor at or under the group's FA@1), so the choice is that of scoring all of them
+        examined: set[tuple[float, float]] = set()
+        while True:
+            figures = min(((r["forget_top1"], r["forget_top5"]) for r in rows if r["forget_top1"] is not None
+                           and (r["forget_top1"], r["forget_top5"]) not in examined), default=None)
+            waiting = sum(r["scored"] == "forget_above" for r in rows)
+            refill_up_to(None if figures is None else figures[0])
+            if waiting != sum(r["scored"] == "forget_above" for r in rows):
+                continue  # a row scored whole may forget more than the group: look again
+            if figures is None:
+                break
+            examined.add(figures)
+            tied = [scorers[r["layer"]](r) for r in rows if (r["forget_top1"], r["forget_top5"]) == figures]
             within = [r for r in tied if r["guard_ok"]]
             if within:
                 best = max(within, key=lambda r: (utility_score(r), -r["rho"]))
@@ -652,6 +668,9 @@ def search_layers(adapter: Adapter, evaluator, directions: dict[str, torch.Tenso
                          best["forget_top1"], best["forget_top5"])
                 return rows, {**best, "converged": False, "fallback": "guard"}
         log.warning("no step of the search is within the guard, not even the smallest; keeping the step that forgets most")
+    # rows that gave their forget set up: scored whole where they could tie the best forget figures
+    refill_up_to(min((r["forget_top1"] for r in rows if r["forget_top1"] is not None), default=None))
+    rows_known = [r for r in rows if r["forget_top1"] is not None]
     # no layer passes: the best step by forget figures, utility breaking ties (scored now where it was not)
     least = min((r["forget_top1"], r["forget_top5"]) for r in rows_known)
     for r in rows_known:

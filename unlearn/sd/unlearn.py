@@ -145,33 +145,27 @@ def mix_prompt_moments(clip, moments: dict[str, torch.Tensor], prompts: list[str
     return {**moments, **{n: (1 - weight) * moments[n] + weight * ours[n].to(moments[n]) for n in text}}
 
 
-def check_fallback(fallback: str, section: str) -> None:
-    """The diffusion search's fallback (`sd.search.fallback`, `unlearncanvas.slug.fallback`): what
-    an unconverged search keeps.  guard: the step that forgets most among those within the guard
-    (a weaker edit, the pipeline's other drawings kept); forget: the step that forgets most,
-    whatever it costs them (the CLIP track's default)."""
-    from unlearn.methods import FALLBACKS
-
-    if fallback not in FALLBACKS:
-        raise UnlearnError(f"{section}.fallback is {fallback!r}; use guard (when no layer passes, keep the step that forgets most among those "
-                           "within the guard) or forget (keep the step that forgets most)")
-
-
-def search_config(slug_search: dict, sd: dict, key: str, stop: str | None = None):
+def search_config(slug_search: dict, sd: dict, section: str, stop: str | None = None):
     """The step search's config for a search judged on drawings: the CLIP track's `slug.search`
     with the diffusion search's keys over it (`sd.search`, or `unlearncanvas.slug` as a dict): one
     forget rate for FA@1 and FA@5, one bound for every guard drop, its layers, evaluations, damping
     and bisection tolerance, its fallback; `stop` if given (else slug.search's); no widening (each further layer
     costs minutes of drawing) and the shared moments (the caller mixes the pipeline's prompts into
-    them: `mix_prompt_moments`).  `key` names the params in a one-line error, "slug.search + <section>"."""
+    them: `mix_prompt_moments`).  `section` names the diffusion search's params (`sd.search`,
+    `unlearncanvas.slug`) in a one-line error.  Its fallback defaults to guard (`sd.search.fallback`):
+    the step that forgets most among those within the guard, a weaker edit with the pipeline's other
+    drawings kept, where the CLIP track's forget rule would keep the step that forgets most whatever
+    it costs them."""
+    from unlearn.methods import check_fallback
     from unlearn.methods.slug import SearchConfig
     from unlearn.params import as_config
 
-    check_fallback(sd["fallback"], key.rsplit(" + ", 1)[-1])
+    check_fallback(sd["fallback"], f"{section}.fallback")
     return as_config(SearchConfig, {**slug_search, "forget_top1": sd["forget_rate"], "forget_top5": sd["forget_rate"],
                                     "max_identity_drop": sd["max_drop"], "max_object_drop": sd["max_drop"], "max_style_drop": sd["max_drop"],
                                     **{k: sd[k] for k in ("max_layers", "evals_per_layer", "damping", "rho_tolerance", "fallback")},
-                                    **({"stop": stop} if stop is not None else {}), "widen_to": 0, "moments": "shared"}, key)
+                                    **({"stop": stop} if stop is not None else {}), "widen_to": 0, "moments": "shared"},
+                     f"slug.search + {section}")
 
 
 CHUNK_CPU = 32  # drawings per pipeline call in the search's parts on a CPU (drawings/s is flat from 8 to 224 there)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from unlearn.errors import UnlearnError
+from unlearn.methods import check_fallback
 from unlearn.params import as_config
 from unlearn.sd.methods import Context, Result, register
 
@@ -76,9 +77,7 @@ class SlugConfig:
         if self.stop not in ("all", "first"):
             raise UnlearnError(f"unlearncanvas.slug.stop is {self.stop!r}; use first (stop at the first layer that passes) or all "
                                "(search max_layers layers and keep the best)")
-        from unlearn.sd.unlearn import check_fallback
-
-        check_fallback(self.fallback, "unlearncanvas.slug")
+        check_fallback(self.fallback, "unlearncanvas.slug.fallback")
 
 
 @register("slug", SlugConfig, "SLUG: one text-encoder tensor edited along its (retain-preconditioned) forget gradient, step searched")
@@ -102,7 +101,7 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     concept = inputs.concept_of(ctx.target.name)
     retain = dataclasses.replace(inputs.retain, moments=mix_prompt_moments(clip, inputs.retain.moments, retain_prompts(ctx.target, ctx.templates),
                                                                             cfg.prompt_moments))
-    search = search_config(inputs.search, dataclasses.asdict(cfg), "slug.search + unlearncanvas.slug", stop=cfg.stop)
+    search = search_config(inputs.search, dataclasses.asdict(cfg), "unlearncanvas.slug", stop=cfg.stop)
     rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
     val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, dataclasses.replace(ctx.sample, steps=cfg.steps), cfg.images_per_prompt, ctx.validation_seed, ctx.size,
                       forget_per_prompt=cfg.forget_images_per_prompt)
