@@ -423,14 +423,19 @@ def _count_calls(monkeypatch, cls, *names: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("reference_first", [True, False])
-def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_world, monkeypatch, reference_first):
+def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_world, monkeypatch, request, reference_first):
     """A search moving between vision blocks (back and forth): with every block's states read in
     one pass per set (by the reference evaluation, or without one by the first `prepare` of a
     vision-block tensor, on the unedited model), the figures and the embeddings equal
     those of the one-block-at-a-time cache (the budget set to 0), and each set is run through the
     vision tower once, not once per block visited.  States read while an edit is applied would
-    hold it past the edited block: the first layer is block 2, then the pooling head."""
+    hold it past the edited block: the first layer is block 2, then the pooling head.  Bit for bit
+    with one torch thread (as under `make test`'s workers): with two, a matmul over 8 images may
+    round otherwise than over 16, so the chunked run would differ in the last bits."""
     import unlearn.eval.suite as suite
+
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    torch.set_num_threads(1)
 
     tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "val", 0.34, 0)
     layers = ["visual.transformer.resblocks.2.mlp.c_fc.weight", "visual.proj", "transformer.resblocks.0.attn.out_proj.weight",
