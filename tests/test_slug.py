@@ -434,7 +434,8 @@ def test_the_one_pass_block_cache_scores_as_the_one_block_cache(trained, tiny_wo
     round otherwise than over 16, so the chunked run would differ in the last bits."""
     import unlearn.eval.suite as suite
 
-    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    threads = torch.get_num_threads()
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
     torch.set_num_threads(1)
 
     tasks = concept_tasks(tiny_world / "eval", Concept("Elon Musk", "identity"), "val", 0.34, 0)
