@@ -465,10 +465,12 @@ def test_sd_unlearn_writes_a_patch_that_turns_the_base_pipeline_into_the_unlearn
 
     from unlearn.sd.unlearn import apply_sd_patch
 
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     for stage, base, patch in (("sd_unlearn", "sd_base", "sd_unlearned"), ("sd_unlearn_small", "sd_base_small", "sd_unlearned_small")):
         m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
         assert m["concept"] == "Mickey" and m["unet_vae_unchanged"] and m["layer"].startswith("text_model.")
-        assert ("fallback" in m) == (not m["converged"]) and m.get("fallback", "guard") in ("guard", "forget")  # which rule kept an unconverged step
+        # which rule kept an unconverged step: the one sd.search.fallback names, recorded only then
+        assert ("fallback" in m) == (not m["converged"]) and m.get("fallback", params["sd"]["search"]["fallback"]) == params["sd"]["search"]["fallback"]
         for side in ("test", "base_test"):
             assert set(m[side]) == {"UA", "IRA", "CRA"} and all(0 <= v <= 1 for v in m[side].values())
         assert set(m["other_names"]) == {"Mickey Mouse", "Micky"} and m["test_sizes"]["forget"] == 9
@@ -487,6 +489,7 @@ def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
 
     from unlearn.sd.methods import apply_changed
 
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     for stage, targets in (("unlearncanvas", {"Sepia": "style", "apple": "object"}), ("unlearncanvas_small", {"Neon": "style", "car": "object"})):
         m = json.loads((repo / "metrics" / f"{stage}.json").read_text())
         assert set(m["methods"]) == {"base", "slug", "esd", "salun", "uce", "ca"} and m["answer_set"]["images"] == 126
@@ -498,6 +501,8 @@ def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
         assert all(s["stored_bytes"] > 0 for k, s in m["methods"].items() if k != "base")
         assert all(r["changed_tensors"] == 1 and r["layer"].startswith("text_model.") for r in m["methods"]["slug"]["rows"])
         assert all(("fallback" in r) == (not r["converged"]) for r in m["methods"]["slug"]["rows"])
+        fallback = {**params["unlearncanvas"]["slug"], **params[stage].get("slug", {})}["fallback"]  # the twin's keys over the default's
+        assert all(r.get("fallback", fallback) == fallback for r in m["methods"]["slug"]["rows"])
         record = json.loads((repo / "runs" / f"{stage}@esd.json").read_text())
         assert all(r["time_s"] > 0 for r in record["rows"])
         table = (repo / "plots" / f"{stage}.md").read_text()
