@@ -460,6 +460,31 @@ def test_a_patch_with_one_flipped_byte_is_refused(tmp_path):
         read_patch(tmp_path, "re-run the search stage")
 
 
+def test_a_patch_mostly_of_zero_rows_is_stored_by_rows_and_read_back_whole(tmp_path):
+    """An embedding table's edit moves a few rows: the patch stores those rows and their indices
+    (a fraction of the dense bytes) and reads back the same tensor; a dense edit is stored whole;
+    rows that disagree with the recorded shape are refused with one line."""
+    delta = torch.zeros(1000, 16)
+    delta[[3, 500, 999]] = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "rows").mkdir()
+    save_patch(tmp_path / "rows", "emb.weight", delta, {"family": "hf_clip"})
+    meta, tensors = read_patch(tmp_path / "rows", "re-run the search stage")
+    assert meta["rows"] == 3 and meta["shape"] == [1000, 16] and torch.equal(tensors["emb.weight"], delta) and list(tensors) == ["emb.weight"]
+    assert (tmp_path / "rows" / PATCH_WEIGHTS).stat().st_size < delta.numel() * 4 / 50
+    dense = torch.randn(4, 3)
+    dense[0] = 0  # one zero row of four: stored whole
+    (tmp_path / "dense").mkdir()
+    save_patch(tmp_path / "dense", "w.weight", dense, {})
+    meta, tensors = read_patch(tmp_path / "dense", "re-run the search stage")
+    assert "rows" not in meta and torch.equal(tensors["w.weight"], dense)
+    import json
+
+    record = json.loads((tmp_path / "rows" / "patch.json").read_text())
+    (tmp_path / "rows" / "patch.json").write_text(json.dumps(record | {"shape": [500, 16]}))
+    with pytest.raises(UnlearnError, match=r"stores emb.weight by rows but its indices, rows and recorded shape do not agree; re-run the search stage$"):
+        read_patch(tmp_path / "rows", "re-run the search stage")
+
+
 def test_gradients_and_retain_statistics_with_one_flipped_byte_are_refused(tiny_clip, tmp_path):
     from unlearn.methods.retain_stats import GRADIENT, SIDECAR, RetainStats, load_retain_stats, save_retain_stats
     from unlearn.methods.slug import GradientRecord, load_gradients, save_gradients

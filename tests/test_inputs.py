@@ -168,3 +168,32 @@ def test_step_directions_use_the_retain_moments_only_when_asked(adapter, batches
     for n in layers:
         assert pre[n].shape == g_f[n].shape and (pre[n] * g_f[n]).sum() > 0
         assert float(torch.nn.functional.cosine_similarity(pre[n].flatten(), g_f[n].flatten(), dim=0)) < 0.999
+
+
+def test_the_rows_layout_is_matmul_with_one_hot_inputs():
+    """An embedding table (`rows`) is y = x @ W with one-hot x: its preconditioned direction is the
+    `matmul` one with C = diag(token frequencies), row by row, and a row no input holds moves by
+    g / lam (the damping alone)."""
+    freq = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0], dtype=torch.float64)
+    g = torch.randn(5, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    rows = slug.precondition(g, freq, "rows", 0.1)
+    torch.testing.assert_close(rows, slug.precondition(g, torch.diag(freq), "matmul", 0.1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows[3], g[3] / (0.1 * freq.mean()))
+    assert (g * rows).sum() > 0
+    with pytest.raises(UnlearnError, match="zero or non-finite second moment"):
+        slug.precondition(g, torch.zeros(5, dtype=torch.float64), "rows", 0.1)
+
+
+def test_input_moments_of_the_token_embedding_are_the_token_frequencies(adapter, batches):
+    """The token embedding's input is the token ids: its moment is each token's share of every
+    position (padding included), counted independently of the hooks, for both families."""
+    from unlearn.models.export import to_hf_clip
+
+    for model, name in ((adapter, "token_embedding.weight"), (to_hf_clip(adapter), "text_model.embeddings.token_embedding.weight")):
+        assert model.input_layout(name) == "rows"
+        images, tokens = torch.cat([i for i, _ in batches]), model.tokenize(CAPTIONS)
+        moments, count = input_moments(model, [name], [(images[:4], tokens[:4]), (images[4:], tokens[4:])])
+        vocab = dict(model.model.named_parameters())[name].shape[0]
+        expected = torch.bincount(tokens.flatten(), minlength=vocab).double() / tokens.numel()
+        assert count == len(CAPTIONS) and moments[name].shape == (vocab,)
+        torch.testing.assert_close(moments[name], expected, rtol=0, atol=0)

@@ -285,6 +285,48 @@ def test_prompt_moments_mix_into_the_text_tensors_only(tiny_clip):
         mix_prompt_moments(clip, captions, prompts, 1.5)
 
 
+def test_the_token_embedding_is_a_candidate_on_request_and_its_step_moves_only_forget_tokens(tiny_clip, tiny_world):
+    """`token_embedding: true` adds the embedding table to the ranked candidates; its moments are
+    the token frequencies of the retain captions mixed with the pipeline's prompts; its
+    preconditioned step moves only rows of tokens the forget captions hold, the target's row more
+    than the start-of-text row every caption and prompt holds.  A flag that is not a boolean is one line."""
+    from unlearn.methods.slug import RankConfig, SearchConfig, forget_gradient, rank, step_directions
+    from unlearn.sd.unlearn import (
+        TOKEN_EMBEDDING,
+        caption_token_moments,
+        extra_candidates,
+        mix_prompt_moments,
+        reads,
+        retain_prompts,
+        target_of,
+    )
+
+    assert extra_candidates(False, "sd.search.token_embedding") == [] and extra_candidates(True, "k") == [TOKEN_EMBEDDING]
+    with pytest.raises(UnlearnError, match=r"^params.yaml sd.search.token_embedding is 'yes'; use true \(the token embedding is a candidate too\) or false$"):
+        extra_candidates("yes", "sd.search.token_embedding")
+    clip = to_hf_clip(copy.deepcopy(tiny_clip))
+    g = torch.Generator().manual_seed(0)
+    forget = clip.tokenize(["Mickey at the beach", "a Mickey toy", "Mickey waving"])
+    g_f, _, _ = forget_gradient(clip, [(torch.randn(3, 3, 64, 64, generator=g), forget)])
+    g_r, _, _ = forget_gradient(clip, [(torch.randn(3, 3, 64, 64, generator=g), clip.tokenize(["a red car", "a tree", "a fish"]))])
+    keep = lambda n: reads(n, 99)  # noqa: E731
+    assert TOKEN_EMBEDDING not in rank(clip, g_f, g_r, RankConfig(towers=["text"]), keep).order["text"]
+    assert TOKEN_EMBEDDING in rank(clip, g_f, g_r, RankConfig(towers=["text"]), keep, [TOKEN_EMBEDDING]).order["text"]
+    with pytest.raises(UnlearnError, match=r"has no tensor 'text_model.embeddings.nothing.weight' to add to the candidates"):
+        rank(clip, g_f, g_r, RankConfig(towers=["text"]), keep, ["text_model.embeddings.nothing.weight"])
+    captions = caption_token_moments(clip, tiny_world / "laion")
+    freq = captions[TOKEN_EMBEDDING]
+    assert freq.shape == (dict(clip.model.named_parameters())[TOKEN_EMBEDDING].shape[0],) and abs(float(freq.sum()) - 1) < 1e-9
+    prompts = retain_prompts(target_of("Mickey", "object", D.WORLD), D.Templates())
+    mixed = mix_prompt_moments(clip, captions, prompts, 0.5)
+    assert not torch.equal(mixed[TOKEN_EMBEDDING], freq) and abs(float(mixed[TOKEN_EMBEDDING].sum()) - 1) < 1e-9
+    d = step_directions(clip, g_f, [TOKEN_EMBEDDING], SearchConfig(), mixed)[TOKEN_EMBEDDING]
+    moved = set(d.ne(0).any(dim=1).nonzero().flatten().tolist())
+    assert moved and moved <= set(forget.flatten().tolist())
+    mickey, start = int(clip.tokenize(["Mickey"])[0, 1]), int(forget[0, 0])
+    assert d[start].norm() > 0 and d[mickey].norm() > 10 * d[start].norm()
+
+
 def test_tied_text_encoder_edit_reaches_the_pipeline_and_nothing_else(pipeline, tiny_clip, tmp_path):
     from unlearn.methods.slug import save_patch
     from unlearn.sd.unlearn import apply_sd_patch, reads, tie_text_encoder, used_layers

@@ -222,18 +222,22 @@ def edit_delta(weight: torch.Tensor, direction: torch.Tensor, rho: float) -> tor
 def precondition(grad: torch.Tensor, moment: torch.Tensor, layout: str, damping: float) -> torch.Tensor:
     """The forget gradient of one tensor in the metric of its output change on the retain inputs:
     g (C + lam I)^-1 for y = x W^T (`linear`), (C + lam I)^-1 g for y = x @ W (`matmul`),
-    g / (c + lam) elementwise for a LayerNorm weight (`scale`), where C = E[x x^T] (c its
-    diagonal) and lam = damping x the mean eigenvalue of C.  Among edits with the same
+    g / (c + lam) elementwise for a LayerNorm weight (`scale`), each row of g divided by its
+    token's c + lam for an embedding table (`rows`: `matmul` with one-hot inputs, C diagonal),
+    where C = E[x x^T] (c its diagonal, the moment given for `scale` and `rows`) and lam =
+    damping x the mean eigenvalue of C.  Among edits with the same
     first-order rise of L_f it is the one that moves the layer's retain outputs least, so it
     still increases L_f: <g, direction> > 0."""
     g, m = grad.double(), moment.double()
-    scale = (m.mean() if layout == "scale" else torch.trace(m) / m.shape[0]).item()
+    scale = (m.mean() if layout in ("scale", "rows") else torch.trace(m) / m.shape[0]).item()
     if not math.isfinite(scale) or scale <= 0:
         raise UnlearnError(f"the retain inputs of a {tuple(grad.shape)} tensor have zero or non-finite second moment; "
                            "check the retain set, or set slug.search.direction=gradient")
     lam = damping * scale
     if layout == "scale":
         out = g / (m + lam)
+    elif layout == "rows":
+        out = g / (m + lam)[:, None]
     else:
         a = m + lam * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
         out = torch.linalg.solve(a, g.T).T if layout == "linear" else torch.linalg.solve(a, g)
@@ -305,11 +309,20 @@ def search_step(evaluate: Callable[[float], dict], forget_ok: Callable[[dict], b
 # ---------------------------------------------------------------- the one-layer patch
 
 PATCH_WEIGHTS, PATCH_META = "patch.safetensors", "patch.json"
+ROWS_SUFFIX = ":rows"  # beside a delta stored by rows: the indices of its rows that are not zero
 
 
 def save_patch(directory: Path, layer: str, delta: torch.Tensor, meta: dict) -> None:
-    save_safetensors({layer: delta.detach().contiguous().cpu()}, directory / PATCH_WEIGHTS, metadata={"layer": layer})
-    write_json(directory / PATCH_META, meta | {"layer": layer, "shape": list(delta.shape), "weights_sha256": sha256_file(directory / PATCH_WEIGHTS)})
+    """The one-layer edit as safetensors beside its metadata.  A delta most of whose rows are zero
+    (an embedding table's edit moves the rows of the tokens the forget captions hold) is stored by
+    its nonzero rows and their indices (`rows` in the metadata); `read_patch` gives it back whole."""
+    delta = delta.detach().contiguous().cpu()
+    nonzero = delta.reshape(delta.shape[0], -1).ne(0).any(dim=1).nonzero().flatten() if delta.dim() > 1 else None
+    by_rows = nonzero is not None and 2 * len(nonzero) < delta.shape[0]
+    tensors = {layer: delta[nonzero].contiguous(), layer + ROWS_SUFFIX: nonzero} if by_rows else {layer: delta}
+    save_safetensors(tensors, directory / PATCH_WEIGHTS, metadata={"layer": layer})
+    write_json(directory / PATCH_META, meta | {"layer": layer, "shape": list(delta.shape), **({"rows": len(nonzero)} if by_rows else {}),
+                                                "weights_sha256": sha256_file(directory / PATCH_WEIGHTS)})
 
 
 def read_patch(directory: str | Path, rerun: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -317,7 +330,16 @@ def read_patch(directory: str | Path, rerun: str) -> tuple[dict, dict[str, torch
     makes it) when a file is missing, its weights do not hash as recorded (a flipped byte, a
     truncated copy) or they hold NaN or inf."""
     meta, tensors = read_hashed_tensors(directory, PATCH_META, (PATCH_WEIGHTS,), lambda m: {PATCH_WEIGHTS: m.get("weights_sha256")}, "SLUG patch", rerun)
-    return meta, tensors[PATCH_WEIGHTS]
+    tensors = dict(tensors[PATCH_WEIGHTS])
+    for name in [n for n in tensors if n.endswith(ROWS_SUFFIX)]:
+        index, rows, layer = tensors.pop(name), tensors.get(name.removesuffix(ROWS_SUFFIX)), name.removesuffix(ROWS_SUFFIX)
+        shape = meta.get("shape") if meta.get("layer") == layer else None
+        if rows is None or shape is None or index.dim() != 1 or len(index) != rows.shape[0] or (len(index) and int(index.max()) >= shape[0]):
+            raise UnlearnError(f"SLUG patch {directory} stores {layer} by rows but its indices, rows and recorded shape do not agree; {rerun}")
+        whole = torch.zeros(shape, dtype=rows.dtype)
+        whole[index] = rows
+        tensors[layer] = whole
+    return meta, tensors
 
 
 def apply_patch(adapter: Adapter, directory: str | Path, model_dir: str | Path | None = None) -> dict:
@@ -710,11 +732,18 @@ def rank_towers_of(adapter: Adapter, cfg: RankConfig) -> tuple[str, ...]:
 
 
 def rank(adapter: Adapter, forget: dict[str, torch.Tensor], retain: dict[str, torch.Tensor], cfg: RankConfig,
-         keep: Callable[[str], bool] | None = None) -> Ranking:
+         keep: Callable[[str], bool] | None = None, extra: Sequence[str] = ()) -> Ranking:
     """Importance and alignment of every candidate tensor of the chosen towers, ranked per tower.
-    `keep` (if given) narrows the candidates further, e.g. to the tensors a VLM reads."""
+    `keep` (if given) narrows the candidates further, e.g. to the tensors a VLM reads; `extra`
+    names tensors the adapter does not offer that are candidates too (the diffusion track's token
+    embedding, `unlearn.sd.unlearn.TOKEN_EMBEDDING`)."""
     towers = rank_towers_of(adapter, cfg)
-    candidates = [n for n in adapter.candidate_layers(bool(cfg.include_layernorm)) if adapter.tower(n) in towers and (keep is None or keep(n))]
+    params = dict(adapter.model.named_parameters())
+    unknown = [n for n in extra if n not in params]
+    if unknown:
+        raise UnlearnError(f"this {adapter.family} model has no tensor {unknown[0]!r} to add to the candidates")
+    offered = adapter.candidate_layers(bool(cfg.include_layernorm))
+    candidates = [n for n in [*offered, *(n for n in extra if n not in offered)] if adapter.tower(n) in towers and (keep is None or keep(n))]
     if not candidates:
         raise UnlearnError(f"no candidate tensor left to rank in the towers {', '.join(towers)}; widen slug.rank.towers")
     return rank_towers(layer_scores(adapter, forget, retain, candidates), towers, cfg.alignment)
@@ -765,9 +794,10 @@ def apply_edit(adapter: Adapter, layer: str, delta: torch.Tensor) -> None:
 
 def find_edit(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: RetainStats, evaluator, kind: str,
               rank_cfg: RankConfig, search_cfg: SearchConfig, keep: Callable[[str], bool] | None = None,
-              moments: Moments | None = None) -> tuple[Edit, dict[str, float]]:
+              moments: Moments | None = None, extra: Sequence[str] = ()) -> tuple[Edit, dict[str, float]]:
     """SLUG for one concept, given the shared retain statistics: forget gradient, ranking (of the
-    candidates `keep` accepts, if given) and search; the model is left unedited.  The step's input
+    candidates `keep` accepts, if given, with the tensors `extra` names: `rank`) and search; the
+    model is left unedited.  The step's input
     moments are `moments` if given (the concept's kept moments: `TableMoments.kept_source`), else
     the retain statistics'; `search_cfg.moments` says which the caller must give.  Returns the
     edit and the wall time of each phase (the search's split by what it scored)."""
@@ -777,7 +807,7 @@ def find_edit(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: 
     t0 = time.perf_counter()
     g_f, _, _ = forget_gradient(adapter, forget_batches())
     t1 = time.perf_counter()
-    ranking = rank(adapter, g_f, retain.gradient, rank_cfg, keep)
+    ranking = rank(adapter, g_f, retain.gradient, rank_cfg, keep, extra)
     t2 = time.perf_counter()
     edit = search(adapter, evaluator, g_f, ranking.front_scores(), ranking.order, search_cfg, kind, retain.moments if moments is None else moments)
     t3 = time.perf_counter()

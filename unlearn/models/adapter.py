@@ -46,7 +46,7 @@ FAMILIES: dict[str, str] = {
     "open_clip": "unlearn.models.openclip:OpenClipAdapter",
     "hf_clip": "unlearn.models.hf_clip:HFClipAdapter",
 }
-LAYOUTS = ("linear", "matmul", "scale")
+LAYOUTS = ("linear", "matmul", "scale", "rows")
 Record = Callable[[str, torch.Tensor], None]
 
 
@@ -256,15 +256,19 @@ class Adapter(abc.ABC):
         return name.removesuffix(".weight")
 
     def input_layout(self, name: str) -> str:
-        """How tensor `name` meets its input x: `linear` (y = x W^T), `matmul` (y = x @ W) or
-        `scale` (a LayerNorm weight, y = w * x_hat).  Shared rule: the weight of an nn.Linear is
-        `linear`, of an nn.LayerNorm `scale`; families override for other modules."""
+        """How tensor `name` meets its input x: `linear` (y = x W^T), `matmul` (y = x @ W),
+        `scale` (a LayerNorm weight, y = w * x_hat) or `rows` (an embedding table read row by row,
+        y = W[token]: `matmul` with a one-hot x, whose second moment is diagonal, the tokens'
+        frequencies).  Shared rule: the weight of an nn.Linear is `linear`, of an nn.LayerNorm
+        `scale`, of an nn.Embedding `rows`; families override for other modules."""
         owner, _, leaf = name.rpartition(".")
         module = dict(self.model.named_modules()).get(owner)
         if leaf == "weight" and isinstance(module, nn.Linear):
             return "linear"
         if leaf == "weight" and isinstance(module, nn.LayerNorm):
             return "scale"
+        if leaf == "weight" and isinstance(module, nn.Embedding):
+            return "rows"
         raise UnlearnError(f"no input statistics for tensor {name!r} (not a linear layer, attention projection, tower projection "
                            "or LayerNorm weight); set slug.search.direction=gradient to edit it")
 
@@ -313,8 +317,9 @@ class Adapter(abc.ABC):
     @contextlib.contextmanager
     def _capture(self, layers: Sequence[str], record: Record) -> Iterator[None]:
         """While active, every forward reports record(name, x) for each tensor in `layers`,
-        x the input it multiplies ([..., in_features]; x_hat for a LayerNorm weight).  Shared:
-        forward pre-hooks on the owning nn.Linear / nn.LayerNorm; families extend it."""
+        x the input it multiplies ([..., in_features]; x_hat for a LayerNorm weight; the token
+        ids for an embedding table).  Shared: forward pre-hooks on the owning nn.Linear /
+        nn.LayerNorm / nn.Embedding; families extend it."""
         modules = dict(self.model.named_modules())
         handles = []
         try:
@@ -324,7 +329,7 @@ class Adapter(abc.ABC):
                 if layout == "scale":
                     handles.append(module.register_forward_pre_hook(
                         lambda m, args, name=name: record(name, nn.functional.layer_norm(args[0], m.normalized_shape, eps=m.eps))))
-                elif isinstance(module, nn.Linear):
+                elif isinstance(module, (nn.Linear, nn.Embedding)):
                     handles.append(module.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0])))
                 else:
                     raise UnlearnError(f"{type(self).__name__} cannot read the inputs of {name!r}; set slug.search.direction=gradient")

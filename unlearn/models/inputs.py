@@ -21,13 +21,21 @@ from unlearn.models.adapter import Adapter
 def input_moments(adapter: Adapter, layers: Sequence[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], int]:
     """E[x x^T] (float64) of the input x that each tensor in `layers` multiplies, over every
     position (token) of every pair in `batches` ((images, tokens)); E[x_hat^2] for a LayerNorm
-    weight.  A tower runs only when one of its tensors is asked for.  Returns the moments and the
+    weight; for an embedding table (layout `rows`) the diagonal of E[x x^T] of the one-hot
+    tokens, each token's frequency over every position (padding included).  A tower runs only when one of its tensors is asked for.  Returns the moments and the
     number of pairs."""
     layouts = {name: adapter.input_layout(name) for name in layers}
+    table_rows = {name: p.shape[0] for name, p in adapter.model.named_parameters() if name in layouts and layouts[name] == "rows"}
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
 
     def add(name: str, x: torch.Tensor) -> None:
+        if layouts[name] == "rows":  # token ids: E[x x^T] of their one-hot vectors is diagonal, the tokens' frequencies
+            ids = x.detach().reshape(-1)
+            m = torch.bincount(ids, minlength=table_rows[name]).double()
+            sums[name] = sums[name] + m if name in sums else m
+            rows[name] = rows.get(name, 0) + ids.numel()
+            return
         x = x.detach().reshape(-1, x.shape[-1]).double()
         m = (x * x).sum(0) if layouts[name] == "scale" else x.T @ x
         sums[name] = sums[name] + m if name in sums else m

@@ -128,6 +128,34 @@ def retain_prompts(target: Target, templates: Templates) -> list[str]:
     return sorted(set(prompt_sets(target, templates, 1)["rest"][0])) + [""]
 
 
+TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"  # a candidate of the diffusion track on request (`token_embedding`)
+
+
+def extra_candidates(token_embedding, key: str) -> list[str]:
+    """The candidates the diffusion track adds to the CLIP's (`slug.rank`'s): the token embedding
+    when `token_embedding` (the param `key`) is true.  A pipeline reads the embedding row by row,
+    so its edit moves the rows of the forget captions' tokens and leaves every prompt without them
+    as it was (docs/sd.md "The token embedding")."""
+    if not isinstance(token_embedding, bool):
+        raise UnlearnError(f"params.yaml {key} is {token_embedding!r}; use true (the token embedding is a candidate too) or false")
+    return [TOKEN_EMBEDDING] if token_embedding else []
+
+
+def caption_token_moments(clip, shard_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The input moments of the token embedding over the captions of the shards in `shard_dir`
+    (the retain set): each token's frequency over every position, padding included (`rows`
+    layout, `unlearn.models.inputs`).  The retain statistics hold the moments of the matrices the
+    CLIP track edits, never of the embedding; they are read from the captions here, in seconds."""
+    from unlearn.data.shards import iter_samples
+    from unlearn.models.inputs import input_moments
+
+    captions = [s.caption for s in iter_samples(shard_dir)]
+    if not captions:
+        raise UnlearnError(f"{shard_dir} holds no captions to weigh the token embedding's step by; re-run `dvc repro retain_set`")
+    moments, _ = input_moments(clip, [TOKEN_EMBEDDING], [(torch.zeros(len(captions), 3, 1, 1), clip.tokenize(captions))])
+    return moments
+
+
 def mix_prompt_moments(clip, moments: dict[str, torch.Tensor], prompts: list[str], weight: float) -> dict[str, torch.Tensor]:
     """The retain input moments of the text-tower tensors in `moments`, mixed with those of
     `prompts`: (1 - weight) C_captions + weight C_prompts (every token position, padding included,

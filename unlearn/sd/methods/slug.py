@@ -68,6 +68,7 @@ class SlugConfig:
     rho_tolerance: float = 0.05  # the bisection stops once the bracket is within this fraction of the passing rho
     stop: str = "first"   # first: stop at the first layer (by Pareto rank) that passes, as the reference edits one front layer | all
     fallback: str = "guard"  # when no layer passes: guard: the step that forgets most within the guard | forget: the one that forgets most
+    token_embedding: bool = False  # the text encoder's token embedding is a candidate too (docs/sd.md "The token embedding")
 
     RANGES: ClassVar[dict[str, str]] = {"forget_rate": "[0, 1]", "max_drop": "[0, 1]", "images_per_prompt": "> 0", "forget_images_per_prompt": "> 0",
                                         "max_layers": "> 0", "evals_per_layer": "> 0", "damping": "> 0", "prompt_moments": "[0, 1]",
@@ -78,6 +79,9 @@ class SlugConfig:
             raise UnlearnError(f"unlearncanvas.slug.stop is {self.stop!r}; use first (stop at the first layer that passes) or all "
                                "(search max_layers layers and keep the best)")
         check_fallback(self.fallback, "unlearncanvas.slug.fallback")
+        from unlearn.sd.unlearn import extra_candidates
+
+        extra_candidates(self.token_embedding, "unlearncanvas.slug.token_embedding")
 
 
 @register("slug", SlugConfig, "SLUG: one text-encoder tensor edited along its (retain-preconditioned) forget gradient, step searched")
@@ -86,6 +90,8 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     from unlearn.methods.slug import RankConfig, apply_edit, find_edit
     from unlearn.sd.unlearn import (
         SdEvaluator,
+        caption_token_moments,
+        extra_candidates,
         mix_prompt_moments,
         pipeline_name,
         reads,
@@ -99,8 +105,10 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     clip = inputs.load_clip()
     tie_text_encoder(ctx.pipe, clip.model, "the base pipeline", "the CLIP")
     concept = inputs.concept_of(ctx.target.name)
-    retain = dataclasses.replace(inputs.retain, moments=mix_prompt_moments(clip, inputs.retain.moments, retain_prompts(ctx.target, ctx.templates),
-                                                                            cfg.prompt_moments))
+    extra = extra_candidates(cfg.token_embedding, "unlearncanvas.slug.token_embedding")
+    captions = caption_token_moments(clip, RETAIN) if extra else {}
+    retain = dataclasses.replace(inputs.retain, moments=mix_prompt_moments(clip, {**inputs.retain.moments, **captions},
+                                                                            retain_prompts(ctx.target, ctx.templates), cfg.prompt_moments))
     search = search_config(inputs.search, dataclasses.asdict(cfg), "unlearncanvas.slug", stop=cfg.stop)
     rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
     val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, dataclasses.replace(ctx.sample, steps=cfg.steps), cfg.images_per_prompt, ctx.validation_seed, ctx.size,
@@ -109,7 +117,7 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     with tempfile.TemporaryDirectory(prefix="canvas_forget_") as tmp:
         forget = inputs.curate(concept, Path(tmp))
         edit, times = find_edit(clip, lambda: pair_batches(tmp, clip.preprocess, clip.tokenize, inputs.batch_size), retain, val, concept.kind,
-                                rank, search, keep=lambda n: reads(n, n_used))
+                                rank, search, keep=lambda n: reads(n, n_used), extra=extra)
     apply_edit(clip, edit.layer, edit.delta)  # the pipeline's text encoder is the CLIP's text tower
     name = pipeline_name(edit.layer)
     return Result({f"text_encoder.{name}": dict(ctx.pipe.text_encoder.named_parameters())[name].detach().cpu().clone()},
