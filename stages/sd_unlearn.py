@@ -89,7 +89,7 @@ def main() -> None:
     size = judges.image_size
     retain, _ = load_retain_stats(STATS, clip, CLIP, f"{RETAIN}/manifest.json")
     protected = retain_prompts(target, templates)
-    extra = extra_candidates(ss["token_embedding"], "sd.search.token_embedding")
+    extra, first = extra_candidates(ss["token_embedding"], "sd.search.token_embedding")
     captions = caption_token_moments(clip, RETAIN) if extra else {}  # the retain statistics hold no moments of the embedding
     retain = dataclasses.replace(retain, moments=mix_prompt_moments(clip, {**retain.moments, **captions}, protected, float(ss["prompt_moments"])))
     val_sample = dataclasses.replace(sample, steps=int(ss["steps"]))  # the search's drawings may take fewer steps than the test's
@@ -110,7 +110,7 @@ def main() -> None:
         forget = curate_forget(SHARDS, concept, int(p("curate.forget_max")), int(p("curate.seed")), forget_dir, joined=bool(p("curate.joined")))
         batch_size = int(p("gradients.batch_size"))
         edit, times = find_edit(clip, lambda: pair_batches(forget_dir, clip.preprocess, clip.tokenize, batch_size), retain, val, concept.kind,
-                                rank_cfg, cfg, keep=lambda n: reads(n, n_used), extra=extra)
+                                rank_cfg, cfg, keep=lambda n: reads(n, n_used), extra=extra, first=first)
     apply_edit(clip, edit.layer, edit.delta)  # the pipeline's text encoder is the CLIP's text tower
     unlearn_s = time.perf_counter() - t0
     after = test.evaluate()

@@ -2,6 +2,7 @@
 StableDiffusionPipeline built from the CLIP's text tower that saves and loads itself offline."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -286,10 +287,11 @@ def test_prompt_moments_mix_into_the_text_tensors_only(tiny_clip):
 
 
 def test_the_token_embedding_is_a_candidate_on_request_and_its_step_moves_only_forget_tokens(tiny_clip, tiny_world):
-    """`token_embedding: true` adds the embedding table to the ranked candidates; its moments are
+    """`token_embedding: first | ranked` adds the embedding table to the ranked candidates (first:
+    searched before them); its moments are
     the token frequencies of the retain captions mixed with the pipeline's prompts; its
     preconditioned step moves only rows of tokens the forget captions hold, the target's row more
-    than the start-of-text row every caption and prompt holds.  A flag that is not a boolean is one line."""
+    than the start-of-text row every caption and prompt holds.  Any other value is one line."""
     from unlearn.methods.slug import RankConfig, SearchConfig, forget_gradient, rank, step_directions
     from unlearn.sd.unlearn import (
         TOKEN_EMBEDDING,
@@ -301,9 +303,12 @@ def test_the_token_embedding_is_a_candidate_on_request_and_its_step_moves_only_f
         target_of,
     )
 
-    assert extra_candidates(False, "sd.search.token_embedding") == [] and extra_candidates(True, "k") == [TOKEN_EMBEDDING]
-    with pytest.raises(UnlearnError, match=r"^params.yaml sd.search.token_embedding is 'yes'; use true \(the token embedding is a candidate too\) or false$"):
-        extra_candidates("yes", "sd.search.token_embedding")
+    assert extra_candidates("none", "k") == ([], []) and extra_candidates("ranked", "k") == ([TOKEN_EMBEDDING], [])
+    assert extra_candidates("first", "k") == ([TOKEN_EMBEDDING], [TOKEN_EMBEDDING])
+    for bad in (True, "yes"):
+        with pytest.raises(UnlearnError, match=r"^params.yaml sd.search.token_embedding is .*; use first \(the token embedding searched before "
+                                               r"the ranked layers\), ranked \(a candidate like the others\) or none$"):
+            extra_candidates(bad, "sd.search.token_embedding")
     clip = to_hf_clip(copy.deepcopy(tiny_clip))
     g = torch.Generator().manual_seed(0)
     forget = clip.tokenize(["Mickey at the beach", "a Mickey toy", "Mickey waving"])
@@ -325,6 +330,49 @@ def test_the_token_embedding_is_a_candidate_on_request_and_its_step_moves_only_f
     assert moved and moved <= set(forget.flatten().tolist())
     mickey, start = int(clip.tokenize(["Mickey"])[0, 1]), int(forget[0, 0])
     assert d[start].norm() > 0 and d[mickey].norm() > 10 * d[start].norm()
+
+
+class _ForgetsAnyEdit:
+    """An evaluator whose every edited step forgets the target and keeps the rest."""
+
+    def reset(self):
+        pass
+
+    def prepare(self, edited=None):
+        pass
+
+    def evaluate(self, edited=None, sets=("forget", "retain", "utility"), reference=False):
+        forget = 1.0 if reference else 0.0
+        return {"forget_top1": forget, "forget_top5": forget, "retain_top1": 0.9, "retain_top5": 0.9, "utility_top1": 0.9, "utility_top5": 0.9}
+
+
+def test_token_embedding_first_is_searched_first_and_its_patch_stores_the_rows_it_moves(tiny_clip, tiny_world, tmp_path):
+    """With `first`, the embedding is the first searched layer within `max_layers` (and with
+    `stop: first` the only one when it passes); its edit moves only forget tokens' rows, and the
+    patch stores those rows, a fraction of the table's bytes, applied back to the same tensor."""
+    from unlearn.methods.retain_stats import compute_retain_stats
+    from unlearn.methods.slug import RankConfig, SearchConfig, find_edit, read_patch, save_patch
+    from unlearn.sd.unlearn import TOKEN_EMBEDDING, caption_token_moments, extra_candidates
+
+    clip = to_hf_clip(copy.deepcopy(tiny_clip))
+    g = torch.Generator().manual_seed(1)
+    forget = (torch.randn(3, 3, 64, 64, generator=g), clip.tokenize(["Mickey at the beach", "a Mickey toy", "Mickey waving"]))
+    stats = compute_retain_stats(clip, lambda: iter([(torch.randn(3, 3, 64, 64, generator=g), clip.tokenize(["a red car", "a tree", "a fish"]))]))
+    stats = dataclasses.replace(stats, moments={**stats.moments, **caption_token_moments(clip, tiny_world / "laion")})
+    rank_cfg, cfg = RankConfig(towers=["text"]), SearchConfig(max_layers=3, evals_per_layer=2, rho_max=0.4, stop="all")
+    extra, first = extra_candidates("first", "k")
+    edit, _ = find_edit(clip, lambda: iter([forget]), stats, _ForgetsAnyEdit(), "object", rank_cfg, cfg, extra=extra, first=first)
+    ranked, _ = find_edit(clip, lambda: iter([forget]), stats, _ForgetsAnyEdit(), "object", rank_cfg, cfg)
+    assert edit.layers[0] == TOKEN_EMBEDDING and edit.layers[1:] == ranked.layers[:2] and len(edit.layers) == 3
+    alone, _ = find_edit(clip, lambda: iter([forget]), stats, _ForgetsAnyEdit(), "object", rank_cfg, dataclasses.replace(cfg, stop="first"),
+                         extra=extra, first=first)
+    assert alone.layers == [TOKEN_EMBEDDING] and alone.layer == TOKEN_EMBEDDING and alone.converged
+    moved = alone.delta.ne(0).any(dim=1).nonzero().flatten()
+    assert 0 < len(moved) <= len(set(forget[1].flatten().tolist()))
+    save_patch(tmp_path, alone.layer, alone.delta, {"track": "sd"})
+    meta, tensors = read_patch(tmp_path, "re-run")
+    assert meta["rows"] == len(moved) and torch.equal(tensors[TOKEN_EMBEDDING], alone.delta)
+    assert (tmp_path / "patch.safetensors").stat().st_size < alone.delta.numel() * 4 / 20
 
 
 def test_tied_text_encoder_edit_reaches_the_pipeline_and_nothing_else(pipeline, tiny_clip, tmp_path):

@@ -794,10 +794,11 @@ def apply_edit(adapter: Adapter, layer: str, delta: torch.Tensor) -> None:
 
 def find_edit(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: RetainStats, evaluator, kind: str,
               rank_cfg: RankConfig, search_cfg: SearchConfig, keep: Callable[[str], bool] | None = None,
-              moments: Moments | None = None, extra: Sequence[str] = ()) -> tuple[Edit, dict[str, float]]:
+              moments: Moments | None = None, extra: Sequence[str] = (), first: Sequence[str] = ()) -> tuple[Edit, dict[str, float]]:
     """SLUG for one concept, given the shared retain statistics: forget gradient, ranking (of the
-    candidates `keep` accepts, if given, with the tensors `extra` names: `rank`) and search; the
-    model is left unedited.  The step's input
+    candidates `keep` accepts, if given, with the tensors `extra` names: `rank`) and search (the
+    candidates `first` names searched before the ranked ones, within `max_layers`); the model is
+    left unedited.  The step's input
     moments are `moments` if given (the concept's kept moments: `TableMoments.kept_source`), else
     the retain statistics'; `search_cfg.moments` says which the caller must give.  Returns the
     edit and the wall time of each phase (the search's split by what it scored)."""
@@ -808,8 +809,9 @@ def find_edit(adapter: Adapter, forget_batches: Callable[[], Iterable], retain: 
     g_f, _, _ = forget_gradient(adapter, forget_batches())
     t1 = time.perf_counter()
     ranking = rank(adapter, g_f, retain.gradient, rank_cfg, keep, extra)
+    order = {t: [*(n for n in first if n in names), *(n for n in names if n not in first)] for t, names in ranking.order.items()}
     t2 = time.perf_counter()
-    edit = search(adapter, evaluator, g_f, ranking.front_scores(), ranking.order, search_cfg, kind, retain.moments if moments is None else moments)
+    edit = search(adapter, evaluator, g_f, ranking.front_scores(), order, search_cfg, kind, retain.moments if moments is None else moments)
     t3 = time.perf_counter()
     phases = {k[:-2]: v for k, v in edit.times.items() if k.endswith("_s")}
     return edit, {"forget_gradient": t1 - t0, "rank_layers": t2 - t1, "search": t3 - t2, **phases, "unlearn": t3 - t0}

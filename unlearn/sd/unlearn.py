@@ -131,14 +131,22 @@ def retain_prompts(target: Target, templates: Templates) -> list[str]:
 TOKEN_EMBEDDING = "text_model.embeddings.token_embedding.weight"  # a candidate of the diffusion track on request (`token_embedding`)
 
 
-def extra_candidates(token_embedding, key: str) -> list[str]:
-    """The candidates the diffusion track adds to the CLIP's (`slug.rank`'s): the token embedding
-    when `token_embedding` (the param `key`) is true.  A pipeline reads the embedding row by row,
-    so its edit moves the rows of the forget captions' tokens and leaves every prompt without them
-    as it was (docs/sd.md "The token embedding")."""
-    if not isinstance(token_embedding, bool):
-        raise UnlearnError(f"params.yaml {key} is {token_embedding!r}; use true (the token embedding is a candidate too) or false")
-    return [TOKEN_EMBEDDING] if token_embedding else []
+EMBEDDING_RULES = ("first", "ranked", "none")
+
+
+def extra_candidates(token_embedding: str, key: str) -> tuple[list[str], list[str]]:
+    """The candidates the diffusion track adds to the CLIP's (`slug.rank`'s), and those searched
+    before the ranked layers, for `token_embedding` (the param `key`): `first`, the token
+    embedding is searched first, then the ranked layers (`max_layers` in all); `ranked`, it is
+    ranked like the others; `none`, it is no candidate.  A pipeline reads the embedding row by row,
+    so its edit moves the rows of the forget captions' tokens and leaves prompts without them as
+    they were; the ranking's importance, |g_f| / |W|, dilutes it by the table's every row, most of
+    which no prompt uses (docs/sd.md "The token embedding")."""
+    if token_embedding not in EMBEDDING_RULES:
+        raise UnlearnError(f"params.yaml {key} is {token_embedding!r}; use first (the token embedding searched before the ranked layers), "
+                           "ranked (a candidate like the others) or none")
+    extra = [] if token_embedding == "none" else [TOKEN_EMBEDDING]
+    return extra, extra if token_embedding == "first" else []
 
 
 def caption_token_moments(clip, shard_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -68,7 +68,7 @@ class SlugConfig:
     rho_tolerance: float = 0.05  # the bisection stops once the bracket is within this fraction of the passing rho
     stop: str = "first"   # first: stop at the first layer (by Pareto rank) that passes, as the reference edits one front layer | all
     fallback: str = "guard"  # when no layer passes: guard: the step that forgets most within the guard | forget: the one that forgets most
-    token_embedding: bool = False  # the text encoder's token embedding is a candidate too (docs/sd.md "The token embedding")
+    token_embedding: str = "none"  # first: the token embedding searched before the ranked layers | ranked: a candidate like the others | none
 
     RANGES: ClassVar[dict[str, str]] = {"forget_rate": "[0, 1]", "max_drop": "[0, 1]", "images_per_prompt": "> 0", "forget_images_per_prompt": "> 0",
                                         "max_layers": "> 0", "evals_per_layer": "> 0", "damping": "> 0", "prompt_moments": "[0, 1]",
@@ -105,7 +105,7 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     clip = inputs.load_clip()
     tie_text_encoder(ctx.pipe, clip.model, "the base pipeline", "the CLIP")
     concept = inputs.concept_of(ctx.target.name)
-    extra = extra_candidates(cfg.token_embedding, "unlearncanvas.slug.token_embedding")
+    extra, first = extra_candidates(cfg.token_embedding, "unlearncanvas.slug.token_embedding")
     captions = caption_token_moments(clip, RETAIN) if extra else {}
     retain = dataclasses.replace(inputs.retain, moments=mix_prompt_moments(clip, {**inputs.retain.moments, **captions},
                                                                             retain_prompts(ctx.target, ctx.templates), cfg.prompt_moments))
@@ -117,7 +117,7 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     with tempfile.TemporaryDirectory(prefix="canvas_forget_") as tmp:
         forget = inputs.curate(concept, Path(tmp))
         edit, times = find_edit(clip, lambda: pair_batches(tmp, clip.preprocess, clip.tokenize, inputs.batch_size), retain, val, concept.kind,
-                                rank, search, keep=lambda n: reads(n, n_used), extra=extra)
+                                rank, search, keep=lambda n: reads(n, n_used), extra=extra, first=first)
     apply_edit(clip, edit.layer, edit.delta)  # the pipeline's text encoder is the CLIP's text tower
     name = pipeline_name(edit.layer)
     return Result({f"text_encoder.{name}": dict(ctx.pipe.text_encoder.named_parameters())[name].detach().cpu().clone()},
