@@ -24,6 +24,7 @@ import torch
 from unlearn.cli import peak_memory_mb, run_stage, torch_device
 from unlearn.errors import UnlearnError
 from unlearn.io import atomic_outputs
+from unlearn.methods.slug import ROWS_SUFFIX
 from unlearn.params import as_config, stage_params
 from unlearn.plots import image_grid
 from unlearn.runs import write_metrics
@@ -145,7 +146,7 @@ def main() -> None:
             shipped[t.name] = safetensors.torch.save({k: v.contiguous() for k, v in result.changed.items()})
             row = {"target": t.name, "axis": t.axis, "status": "ok", **score(answers, pred, t), "fid": fid_without(t, x),
                    "stored_bytes": len(shipped[t.name]),
-                   "changed_tensors": len(result.changed), **{k: v for k, v in result.details.items() if k != "phases_s"},
+                   "changed_tensors": sum(not k.endswith(ROWS_SUFFIX) for k in result.changed), **{k: v for k, v in result.details.items() if k != "phases_s"},
                    "time_s": round(unlearn_s, 2), "peak_memory_mb": round(memory, 1)}
             if "phases_s" in result.details:
                 row["phases_s"] = result.details["phases_s"]

@@ -193,6 +193,37 @@ def test_saved_tensors_turn_the_base_pipeline_into_the_unlearned_one(pipeline, r
     assert all(torch.equal(v, before[k]) for k, v in fresh.unet.state_dict().items())
 
 
+def test_tensors_saved_by_rows_set_those_rows_only(pipeline, tmp_path):
+    """An embedding edit ships the rows it moves and their indices (`Result`): applied, they set
+    those rows and nothing else; indices out of range or without their rows are one line, with
+    the pipeline untouched."""
+    import safetensors.torch
+
+    from unlearn.methods.slug import ROWS_SUFFIX
+    from unlearn.sd.methods import apply_changed
+    from unlearn.sd.unlearn import TOKEN_EMBEDDING, pipeline_name
+
+    name = "text_encoder." + pipeline_name(TOKEN_EMBEDDING)
+    fresh = copy.deepcopy(pipeline)
+    table = dict(fresh.text_encoder.named_parameters())[name.removeprefix("text_encoder.")]
+    before = table.detach().clone()
+    rows = torch.tensor([2, 7], dtype=torch.int64)
+    value = torch.randn(2, table.shape[1], generator=torch.Generator().manual_seed(0))
+    safetensors.torch.save_file({name: value, name + ROWS_SUFFIX: rows}, tmp_path / "rows.safetensors")
+    assert apply_changed(fresh, tmp_path / "rows.safetensors") == [name]
+    after = table.detach()
+    assert torch.equal(after[rows], value) and torch.equal(after[[i for i in range(len(before)) if i not in (2, 7)]],
+                                                             before[[i for i in range(len(before)) if i not in (2, 7)]])
+    for bad, message in (({name: value, name + ROWS_SUFFIX: torch.tensor([2, len(before)])}, r"the rows of .* are not indices of its \d+ rows"),
+                         ({name + ROWS_SUFFIX: rows}, r"holds .*:rows without the rows it indexes"),
+                         ({name: value[:1], name + ROWS_SUFFIX: rows}, r"sets .* \[1, \d+\], which this pipeline lacks")):
+        safetensors.torch.save_file(bad, tmp_path / "bad.safetensors")
+        kept = table.detach().clone()
+        with pytest.raises(UnlearnError, match=message):
+            apply_changed(fresh, tmp_path / "bad.safetensors")
+        assert torch.equal(table.detach(), kept)
+
+
 def test_a_real_canvas_splits_into_training_images_and_the_fid_real_set(tmp_path):
     """On real data the methods train on the first images of every cell and the FID compares with
     the rest; a cell too small to leave any is a one-line error."""

@@ -312,13 +312,22 @@ PATCH_WEIGHTS, PATCH_META = "patch.safetensors", "patch.json"
 ROWS_SUFFIX = ":rows"  # beside a delta stored by rows: the indices of its rows that are not zero
 
 
+def sparse_rows(delta: torch.Tensor) -> torch.Tensor | None:
+    """The indices of the rows of `delta` that are not zero, if fewer than half of them are (an
+    embedding table's edit moves the rows of the tokens the forget captions hold); else None."""
+    if delta.dim() < 2:
+        return None
+    nonzero = delta.reshape(delta.shape[0], -1).ne(0).any(dim=1).nonzero().flatten()
+    return nonzero if 2 * len(nonzero) < delta.shape[0] else None
+
+
 def save_patch(directory: Path, layer: str, delta: torch.Tensor, meta: dict) -> None:
     """The one-layer edit as safetensors beside its metadata.  A delta most of whose rows are zero
-    (an embedding table's edit moves the rows of the tokens the forget captions hold) is stored by
-    its nonzero rows and their indices (`rows` in the metadata); `read_patch` gives it back whole."""
+    (`sparse_rows`) is stored by its nonzero rows and their indices (`rows` in the metadata);
+    `read_patch` gives it back whole."""
     delta = delta.detach().contiguous().cpu()
-    nonzero = delta.reshape(delta.shape[0], -1).ne(0).any(dim=1).nonzero().flatten() if delta.dim() > 1 else None
-    by_rows = nonzero is not None and 2 * len(nonzero) < delta.shape[0]
+    nonzero = sparse_rows(delta)
+    by_rows = nonzero is not None
     tensors = {layer: delta[nonzero].contiguous(), layer + ROWS_SUFFIX: nonzero} if by_rows else {layer: delta}
     save_safetensors(tensors, directory / PATCH_WEIGHTS, metadata={"layer": layer})
     write_json(directory / PATCH_META, meta | {"layer": layer, "shape": list(delta.shape), **({"rows": len(nonzero)} if by_rows else {}),

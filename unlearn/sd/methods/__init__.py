@@ -30,7 +30,9 @@ from unlearn.params import as_config
 
 @dataclass
 class Result:
-    changed: dict[str, torch.Tensor]            # pipeline tensor name ("unet.<name>", "text_encoder.<name>") -> its new value
+    # pipeline tensor name ("unet.<name>", "text_encoder.<name>") -> its new value; or, with "<name>:rows" beside it (the indices
+    # of the rows that changed, `unlearn.methods.slug.ROWS_SUFFIX`), the new value of those rows only (an embedding table's edit)
+    changed: dict[str, torch.Tensor]
     details: dict = field(default_factory=dict)
 
 
@@ -106,7 +108,8 @@ def run_method(name: str, ctx: Context, params: dict, key: str) -> Result:
 
 def apply_changed(pipe, path) -> list[str]:
     """Load a method's saved tensors (models/unlearncanvas/<method>/<target>.safetensors) into a
-    base pipeline in place: the one call that makes it that unlearned pipeline.  A file that does
+    base pipeline in place: the one call that makes it that unlearned pipeline (a tensor saved by
+    rows, `Result`, sets those rows).  A file that does
     not read as safetensors (missing, truncated), a tensor holding NaN or inf, or one the pipeline
     lacks or of another shape (a file for another pipeline) is a one-line error, before any
     weight of the pipeline changes."""
@@ -118,19 +121,33 @@ def apply_changed(pipe, path) -> list[str]:
         tensors = safetensors.torch.load_file(str(path))
     except (OSError, safetensors.SafetensorError) as e:
         raise UnlearnError(f"{path} does not read as safetensors ({type(e).__name__}: {e}); {fix}") from None
+    from unlearn.methods.slug import ROWS_SUFFIX
+
     targets = {}
     for name, value in tensors.items():
+        if name.endswith(ROWS_SUFFIX):
+            continue
         part, _, rest = name.partition(".")
         params = dict(getattr(pipe, part).named_parameters()) if getattr(pipe, part, None) is not None else {}
-        if rest not in params or params[rest].shape != value.shape:
+        rows = tensors.get(name + ROWS_SUFFIX)
+        shape = (len(rows), *params[rest].shape[1:]) if rows is not None and rest in params else None
+        if rest not in params or tuple(value.shape) != (shape or tuple(params[rest].shape)):
             raise UnlearnError(f"{path} sets {name} {list(value.shape)}, which this pipeline lacks; apply it to the pipeline it was made from")
+        if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int64 or (len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < params[rest].shape[0])):
+            raise UnlearnError(f"{path}: the rows of {name} are not indices of its {params[rest].shape[0]} rows; {fix}")
         if not torch.isfinite(value).all():
             raise UnlearnError(f"{path}: {name} holds NaN or inf; {fix}")
-        targets[name] = (params[rest], value)
+        targets[name] = (params[rest], value, rows)
+    orphans = [n for n in tensors if n.endswith(ROWS_SUFFIX) and n.removesuffix(ROWS_SUFFIX) not in tensors]
+    if orphans:
+        raise UnlearnError(f"{path} holds {orphans[0]} without the rows it indexes; {fix}")
     with torch.no_grad():
-        for param, value in targets.values():
-            param.copy_(value.to(param))
-    return sorted(tensors)
+        for param, value, rows in targets.values():
+            if rows is None:
+                param.copy_(value.to(param))
+            else:
+                param[rows] = value.to(param)
+    return sorted(n for n in tensors if not n.endswith(ROWS_SUFFIX))
 
 
 def config_of(name: str, params: dict, key: str) -> dict:

@@ -87,7 +87,7 @@ class SlugConfig:
 @register("slug", SlugConfig, "SLUG: one text-encoder tensor edited along its (retain-preconditioned) forget gradient, step searched")
 def run(ctx: Context, cfg: SlugConfig) -> Result:
     from unlearn.data.pairs import pair_batches
-    from unlearn.methods.slug import RankConfig, apply_edit, find_edit
+    from unlearn.methods.slug import ROWS_SUFFIX, RankConfig, apply_edit, find_edit, sparse_rows
     from unlearn.sd.unlearn import (
         SdEvaluator,
         caption_token_moments,
@@ -120,7 +120,10 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
                                 rank, search, keep=lambda n: reads(n, n_used), extra=extra, first=first)
     apply_edit(clip, edit.layer, edit.delta)  # the pipeline's text encoder is the CLIP's text tower
     name = pipeline_name(edit.layer)
-    return Result({f"text_encoder.{name}": dict(ctx.pipe.text_encoder.named_parameters())[name].detach().cpu().clone()},
+    value = dict(ctx.pipe.text_encoder.named_parameters())[name].detach().cpu().clone()
+    rows = sparse_rows(edit.delta.cpu())  # an embedding edit ships the rows it moves (`Result`)
+    changed = {f"text_encoder.{name}": value} if rows is None else {f"text_encoder.{name}": value[rows], f"text_encoder.{name}{ROWS_SUFFIX}": rows}
+    return Result(changed,
                   {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
                    **({} if edit.converged else {"fallback": edit.choice["fallback"]}), "evaluations": len(edit.rows), "validation_drawings": val.drawn,
                    "forget_pairs": forget["count"],
