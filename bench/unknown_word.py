@@ -72,8 +72,7 @@ def main() -> None:
         judge, names = judges[t.axis], axes.names(t.axis)
         row = {"target": t.name, "axis": t.axis, "drawings": len(cells), "words": {}}
         for word in [t.name, *args.words]:
-            swap = {"object": lambda o, s: (word, axes.styles[s]), "style": lambda o, s: (axes.objects[o], word)}[t.axis]
-            prompts = [templates.prompt(*swap(o, s)) for o, s in cells]
+            prompts = [templates.prompt(word, axes.styles[s]) if t.axis == "object" else templates.prompt(axes.objects[o], word) for o, s in cells]
             pred = judge.predict(generate(pipe, prompts, sample, seed, judges.image_size))
             judged = collections.Counter(names[int(i)] for i in pred)
             row["words"][word] = {"UA": round(100 * (1 - judged[t.name] / len(cells)), 2),

@@ -41,12 +41,11 @@ from unlearn.sd.methods.slug import SlugConfig
 from unlearn.sd.model import load_pipeline
 from unlearn.sd.unlearn import (
     SdEvaluator,
-    caption_token_moments,
-    extra_candidates,
-    mix_prompt_moments,
+    outcome,
     reads,
     retain_prompts,
     search_config,
+    search_moments,
     target_of,
     tie_text_encoder,
     used_layers,
@@ -89,9 +88,7 @@ def main() -> None:
     size = judges.image_size
     retain, _ = load_retain_stats(STATS, clip, CLIP, f"{RETAIN}/manifest.json")
     protected = retain_prompts(target, templates)
-    extra, first = extra_candidates(ss["token_embedding"], "sd.search.token_embedding")
-    captions = caption_token_moments(clip, RETAIN) if extra else {}  # the retain statistics hold no moments of the embedding
-    retain = dataclasses.replace(retain, moments=mix_prompt_moments(clip, {**retain.moments, **captions}, protected, float(ss["prompt_moments"])))
+    retain, extra, first = search_moments(clip, retain, RETAIN, protected, float(ss["prompt_moments"]), ss["token_embedding"], "sd.search.token_embedding")
     val_sample = dataclasses.replace(sample, steps=int(ss["steps"]))  # the search's drawings may take fewer steps than the test's
     val = SdEvaluator(pipe, judges, target, templates, val_sample, int(ss["images_per_prompt"]), sample.seed + VALIDATION, size,
                       forget_per_prompt=int(ss["forget_images_per_prompt"]))
@@ -146,8 +143,7 @@ def main() -> None:
         return {"UA": round(1 - r["forget_top1"], 4), "IRA": round(r["retain_top1"], 4), "CRA": round(r["utility_top1"], 4)}
 
     metrics = {
-        "concept": concept.name, "kind": concept.kind, "layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
-        **({} if edit.converged else {"fallback": edit.choice["fallback"]}),  # which rule kept the unconverged step (sd.search.fallback)
+        "concept": concept.name, "kind": concept.kind, **outcome(edit),  # with the rule that kept an unconverged step (sd.search.fallback)
         "test": figures(after), "base_test": figures(base_test),
         "other_names": {n: {"UA": round(1 - after_alias[n], 4), "base_UA": round(1 - base_alias[n], 4)} for n in other_names},
         "test_sizes": test.sizes, "validation_sizes": val.sizes,

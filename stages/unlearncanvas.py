@@ -144,9 +144,11 @@ def main() -> None:
             t_draw, drawn = t_draw + time.perf_counter() - t1, drawn + len(answers)
             pred = judge(x)
             shipped[t.name] = safetensors.torch.save({k: v.contiguous() for k, v in result.changed.items()})
+            by_rows = [v for k, v in result.changed.items() if k.endswith(ROWS_SUFFIX)]  # an edit shipped by rows: how many (the storage bench recounts them)
             row = {"target": t.name, "axis": t.axis, "status": "ok", **score(answers, pred, t), "fid": fid_without(t, x),
                    "stored_bytes": len(shipped[t.name]),
-                   "changed_tensors": sum(not k.endswith(ROWS_SUFFIX) for k in result.changed), **{k: v for k, v in result.details.items() if k != "phases_s"},
+                   "changed_tensors": sum(not k.endswith(ROWS_SUFFIX) for k in result.changed),
+                   **({"changed_rows": sum(len(v) for v in by_rows)} if by_rows else {}), **{k: v for k, v in result.details.items() if k != "phases_s"},
                    "time_s": round(unlearn_s, 2), "peak_memory_mb": round(memory, 1)}
             if "phases_s" in result.details:
                 row["phases_s"] = result.details["phases_s"]

@@ -500,6 +500,9 @@ def test_unlearncanvas_rows_for_every_method_and_target_and_a_leaderboard(repo):
             assert "time_s" not in s and all("time_s" not in r for r in s["rows"])  # the cost is in the run records
         assert all(s["stored_bytes"] > 0 for k, s in m["methods"].items() if k != "base")
         assert all(r["changed_tensors"] == 1 and r["layer"].startswith("text_model.") for r in m["methods"]["slug"]["rows"])
+        for r in m["methods"]["slug"]["rows"]:  # an edit shipped by rows records how many: the length of the index it stores
+            index = [v for k, v in safetensors.torch.load_file(repo / "models" / stage / "slug" / f"{r['target']}.safetensors").items() if k.endswith(":rows")]
+            assert r.get("changed_rows") == (len(index[0]) if index else None), r["target"]
         assert all(("fallback" in r) == (not r["converged"]) for r in m["methods"]["slug"]["rows"])
         fallback = {**params["unlearncanvas"]["slug"], **params[stage].get("slug", {})}["fallback"]  # the twin's keys over the default's
         assert all(r.get("fallback", fallback) == fallback for r in m["methods"]["slug"]["rows"])

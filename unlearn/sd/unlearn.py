@@ -27,6 +27,7 @@ of reach, and a set that is drawn whole has the same figures either way.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,25 @@ def mix_prompt_moments(clip, moments: dict[str, torch.Tensor], prompts: list[str
     return {**moments, **{n: (1 - weight) * moments[n] + weight * ours[n].to(moments[n]) for n in text}}
 
 
+def search_moments(clip, retain, captions_dir: str | Path, prompts: list[str], weight: float, token_embedding: str, key: str):
+    """What the diffusion search protects and which extra layers it searches, for both of its
+    callers (stage `sd_unlearn`, the UnlearnCanvas SLUG): the retain statistics `retain` with the
+    token embedding's moments from the retain captions (the shards in `captions_dir`) when `token_embedding` (the param `key`)
+    makes it a candidate (the statistics hold none), every text tensor's moments mixed with the
+    pipeline's `prompts` by `weight` (`mix_prompt_moments`); returns (retain statistics, extra
+    candidates, those searched first) for `find_edit`."""
+    extra, first = extra_candidates(token_embedding, key)
+    captions = caption_token_moments(clip, captions_dir) if extra else {}
+    moments = mix_prompt_moments(clip, {**retain.moments, **captions}, prompts, weight)
+    return dataclasses.replace(retain, moments=moments), extra, first
+
+
+def outcome(edit) -> dict:
+    """The search's outcome as both diffusion callers record it: the layer, its step, whether it
+    converged and, when it did not, which rule kept the step (`fallback`)."""
+    return {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged, **({} if edit.converged else {"fallback": edit.choice["fallback"]})}
+
+
 def search_config(slug_search: dict, sd: dict, section: str, stop: str | None = None):
     """The step search's config for a search judged on drawings: the CLIP track's `slug.search`
     with the diffusion search's keys over it (`sd.search`, or `unlearncanvas.slug` as a dict): one
@@ -188,10 +208,10 @@ def search_config(slug_search: dict, sd: dict, section: str, stop: str | None = 
     and bisection tolerance, its fallback; `stop` if given (else slug.search's); no widening (each further layer
     costs minutes of drawing) and the shared moments (the caller mixes the pipeline's prompts into
     them: `mix_prompt_moments`).  `section` names the diffusion search's params (`sd.search`,
-    `unlearncanvas.slug`) in a one-line error.  Its fallback defaults to guard (`sd.search.fallback`):
-    the step that forgets most among those within the guard, a weaker edit with the pipeline's other
-    drawings kept, where the CLIP track's forget rule would keep the step that forgets most whatever
-    it costs them."""
+    `unlearncanvas.slug`) in a one-line error.  The fallback is the diffusion section's own key (both
+    commit `guard`: the step that forgets most among those within the guard, a weaker edit with the
+    pipeline's other drawings kept, where the CLIP track's `forget` keeps the step that forgets most
+    whatever it costs them)."""
     from unlearn.methods import check_fallback
     from unlearn.methods.slug import SearchConfig
     from unlearn.params import as_config

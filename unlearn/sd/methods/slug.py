@@ -90,13 +90,12 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     from unlearn.methods.slug import ROWS_SUFFIX, RankConfig, apply_edit, find_edit, sparse_rows
     from unlearn.sd.unlearn import (
         SdEvaluator,
-        caption_token_moments,
-        extra_candidates,
-        mix_prompt_moments,
+        outcome,
         pipeline_name,
         reads,
         retain_prompts,
         search_config,
+        search_moments,
         tie_text_encoder,
         used_layers,
     )
@@ -105,10 +104,8 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     clip = inputs.load_clip()
     tie_text_encoder(ctx.pipe, clip.model, "the base pipeline", "the CLIP")
     concept = inputs.concept_of(ctx.target.name)
-    extra, first = extra_candidates(cfg.token_embedding, "unlearncanvas.slug.token_embedding")
-    captions = caption_token_moments(clip, RETAIN) if extra else {}
-    retain = dataclasses.replace(inputs.retain, moments=mix_prompt_moments(clip, {**inputs.retain.moments, **captions},
-                                                                            retain_prompts(ctx.target, ctx.templates), cfg.prompt_moments))
+    retain, extra, first = search_moments(clip, inputs.retain, RETAIN, retain_prompts(ctx.target, ctx.templates), cfg.prompt_moments,
+                                          cfg.token_embedding, "unlearncanvas.slug.token_embedding")
     search = search_config(inputs.search, dataclasses.asdict(cfg), "unlearncanvas.slug", stop=cfg.stop)
     rank = as_config(RankConfig, {**inputs.rank, "towers": ["text"]}, "slug.rank")
     val = SdEvaluator(ctx.pipe, ctx.judges, ctx.target, ctx.templates, dataclasses.replace(ctx.sample, steps=cfg.steps), cfg.images_per_prompt, ctx.validation_seed, ctx.size,
@@ -124,7 +121,6 @@ def run(ctx: Context, cfg: SlugConfig) -> Result:
     rows = sparse_rows(edit.delta.cpu())  # an embedding edit ships the rows it moves (`Result`)
     changed = {f"text_encoder.{name}": value} if rows is None else {f"text_encoder.{name}": value[rows], f"text_encoder.{name}{ROWS_SUFFIX}": rows}
     return Result(changed,
-                  {"layer": edit.layer, "rho": edit.rho, "converged": edit.converged,
-                   **({} if edit.converged else {"fallback": edit.choice["fallback"]}), "evaluations": len(edit.rows), "validation_drawings": val.drawn,
+                  {**outcome(edit), "evaluations": len(edit.rows), "validation_drawings": val.drawn,
                    "forget_pairs": forget["count"],
                    "phases_s": {k: round(v, 2) for k, v in times.items() if not k.startswith("evals_")}})
