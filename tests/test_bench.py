@@ -148,21 +148,29 @@ def test_the_storage_bench_counts_each_methods_own_selection_on_stable_diffusion
     """`bench/sd_storage_scale.py` builds SD v1.5 from its config on the meta device: the UNet has
     the published parameter count, ESD-x ships every cross-attention tensor of its 16 transformer
     blocks, UCE and CA their keys and values, SalUn the whole UNet, and SLUG one text-encoder
-    tensor that the pipeline reads (none past the layers it reads)."""
-    from bench.sd_storage_scale import SD, sd_pipeline, stored
+    tensor that the pipeline reads (none past the layers it reads) or the embedding's rows with
+    their indices, whose bytes grow row by row."""
+    import torch
+
+    from bench.sd_storage_scale import ESD, SD, nbytes, rows_within, sd_pipeline, stored
 
     spec = SD["Stable Diffusion v1.5"]
     unet, clip = sd_pipeline(spec)
     assert sum(p.numel() for p in unet.parameters()) == spec["published_unet"]
-    ships = stored(unet, clip, spec["layers_read"])
+    ships = stored(unet, clip, spec["layers_read"], [52, 114])
     esd, kv = ships["esd (ESD-x: every attn2 tensor)"], ships["uce, ca (attn2 to_k, to_v)"]
     assert all(".attn2." in n and n.startswith("unet.") for n in esd) and len(esd) == 16 * 5   # to_q, to_k, to_v, to_out weight and bias
     assert set(kv) < set(esd) and len(kv) == 16 * 2 and all(n.endswith(("to_k.weight", "to_v.weight")) for n in kv)
     assert len(ships["salun (the whole UNet)"]) == len(list(unet.parameters()))
-    slugs = [m for m in ships if m.startswith("slug")]
-    assert len(slugs) == 3 and all(len(ships[m]) == 1 and next(iter(ships[m])).startswith("text_encoder.encoder.layers.") for m in slugs)
-    first_only = stored(unet, clip, 1)  # a pipeline that reads only the first layer's output
-    assert all(".layers.0." in next(iter(first_only[m])) for m in slugs)
+    whole = [m for m in ships if m.startswith("slug (") and "whole tensor" in m]
+    assert len(whole) == 2 and all(len(ships[m]) == 1 and next(iter(ships[m])).startswith("text_encoder.encoder.layers.") for m in whole)
+    first_only = stored(unet, clip, 1, [])  # a pipeline that reads only the first layer's output
+    assert all(".layers.0." in next(iter(first_only[m])) for m in whole) and not any("embedding" in m for m in first_only)
+    rows = {n: ships[f"slug (token embedding, {n} rows)"] for n in (52, 114)}
+    assert all(sorted(t) == ["text_encoder.embeddings.token_embedding.weight", "text_encoder.embeddings.token_embedding.weight:rows"] for t in rows.values())
+    assert nbytes(rows[114], torch.float16) - nbytes(rows[52], torch.float16) == 62 * (768 * 2 + 8)  # half-precision rows, int64 indices
+    limit = rows_within(clip, nbytes(ships[ESD], torch.float16), torch.float16)
+    assert limit * (768 * 2 + 8) * 100 <= nbytes(ships[ESD], torch.float16) < (limit + 1) * (768 * 2 + 8) * 100
 
 
 def test_the_cpu_fingerprint_repeats_and_tells_a_thread_count_apart():

@@ -286,6 +286,45 @@ def test_prompt_moments_mix_into_the_text_tensors_only(tiny_clip):
         mix_prompt_moments(clip, captions, prompts, 1.5)
 
 
+def test_search_moments_adds_the_embedding_only_when_it_is_searched_and_mixes_every_text_tensor(tiny_clip, tiny_world):
+    """What both diffusion callers hand `find_edit`: with `none` the retain statistics' text moments
+    mixed with the prompts and no extra candidate; with `first` or `ranked` the token embedding's
+    caption frequencies too, mixed the same way; the statistics passed in are left as they were."""
+    from types import SimpleNamespace
+
+    from unlearn.methods.retain_stats import compute_retain_stats
+    from unlearn.sd.unlearn import (
+        TOKEN_EMBEDDING,
+        caption_token_moments,
+        mix_prompt_moments,
+        outcome,
+        retain_prompts,
+        search_moments,
+        target_of,
+    )
+
+    clip = to_hf_clip(copy.deepcopy(tiny_clip))
+    g = torch.Generator().manual_seed(0)
+    stats = compute_retain_stats(clip, lambda: iter([(torch.randn(3, 3, 64, 64, generator=g), clip.tokenize(["a red car", "a tree", "a fish"]))]))
+    before = dict(stats.moments)
+    prompts = retain_prompts(target_of("Mickey", "object", D.WORLD), D.Templates())
+    none, extra, first = search_moments(clip, stats, tiny_world / "laion", prompts, 0.5, "none", "k")
+    assert (extra, first) == ([], []) and TOKEN_EMBEDDING not in none.moments
+    assert none.moments.keys() == mix_prompt_moments(clip, before, prompts, 0.5).keys()
+    assert all(torch.equal(none.moments[n], v) for n, v in mix_prompt_moments(clip, before, prompts, 0.5).items())
+    for rule, searched_first in (("first", [TOKEN_EMBEDDING]), ("ranked", [])):
+        mixed, extra, first = search_moments(clip, stats, tiny_world / "laion", prompts, 0.5, rule, "k")
+        assert extra == [TOKEN_EMBEDDING] and first == searched_first
+        expected = mix_prompt_moments(clip, {**before, **caption_token_moments(clip, tiny_world / "laion")}, prompts, 0.5)[TOKEN_EMBEDDING]
+        assert torch.equal(mixed.moments[TOKEN_EMBEDDING], expected)
+    assert stats.moments.keys() == before.keys() and all(stats.moments[n] is v for n, v in before.items())
+    with pytest.raises(UnlearnError, match=r"^params.yaml unlearncanvas.slug.token_embedding is 'yes'"):
+        search_moments(clip, stats, tiny_world / "laion", prompts, 0.5, "yes", "unlearncanvas.slug.token_embedding")
+    edit = SimpleNamespace(layer="text_model.x", rho=0.5, converged=True, choice={"fallback": "guard"})
+    assert outcome(edit) == {"layer": "text_model.x", "rho": 0.5, "converged": True}
+    assert list(outcome(SimpleNamespace(**{**vars(edit), "converged": False}))) == ["layer", "rho", "converged", "fallback"]
+
+
 def test_the_token_embedding_is_a_candidate_on_request_and_its_step_moves_only_forget_tokens(tiny_clip, tiny_world):
     """`token_embedding: first | ranked` adds the embedding table to the ranked candidates (first:
     searched before them); its moments are
