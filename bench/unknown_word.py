@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not (ROOT / args.pipeline / "model_index.json").is_file() and not (Path(args.pipeline) / "model_index.json").is_file():
+    pipeline = Path(args.pipeline) if (Path(args.pipeline) / "model_index.json").is_file() else ROOT / args.pipeline
+    if not (pipeline / "model_index.json").is_file():
         sys.exit(f"--pipeline {args.pipeline} is not a saved diffusers pipeline (no model_index.json): run `dvc repro sd_base` or give one")
     params = load_yaml(ROOT / "params.yaml")
     judges = load_judges(ROOT / "models/sd_judges")
@@ -62,7 +63,7 @@ def main() -> None:
     sample = as_config(SampleConfig, dict(lookup(params, "sd.sample")), "sd.sample")
     per_prompt, seed = int(lookup(params, "unlearncanvas.images_per_prompt")), int(lookup(params, "unlearncanvas.seed"))
     seed_images = bool(lookup(params, "unlearncanvas.seed_images"))
-    pipe = load_pipeline(args.pipeline, "cpu", str(lookup(params, "sd.precision")))
+    pipe = load_pipeline(pipeline, "cpu", str(lookup(params, "sd.precision")))
     pipe.set_progress_bar_config(disable=True)
     answers = answer_set(templates, per_prompt, seed_images, axes)
     start, results = time.perf_counter(), []
