@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.workspace import locked_label  # noqa: E402
+from unlearn.errors import UnlearnError  # noqa: E402
 from unlearn.params import as_config, load_yaml, lookup  # noqa: E402
 from unlearn.sd.canvas import answer_set, check_targets, named_mask  # noqa: E402
 from unlearn.sd.data import Templates  # noqa: E402
@@ -108,4 +109,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UnlearnError as e:
+        raise SystemExit(f"error: {e}") from None

@@ -192,6 +192,7 @@ def test_the_cpu_fingerprint_repeats_and_tells_a_thread_count_apart():
     (["bench/sd.py", "-S", "sd.base.unet.snr_gama=5"], "-S 'sd.base.unet.snr_gama=5': params.yaml has no key sd.base.unet.snr_gama"),
     (["bench/sd.py", "--keep", "{tmp}"], "--keep {tmp} exists; name a new folder"),
     (["bench/sd_unlearn.py", "--pipeline", "{tmp}"], "--pipeline {tmp} is not a saved diffusers pipeline (no model_index.json)"),
+    (["bench/unknown_word.py", "--pipeline", "{tmp}"], "--pipeline {tmp} is not a saved diffusers pipeline (no model_index.json)"),
     (["bench/tune_unlearncanvas.py", "--merge", "bench/results/tune_unlearncanvas_4500.json", "-S", "unlearncanvas.esd.iterations=50"],
      "--merge re-reads finished sweeps: -S would be ignored"),
     (["bench/sd_autoencoder.py", "--variant", "steps=3000", "--variant", "step=3000"], "--variant 'step=3000': 'step=3000' is not KEY=VALUE over sd.base.vae's keys"),
