@@ -9,9 +9,10 @@ classes say where the drawings go instead (docs/unlearncanvas.md "Why Watercolor
 
 Same sampler (sd.sample), test seeds (unlearncanvas.seed), drawings per prompt
 (unlearncanvas.images_per_prompt) and judges as the benchmark; prints per target UA with its own
-word and with each made-up word, and writes --out/unknown_word[_TAG].{json,md}.
+word and with each made-up word (the drawings judged as each class, counted), and writes
+--out/unknown_word[_TAG].{json,md}.
 
-    python bench/unknown_word.py                                   # unlearncanvas.targets on models/sd_base (about 3 min on 2 CPU cores)
+    python bench/unknown_word.py                                   # unlearncanvas.targets on models/sd_base (about 1 min on 2 CPU cores)
     python bench/unknown_word.py --targets Watercolor Pixel_Art --words Xyzzy Blorf --tag wc
 """
 
@@ -68,17 +69,23 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     answers = answer_set(templates, per_prompt, seed_images, axes)
     start, results = time.perf_counter(), []
+    judged_by_prompts: dict[tuple[str, ...], collections.Counter] = {}  # a made-up word's prompts are the same for every target of an axis: drawn once
+
+    def judged_as(axis: str, prompts: list[str]) -> collections.Counter:
+        key = (axis, *prompts)
+        if key not in judged_by_prompts:
+            pred = judges[axis].predict(generate(pipe, prompts, sample, seed, judges.image_size))
+            judged_by_prompts[key] = collections.Counter(axes.names(axis)[int(i)] for i in pred)
+        return judged_by_prompts[key]
+
     for t in targets:
         named = named_mask(answers, t)
         cells = list(zip(answers.objects[named].tolist(), answers.styles[named].tolist()))
-        judge, names = judges[t.axis], axes.names(t.axis)
         row = {"target": t.name, "axis": t.axis, "drawings": len(cells), "words": {}}
         for word in [t.name, *args.words]:
             prompts = [templates.prompt(word, axes.styles[s]) if t.axis == "object" else templates.prompt(axes.objects[o], word) for o, s in cells]
-            pred = judge.predict(generate(pipe, prompts, sample, seed, judges.image_size))
-            judged = collections.Counter(names[int(i)] for i in pred)
-            row["words"][word] = {"UA": round(100 * (1 - judged[t.name] / len(cells)), 2),
-                                  "judged": {k: round(100 * v / len(cells), 1) for k, v in judged.most_common()}}
+            judged = judged_as(t.axis, prompts)
+            row["words"][word] = {"UA": round(100 * (1 - judged[t.name] / len(cells)), 2), "judged": dict(judged.most_common())}
         made_up = [row["words"][w]["UA"] for w in args.words]
         row["made_up_UA"] = round(sum(made_up) / len(made_up), 2)
         results.append(row)
@@ -95,7 +102,7 @@ def main() -> None:
         pooled = collections.Counter()
         for w in args.words:
             pooled.update(r["words"][w]["judged"])
-        shown = ", ".join(f"{k} {v / len(args.words):.0f}" for k, v in pooled.most_common(3))
+        shown = ", ".join(f"{k} {100 * v / (len(args.words) * r['drawings']):.0f}" for k, v in pooled.most_common(3))
         lines.append(f"| {r['target']} | {r['axis']} | {r['drawings']} | {r['words'][r['target']]['UA']:.1f} | **{r['made_up_UA']:.1f}** | "
                      + " | ".join(f"{r['words'][w]['UA']:.1f}" for w in args.words) + f" | {shown} |")
     out = Path(args.out)
